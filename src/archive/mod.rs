@@ -1,0 +1,288 @@
+//! Output writers: an OCI image layout directory, an OCI archive, a
+//! docker-archive (which is also an OCI layout inside, as `docker save`
+//! writes since Docker 25), and the same docker-archive zstd-compressed as a
+//! whole (`image.tar.zst`, the Taskcluster artifact). Each writer lives in
+//! its own file behind [`Writer`]; [`writer_for`] chooses.
+//!
+//! Every writer works in a temporary file or directory beside the target and
+//! renames it into place only when complete, so a failed or interrupted
+//! build leaves no partial output.
+
+mod docker_archive;
+mod oci_archive;
+mod oci_dir;
+
+use std::fs;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+use crate::image::{
+    Descriptor, Index, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, MEDIA_INDEX,
+};
+use crate::layer::{self, Content, Entries, FileSource, LayerEntry};
+
+/// Output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OciDir,
+    OciArchive,
+    DockerArchive,
+    /// A docker-archive compressed as a whole with zstd (`image.tar.zst`).
+    DockerArchiveZstd,
+}
+
+impl Format {
+    /// Parses a `--format` value.
+    pub fn from_name(s: &str) -> Option<Format> {
+        match s {
+            "oci-dir" | "oci" => Some(Format::OciDir),
+            "oci-archive" => Some(Format::OciArchive),
+            "docker-archive" | "docker" => Some(Format::DockerArchive),
+            "docker-archive-zst" | "tar.zst" => Some(Format::DockerArchiveZstd),
+            _ => None,
+        }
+    }
+
+    /// Guesses the format from an output path.
+    pub fn from_path(p: &Path) -> Format {
+        let s = p.to_string_lossy();
+        if s.ends_with(".tar.zst") || s.ends_with(".tzst") {
+            Format::DockerArchiveZstd
+        } else if s.ends_with(".oci.tar") {
+            Format::OciArchive
+        } else if s.ends_with(".tar") {
+            Format::DockerArchive
+        } else {
+            Format::OciDir
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::OciDir => "oci-dir",
+            Format::OciArchive => "oci-archive",
+            Format::DockerArchive => "docker-archive",
+            Format::DockerArchiveZstd => "docker-archive+zstd",
+        }
+    }
+}
+
+/// A finished image whose blobs sit in `blobs` (a `blobs/sha256` directory).
+#[derive(Clone, Debug)]
+pub struct ImageFiles {
+    pub blobs: PathBuf,
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    /// Full tags, e.g. `registry.example/foo:1.0`.
+    pub tags: Vec<String>,
+    /// mtime for archive entries.
+    pub mtime: u64,
+}
+
+/// Errors writing an output.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("writing {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("output directory {} exists and is not an OCI image layout; remove it or choose another -o", path.display())]
+    NotALayout { path: PathBuf },
+    #[error("building the archive {}: {source}", path.display())]
+    Layer { path: PathBuf, source: layer::Error },
+}
+
+pub(crate) fn io_err(path: &Path) -> impl Fn(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An output backend.
+pub trait Writer {
+    /// Writes `img` to `out`, atomically.
+    fn write(&self, img: &ImageFiles, out: &Path) -> Result<(), Error>;
+}
+
+/// Chooses the writer for `format`.
+pub fn writer_for(format: Format) -> Box<dyn Writer> {
+    match format {
+        Format::OciDir => Box::new(oci_dir::OciDir),
+        Format::OciArchive => Box::new(oci_archive::OciArchive),
+        Format::DockerArchive => Box::new(docker_archive::DockerArchive { zstd: false }),
+        Format::DockerArchiveZstd => Box::new(docker_archive::DockerArchive { zstd: true }),
+    }
+}
+
+/// Splits `name[:tag]` into the repository and tag (`latest` by default).
+pub fn split_tag(reference: &str) -> (&str, &str) {
+    let last = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last..].rfind(':') {
+        Some(i) => (&reference[..last + i], &reference[last + i + 1..]),
+        None => (reference, "latest"),
+    }
+}
+
+/// Docker's fully qualified name: `docker.io/library/foo:latest` for `foo`.
+pub fn qualified_name(reference: &str) -> String {
+    let (repo, tag) = split_tag(reference);
+    let first = repo.split('/').next().unwrap_or("");
+    let has_domain =
+        repo.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let repo = if has_domain {
+        repo.to_string()
+    } else if repo.contains('/') {
+        format!("docker.io/{repo}")
+    } else {
+        format!("docker.io/library/{repo}")
+    };
+    format!("{repo}:{tag}")
+}
+
+/// The `index.json` of an image layout holding `img` under its tags.
+pub fn index_json(img: &ImageFiles) -> Vec<u8> {
+    let mut manifests = Vec::new();
+    for tag in &img.tags {
+        let mut d = img.manifest.clone();
+        d.annotations
+            .insert(ANNOTATION_CONTAINERD_NAME.into(), qualified_name(tag));
+        d.annotations
+            .insert(ANNOTATION_REF_NAME.into(), split_tag(tag).1.to_string());
+        manifests.push(d);
+    }
+    if manifests.is_empty() {
+        manifests.push(img.manifest.clone());
+    }
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(MEDIA_INDEX.into()),
+        manifests,
+    };
+    crate::image::canonical_json(&index)
+}
+
+pub const OCI_LAYOUT: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// The layout's entries (dirs, blobs, `oci-layout`, `index.json`) as archive entries.
+fn layout_entries(img: &ImageFiles) -> Entries {
+    let mut e = Entries::new();
+    e.insert(b"blobs".to_vec(), LayerEntry::dir(0o755, 0, 0));
+    e.insert(b"blobs/sha256".to_vec(), LayerEntry::dir(0o755, 0, 0));
+    let mut digests: Vec<(&str, u64)> = vec![
+        (&img.manifest.digest, img.manifest.size),
+        (&img.config.digest, img.config.size),
+    ];
+    digests.extend(img.layers.iter().map(|l| (l.digest.as_str(), l.size)));
+    for (d, size) in digests {
+        let hex = d.trim_start_matches("sha256:");
+        let path = img.blobs.join(hex);
+        e.insert(
+            format!("blobs/sha256/{hex}").into_bytes(),
+            file(FileSource::Path(path), size),
+        );
+    }
+    e.insert(b"oci-layout".to_vec(), bytes(OCI_LAYOUT.to_vec()));
+    e.insert(b"index.json".to_vec(), bytes(index_json(img)));
+    e
+}
+
+fn file(source: FileSource, size: u64) -> LayerEntry {
+    LayerEntry {
+        content: Content::File { source, size },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+    }
+}
+
+fn bytes(b: Vec<u8>) -> LayerEntry {
+    let size = b.len() as u64;
+    file(FileSource::Bytes(b.into()), size)
+}
+
+/// Writes `entries` as a tar (optionally zstd-compressed as a whole) to a
+/// temporary file beside `out`, then renames it to `out`.
+fn write_archive(entries: &Entries, mtime: u64, zstd: bool, out: &Path) -> Result<(), Error> {
+    let dir = parent_dir(out);
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-out-")
+        .tempfile_in(&dir)
+        .map_err(io_err(out))?;
+    {
+        let f = BufWriter::with_capacity(1 << 20, tmp.as_file());
+        let lerr = |source| Error::Layer {
+            path: out.to_path_buf(),
+            source,
+        };
+        if zstd {
+            let mut enc = layer::Compression::Zstd(3).writer(f).map_err(io_err(out))?;
+            let mut bw = BufWriter::with_capacity(1 << 20, &mut enc);
+            layer::write_tar(entries, mtime, &mut bw).map_err(lerr)?;
+            bw.flush().map_err(io_err(out))?;
+            drop(bw);
+            let mut f = enc.finish().map_err(io_err(out))?;
+            f.flush().map_err(io_err(out))?;
+        } else {
+            let mut f = f;
+            layer::write_tar(entries, mtime, &mut f).map_err(lerr)?;
+            f.flush().map_err(io_err(out))?;
+        }
+    }
+    tmp.as_file().sync_all().map_err(io_err(out))?;
+    tmp.persist(out).map_err(|e| Error::Io {
+        path: out.to_path_buf(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// The directory an output goes into (created if missing).
+pub(crate) fn parent_dir(out: &Path) -> PathBuf {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let _ = fs::create_dir_all(parent);
+    parent.to_path_buf()
+}
+
+/// The manifest digest of a written image.
+pub fn manifest_digest(img: &ImageFiles) -> Digest {
+    Digest::parse(&img.manifest.digest).expect("kiln writes valid digests")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_split_and_qualify_like_docker() {
+        assert_eq!(split_tag("foo"), ("foo", "latest"));
+        assert_eq!(
+            split_tag("localhost:5000/foo:1.2"),
+            ("localhost:5000/foo", "1.2")
+        );
+        assert_eq!(
+            split_tag("localhost:5000/foo"),
+            ("localhost:5000/foo", "latest")
+        );
+        assert_eq!(qualified_name("foo"), "docker.io/library/foo:latest");
+        assert_eq!(qualified_name("me/foo:1"), "docker.io/me/foo:1");
+        assert_eq!(qualified_name("ghcr.io/me/foo:1"), "ghcr.io/me/foo:1");
+    }
+
+    #[test]
+    fn format_follows_the_extension() {
+        assert_eq!(
+            Format::from_path(Path::new("image.tar.zst")),
+            Format::DockerArchiveZstd
+        );
+        assert_eq!(
+            Format::from_path(Path::new("x.oci.tar")),
+            Format::OciArchive
+        );
+        assert_eq!(Format::from_path(Path::new("x.tar")), Format::DockerArchive);
+        assert_eq!(Format::from_path(Path::new("out/")), Format::OciDir);
+    }
+}

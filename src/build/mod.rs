@@ -1,0 +1,257 @@
+//! The orchestrator: collect and hash the context, parse the Dockerfile,
+//! run the target stage's instructions into layers and config, write the
+//! layers in parallel, then hand the image to the chosen writer.
+
+mod copy;
+mod fs;
+mod stage;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::archive::{self, Format, ImageFiles};
+use crate::context::{self, hash, taskgraph, Algorithm, Context, ContextOptions, ModePolicy};
+use crate::digest::Digest;
+use crate::dockerfile;
+use crate::image::{
+    self, canonical_json, descriptor, ImageConfig, Manifest, RootFs, ANNOTATION_COMPRESSOR,
+    MEDIA_CONFIG, MEDIA_MANIFEST,
+};
+use crate::layer::{self, Compression, LayerInfo};
+
+pub use copy::{detect_archive, ArchiveKind};
+pub use stage::StageError;
+
+/// Everything a build needs to know.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub context: ContextOptions,
+    pub algorithm: Algorithm,
+    pub mode_policy: ModePolicy,
+    pub tags: Vec<String>,
+    pub compression: Compression,
+    pub timestamp: u64,
+    pub format: Format,
+    pub output: PathBuf,
+    pub target: Option<String>,
+}
+
+/// What a build produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildResult {
+    pub context_hash: String,
+    pub image_id: String,
+    pub manifest_digest: String,
+    pub tags: Vec<String>,
+    pub layers: Vec<LayerSummary>,
+    pub output: PathBuf,
+    pub format: String,
+    pub status: String,
+}
+
+/// One layer in the build summary.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerSummary {
+    pub digest: String,
+    pub diff_id: String,
+    pub size: u64,
+    pub media_type: String,
+}
+
+/// Build errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Context(#[from] context::Error),
+    #[error("{}: {source}", dockerfile.display())]
+    Dockerfile {
+        dockerfile: PathBuf,
+        source: dockerfile::Error,
+    },
+    #[error("{}:{line}: {text}: {message}", dockerfile.display())]
+    Instruction {
+        dockerfile: PathBuf,
+        line: usize,
+        text: String,
+        message: String,
+    },
+    #[error("{}: {message}", dockerfile.display())]
+    Stage {
+        dockerfile: PathBuf,
+        message: String,
+    },
+    #[error("{0}")]
+    Layer(#[from] layer::Error),
+    #[error("{0}")]
+    Archive(#[from] archive::Error),
+    #[error("creating a work directory beside {}: {source}", path.display())]
+    Work {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The default tag of an image directory: `<REGISTRY>/<name>:<VERSION>`
+/// where those files exist, else `<name>:latest`.
+pub fn default_tag(image_dir: &Path) -> String {
+    let abs = std::path::absolute(image_dir).unwrap_or_else(|_| image_dir.to_path_buf());
+    let name = abs
+        .file_name()
+        .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned());
+    let read = |f: &str| {
+        std::fs::read_to_string(abs.join(f))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let version = read("VERSION").unwrap_or_else(|| "latest".to_string());
+    match read("REGISTRY") {
+        Some(reg) => format!("{}/{name}:{version}", reg.trim_end_matches('/')),
+        None => format!("{name}:{version}"),
+    }
+}
+
+/// Computes the context hash with `algorithm`.
+pub fn context_hash(
+    ctx: &Context,
+    algorithm: Algorithm,
+    policy: ModePolicy,
+) -> Result<String, context::Error> {
+    match algorithm {
+        Algorithm::KilnV1 => hash::kiln_v1(ctx, policy),
+        Algorithm::Taskgraph => taskgraph::hash(ctx),
+    }
+}
+
+/// Builds the image in `image_dir`.
+pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
+    let mut copts = opts.context.clone();
+    copts.taskgraph_names = opts.algorithm == Algorithm::Taskgraph;
+    let ctx = Context::collect(image_dir, &copts)?;
+    let context_hash = context_hash(&ctx, opts.algorithm, opts.mode_policy)?;
+    let dockerfile_path = ctx.image_dir.join("Dockerfile");
+    let original_line = |line: usize| {
+        ctx.line_map
+            .get(line.wrapping_sub(1))
+            .copied()
+            .unwrap_or(line)
+    };
+    let df = dockerfile::parse(ctx.dockerfile_text()).map_err(|e| {
+        let dockerfile::Error::Syntax {
+            line,
+            column,
+            message,
+        } = e;
+        Error::Dockerfile {
+            dockerfile: dockerfile_path.clone(),
+            source: dockerfile::Error::Syntax {
+                line: original_line(line),
+                column,
+                message,
+            },
+        }
+    })?;
+
+    let work_parent = archive::parent_dir(&opts.output);
+    let work = tempfile::Builder::new()
+        .prefix(".kiln-build-")
+        .tempdir_in(&work_parent)
+        .map_err(|source| Error::Work {
+            path: opts.output.clone(),
+            source,
+        })?;
+    let blobs = work.path().join("blobs/sha256");
+    let spool = work.path().join("spool");
+
+    let planned = stage::run(&df, &ctx, opts, &spool).map_err(|e| match e {
+        StageError::At {
+            line,
+            text,
+            message,
+        } => Error::Instruction {
+            dockerfile: dockerfile_path.clone(),
+            line: original_line(line),
+            text,
+            message,
+        },
+        StageError::Whole(message) => Error::Stage {
+            dockerfile: dockerfile_path.clone(),
+            message,
+        },
+    })?;
+
+    // Layers are independent: write them in parallel.
+    let infos: Vec<LayerInfo> = planned
+        .layers
+        .par_iter()
+        .map(|entries| layer::write_layer(entries, opts.timestamp, opts.compression, &blobs))
+        .collect::<Result<_, _>>()?;
+
+    let mut config: ImageConfig = planned.config;
+    config.rootfs = RootFs {
+        kind: "layers".into(),
+        diff_ids: infos.iter().map(|l| l.diff_id.to_string()).collect(),
+    };
+    let config_bytes = canonical_json(&config);
+    let config_desc = write_blob(&blobs, MEDIA_CONFIG, &config_bytes)?;
+    let layers: Vec<image::Descriptor> = infos
+        .iter()
+        .map(|l| {
+            let mut d = descriptor(&l.media_type, &l.digest, l.size);
+            if let Some(c) = &l.compressor {
+                d.annotations
+                    .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
+            }
+            d
+        })
+        .collect();
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: Some(MEDIA_MANIFEST.into()),
+        config: config_desc.clone(),
+        layers: layers.clone(),
+        annotations: BTreeMap::new(),
+    };
+    let manifest_desc = write_blob(&blobs, MEDIA_MANIFEST, &canonical_json(&manifest))?;
+    let files = ImageFiles {
+        blobs: blobs.clone(),
+        manifest: manifest_desc.clone(),
+        config: config_desc.clone(),
+        layers,
+        tags: opts.tags.clone(),
+        mtime: opts.timestamp,
+    };
+    archive::writer_for(opts.format).write(&files, &opts.output)?;
+    Ok(BuildResult {
+        context_hash,
+        image_id: config_desc.digest,
+        manifest_digest: manifest_desc.digest,
+        tags: opts.tags.clone(),
+        layers: infos
+            .iter()
+            .map(|l| LayerSummary {
+                digest: l.digest.to_string(),
+                diff_id: l.diff_id.to_string(),
+                size: l.size,
+                media_type: l.media_type.clone(),
+            })
+            .collect(),
+        output: opts.output.clone(),
+        format: opts.format.name().to_string(),
+        status: "built".into(),
+    })
+}
+
+fn write_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> Result<image::Descriptor, Error> {
+    let digest = Digest::of(bytes);
+    let werr = |source| Error::Work {
+        path: blobs.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(blobs).map_err(werr)?;
+    std::fs::write(blobs.join(digest.hex()), bytes).map_err(werr)?;
+    Ok(descriptor(media_type, &digest, bytes.len() as u64))
+}

@@ -1,0 +1,680 @@
+//! Runs one stage's instructions: tracks ARG/ENV scopes, expands words with
+//! Docker's rules, plans a layer for each COPY/ADD and each WORKDIR that
+//! creates a directory, and fills the image config and history.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::copy::{self, ContextView, CopyOptions, Src};
+use super::fs::ImageFs;
+use super::BuildOptions;
+use crate::context::Context;
+use crate::dockerfile::expand::{expand_vars_only, expand_word, split_words, Vars};
+use crate::dockerfile::{CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind};
+use crate::image::{host_platform, rfc3339, Empty, Healthcheck, History, ImageConfig, RunConfig};
+use crate::layer::{Entries, LayerEntry};
+
+/// Docker's default PATH, set on images whose base has none (as BuildKit does).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A stage failure, at an instruction or for the whole file.
+#[derive(Debug)]
+pub enum StageError {
+    At {
+        line: usize,
+        text: String,
+        message: String,
+    },
+    Whole(String),
+}
+
+/// The result of running a stage: its layers' entries and its config.
+pub struct Planned {
+    pub layers: Vec<Entries>,
+    pub config: ImageConfig,
+}
+
+struct State<'a> {
+    view: ContextView<'a>,
+    opts: &'a BuildOptions,
+    escape: char,
+    args: Vars,
+    env: Vec<(String, String)>,
+    run: RunConfig,
+    shell: Vec<String>,
+    workdir: String,
+    user: String,
+    cmd_set: bool,
+    author: Option<String>,
+    fs: ImageFs,
+    layers: Vec<Entries>,
+    history: Vec<History>,
+    created: String,
+    spool: &'a Path,
+}
+
+fn automatic_args() -> Vars {
+    let p = host_platform();
+    let platform = match &p.variant {
+        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+        None => format!("{}/{}", p.os, p.architecture),
+    };
+    let mut v = Vars::new();
+    for prefix in ["TARGET", "BUILD"] {
+        v.insert(format!("{prefix}PLATFORM"), platform.clone());
+        v.insert(format!("{prefix}OS"), p.os.clone());
+        v.insert(format!("{prefix}ARCH"), p.architecture.clone());
+        v.insert(
+            format!("{prefix}VARIANT"),
+            p.variant.clone().unwrap_or_default(),
+        );
+    }
+    v
+}
+
+/// Parses `NAME[=default]` words of an ARG and applies them to `scope`.
+fn declare_args(
+    text: &str,
+    scope: &mut Vars,
+    global: &Vars,
+    overrides: &BTreeMap<String, String>,
+    escape: char,
+    expand_with: &Vars,
+) -> Result<(), String> {
+    for word in split_words(text, escape) {
+        let (name, default) = match word.split_once('=') {
+            Some((n, d)) => (
+                n.to_string(),
+                Some(expand_word(d, expand_with, escape).map_err(|e| e.0)?),
+            ),
+            None => (word.clone(), None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("invalid ARG name {name:?}"));
+        }
+        let value = overrides
+            .get(&name)
+            .cloned()
+            .or(default)
+            .or_else(|| global.get(&name).cloned());
+        match value {
+            Some(v) => {
+                scope.insert(name, v);
+            }
+            None => {
+                scope.remove(&name);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the target stage of `df`.
+pub fn run(
+    df: &Dockerfile,
+    ctx: &Context,
+    opts: &BuildOptions,
+    spool: &Path,
+) -> Result<Planned, StageError> {
+    let escape = df.escape;
+    // Global scope: ARGs before the first FROM, plus the automatic platform args.
+    let mut global = automatic_args();
+    let mut stages: Vec<(usize, Option<String>)> = Vec::new();
+    for (i, ins) in df.instructions.iter().enumerate() {
+        match &ins.kind {
+            Kind::From { name, .. } => stages.push((i, name.clone())),
+            Kind::Arg(text) if stages.is_empty() => {
+                let g = global.clone();
+                declare_args(text, &mut global, &g, &opts.context.args, escape, &g)
+                    .map_err(|m| at(ins, m))?;
+            }
+            _ => {}
+        }
+    }
+    let target = match &opts.target {
+        Some(t) => stages
+            .iter()
+            .position(|(_, n)| n.as_deref() == Some(t.as_str()))
+            .ok_or_else(|| {
+                StageError::Whole(format!(
+                    "--target {t}: no stage is named {t} (FROM ... AS {t})"
+                ))
+            })?,
+        None => stages
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| StageError::Whole("no FROM instruction".into()))?,
+    };
+    let start = stages[target].0;
+    let end = stages
+        .get(target + 1)
+        .map_or(df.instructions.len(), |s| s.0);
+
+    let mut st = State {
+        view: ContextView::new(ctx),
+        opts,
+        escape,
+        args: Vars::new(),
+        env: vec![("PATH".into(), DEFAULT_PATH.into())],
+        run: RunConfig::default(),
+        shell: vec!["/bin/sh".into(), "-c".into()],
+        workdir: "/".into(),
+        user: String::new(),
+        cmd_set: false,
+        author: None,
+        fs: ImageFs::default(),
+        layers: Vec::new(),
+        history: Vec::new(),
+        created: rfc3339(opts.timestamp),
+        spool,
+    };
+    let from = &df.instructions[start];
+    st.from(from, &global)?;
+    for ins in &df.instructions[start + 1..end] {
+        st.instruction(ins, &global).map_err(|m| at(ins, m))?;
+    }
+    Ok(st.finish())
+}
+
+fn at(ins: &Instr, message: String) -> StageError {
+    StageError::At {
+        line: ins.line,
+        text: ins.text.clone(),
+        message,
+    }
+}
+
+impl State<'_> {
+    fn vars(&self) -> Vars {
+        let mut v = self.args.clone();
+        for (k, val) in &self.env {
+            v.insert(k.clone(), val.clone());
+        }
+        v
+    }
+
+    fn expand(&self, word: &str) -> Result<String, String> {
+        expand_word(word, &self.vars(), self.escape).map_err(|e| e.0)
+    }
+
+    fn from(&mut self, ins: &Instr, global: &Vars) -> Result<(), StageError> {
+        let Kind::From { image, flags, .. } = &ins.kind else {
+            unreachable!()
+        };
+        let image = expand_word(image, global, self.escape).map_err(|e| at(ins, e.0))?;
+        for (name, value) in flags {
+            if name != "platform" {
+                return Err(at(ins, format!("unknown flag --{name}")));
+            }
+            let v = expand_word(value.as_deref().unwrap_or(""), global, self.escape)
+                .map_err(|e| at(ins, e.0))?;
+            let host = global.get("TARGETPLATFORM").cloned().unwrap_or_default();
+            if v != host && v != format!("{}/{}", host_platform().os, host_platform().architecture)
+            {
+                return Err(at(
+                    ins,
+                    format!("--platform={v}: kiln builds for the host platform ({host}) only"),
+                ));
+            }
+        }
+        if !image.eq_ignore_ascii_case("scratch") {
+            return Err(at(
+                ins,
+                format!("base image {image}: kiln builds FROM scratch images only so far; base images from a local store are not supported yet"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn history_entry(&mut self, ins: &Instr, empty: bool) {
+        self.history.push(History {
+            created: Some(self.created.clone()),
+            created_by: Some(ins.text.clone()),
+            comment: Some("kiln".into()),
+            empty_layer: empty,
+        });
+    }
+
+    fn set_env(&mut self, k: String, v: String) {
+        match self.env.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => self.env.push((k, v)),
+        }
+    }
+
+    fn key_values(&self, text: &str, what: &str) -> Result<Vec<(String, String)>, String> {
+        let words = split_words(text, self.escape);
+        let Some(first) = words.first() else {
+            return Err(format!("{what} needs at least one argument"));
+        };
+        if !first.contains('=') {
+            // Legacy form: KEY value with spaces.
+            let rest = text.trim_start()[first.len()..].trim();
+            if rest.is_empty() {
+                return Err(format!(
+                    "{what} {first}: missing value (write {first}=VALUE)"
+                ));
+            }
+            return Ok(vec![(self.expand(first)?, self.expand(rest)?)]);
+        }
+        let mut out = Vec::new();
+        for w in words {
+            let expanded = self.expand(&w)?;
+            let Some((k, v)) = expanded.split_once('=') else {
+                return Err(format!("{what}: {w:?} is not of the form KEY=VALUE"));
+            };
+            if k.is_empty() {
+                return Err(format!("{what}: empty key in {w:?}"));
+            }
+            out.push((k.to_string(), v.to_string()));
+        }
+        Ok(out)
+    }
+
+    fn command(&self, c: &CommandForm) -> Vec<String> {
+        match c {
+            CommandForm::Exec(v) => v.clone(),
+            CommandForm::Shell(s) => {
+                let mut v = self.shell.clone();
+                v.push(s.clone());
+                v
+            }
+        }
+    }
+
+    fn resolve_ids(&self, spec: &str, what: &str) -> Result<(u64, u64), String> {
+        let (user, group) = match spec.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (spec, None),
+        };
+        if user.is_empty() || group == Some("") {
+            return Err(format!("{what}={spec}: expected USER[:GROUP] with numeric ids or names from the image's /etc/passwd and /etc/group"));
+        }
+        let (uid, primary) = match user.parse::<u64>() {
+            Ok(n) => (n, n),
+            Err(_) => self.fs.lookup_user(user).ok_or_else(|| {
+                format!("{what}={spec}: user {user} is not in the image's /etc/passwd; use a numeric id or COPY an /etc/passwd first")
+            })?,
+        };
+        let gid = match group {
+            None => primary,
+            Some(g) => match g.parse::<u64>() {
+                Ok(n) => n,
+                Err(_) => self.fs.lookup_group(g).ok_or_else(|| {
+                    format!("{what}={spec}: group {g} is not in the image's /etc/group; use a numeric id or COPY an /etc/group first")
+                })?,
+            },
+        };
+        Ok((uid, gid))
+    }
+
+    fn instruction(&mut self, ins: &Instr, global: &Vars) -> Result<(), String> {
+        match &ins.kind {
+            Kind::From { .. } => unreachable!("stages split at FROM"),
+            Kind::Arg(text) => {
+                let vars = self.vars();
+                let mut args = std::mem::take(&mut self.args);
+                let r = declare_args(
+                    text,
+                    &mut args,
+                    global,
+                    &self.opts.context.args,
+                    self.escape,
+                    &vars,
+                );
+                self.args = args;
+                r?;
+                self.history_entry(ins, true);
+            }
+            Kind::Env(text) => {
+                for (k, v) in self.key_values(text, "ENV")? {
+                    self.set_env(k, v);
+                }
+                self.history_entry(ins, true);
+            }
+            Kind::Label(text) => {
+                let kvs = self.key_values(text, "LABEL")?;
+                let labels = self.run.labels.get_or_insert_with(BTreeMap::new);
+                labels.extend(kvs);
+                self.history_entry(ins, true);
+            }
+            Kind::Maintainer(name) => {
+                self.author = Some(name.clone());
+                self.history_entry(ins, true);
+            }
+            Kind::Workdir(w) => {
+                let w = self.expand(w)?;
+                if w.is_empty() {
+                    return Err("WORKDIR needs a path".into());
+                }
+                let (path, _) = copy::resolve_dest(&self.workdir, &w);
+                self.workdir = format!("/{}", String::from_utf8_lossy(&path));
+                self.run.working_dir = Some(self.workdir.clone());
+                if self.fs.is_dir(&path) {
+                    self.history_entry(ins, true);
+                } else {
+                    let (uid, gid) = if self.user.is_empty() {
+                        (0, 0)
+                    } else {
+                        self.resolve_ids(&self.user, "USER")?
+                    };
+                    let mut layer = Entries::new();
+                    let mut cur: &[u8] = &path;
+                    loop {
+                        if !self.fs.is_dir(cur) {
+                            layer.insert(cur.to_vec(), LayerEntry::dir(0o755, uid, gid));
+                        } else {
+                            layer.insert(cur.to_vec(), self.fs.nodes[cur].clone());
+                        }
+                        match cur.iter().rposition(|&c| c == b'/') {
+                            Some(i) => cur = &cur[..i],
+                            None => break,
+                        }
+                    }
+                    self.push_layer(ins, layer);
+                }
+            }
+            Kind::User(u) => {
+                let u = self.expand(u)?;
+                self.user = u.clone();
+                self.run.user = Some(u);
+                self.history_entry(ins, true);
+            }
+            Kind::Cmd(c) => {
+                self.run.cmd = Some(self.command(c));
+                self.cmd_set = true;
+                self.history_entry(ins, true);
+            }
+            Kind::Entrypoint(c) => {
+                self.run.entrypoint = Some(self.command(c));
+                if !self.cmd_set {
+                    self.run.cmd = None;
+                }
+                self.history_entry(ins, true);
+            }
+            Kind::Expose(ports) => {
+                let vars = self.vars();
+                let mut keys = Vec::new();
+                for p in ports {
+                    for w in split_words(p, self.escape) {
+                        let port = expand_word(&w, &vars, self.escape).map_err(|e| e.0)?;
+                        keys.extend(expose_ports(&port)?);
+                    }
+                }
+                let map = self.run.exposed_ports.get_or_insert_with(BTreeMap::new);
+                map.extend(keys.into_iter().map(|k| (k, Empty {})));
+                self.history_entry(ins, true);
+            }
+            Kind::Volume(vols) => {
+                let vars = self.vars();
+                let mut list = Vec::new();
+                for v in vols {
+                    let v = expand_vars_only(v, &vars, self.escape).map_err(|e| e.0)?;
+                    if v.trim().is_empty() {
+                        return Err("VOLUME specified can not be an empty string".into());
+                    }
+                    list.push(v);
+                }
+                let map = self.run.volumes.get_or_insert_with(BTreeMap::new);
+                for v in list {
+                    map.insert(v, Empty {});
+                }
+                self.history_entry(ins, true);
+            }
+            Kind::Stopsignal(s) => {
+                let s = self.expand(s)?;
+                self.run.stop_signal = Some(s);
+                self.history_entry(ins, true);
+            }
+            Kind::Healthcheck(h) => {
+                self.run.healthcheck = Some(healthcheck(h, &self.shell)?);
+                self.history_entry(ins, true);
+            }
+            Kind::Shell(v) => {
+                if v.is_empty() {
+                    return Err("SHELL requires a JSON array with at least one element".into());
+                }
+                self.shell = v.clone();
+                self.run.shell = Some(v.clone());
+                self.history_entry(ins, true);
+            }
+            Kind::Onbuild(t) => {
+                self.run
+                    .on_build
+                    .get_or_insert_with(Vec::new)
+                    .push(t.clone());
+                self.history_entry(ins, true);
+            }
+            Kind::Run => {
+                return Err("kiln does not execute commands: RUN is not supported. Produce the files in the source tree (or a build step before kiln) and COPY them in".into());
+            }
+            Kind::Copy(spec) => self.copy(ins, spec, false)?,
+            Kind::Add(spec) => self.copy(ins, spec, true)?,
+        }
+        Ok(())
+    }
+
+    fn push_layer(&mut self, ins: &Instr, layer: Entries) {
+        self.fs.apply(&layer);
+        self.layers.push(layer);
+        self.history_entry(ins, false);
+    }
+
+    fn copy(&mut self, ins: &Instr, spec: &CopySpec, add: bool) -> Result<(), String> {
+        let what = if add { "ADD" } else { "COPY" };
+        let vars = self.vars();
+        let ex = |s: &str| -> Result<String, String> {
+            if spec.json {
+                expand_vars_only(s, &vars, self.escape).map_err(|e| e.0)
+            } else {
+                expand_word(s, &vars, self.escape).map_err(|e| e.0)
+            }
+        };
+        let mut opts = CopyOptions {
+            policy: self.opts.mode_policy,
+            add,
+            ..Default::default()
+        };
+        for (name, value) in &spec.flags {
+            let value = value
+                .as_deref()
+                .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
+                .transpose()?;
+            match (name.as_str(), value) {
+                ("chown", Some(v)) => opts.chown = Some(self.resolve_ids(&v, "--chown")?),
+                ("chmod", Some(v)) => {
+                    let mode = u32::from_str_radix(&v, 8)
+                        .ok()
+                        .filter(|m| *m <= 0o7777)
+                        .ok_or_else(|| format!("--chmod={v}: expected an octal mode between 0 and 7777"))?;
+                    opts.chmod = Some(mode);
+                }
+                ("link", _) => {}
+                ("from", Some(v)) => {
+                    return Err(format!(
+                        "--from={v}: copying from other stages or images is not supported yet; kiln builds single-stage FROM scratch images so far"
+                    ))
+                }
+                ("keep-git-dir", _) | ("checksum", _) if add => {
+                    return Err(format!("--{name} applies to remote ADD sources, and kiln never downloads"));
+                }
+                (n, _) => return Err(format!("unknown flag --{n} for {what}")),
+            }
+        }
+        let mut sources = Vec::new();
+        for s in &spec.sources {
+            sources.push(match s {
+                CopySource::Path(p) => Src::Path(ex(p)?),
+                CopySource::HereDoc {
+                    name,
+                    content,
+                    expand,
+                } => {
+                    let content = if *expand {
+                        expand_vars_only(content, &vars, self.escape).map_err(|e| e.0)?
+                    } else {
+                        content.clone()
+                    };
+                    Src::Bytes {
+                        name: name.clone(),
+                        content: content.into_bytes(),
+                    }
+                }
+            });
+        }
+        let dest = ex(&spec.dest)?;
+        let (dest_path, slash) = copy::resolve_dest(&self.workdir, &dest);
+        let spool = self.spool.join(format!("layer-{}", self.layers.len()));
+        let layer = copy::plan(
+            &self.view,
+            &self.fs,
+            &sources,
+            (&dest_path, slash),
+            &opts,
+            &spool,
+        )?;
+        self.push_layer(ins, layer);
+        Ok(())
+    }
+
+    fn finish(self) -> Planned {
+        let p = host_platform();
+        let mut run = self.run;
+        run.env = Some(self.env.iter().map(|(k, v)| format!("{k}={v}")).collect());
+        let config = ImageConfig {
+            created: Some(self.created.clone()),
+            author: self.author,
+            architecture: p.architecture,
+            os: p.os,
+            variant: p.variant,
+            config: run,
+            rootfs: Default::default(),
+            history: self.history,
+        };
+        Planned {
+            layers: self.layers,
+            config,
+        }
+    }
+}
+
+/// Expands one EXPOSE word (`80`, `80/udp`, `8000-8002/tcp`) into port keys.
+fn expose_ports(p: &str) -> Result<Vec<String>, String> {
+    let (ports, proto) = match p.split_once('/') {
+        Some((a, b)) => (a, b.to_ascii_lowercase()),
+        None => (p, "tcp".to_string()),
+    };
+    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
+        return Err(format!("EXPOSE {p}: invalid protocol {proto}"));
+    }
+    let bad = || format!("EXPOSE {p}: invalid port; expected PORT[-PORT][/tcp|udp|sctp]");
+    let (lo, hi) = match ports.split_once('-') {
+        Some((a, b)) => (
+            a.parse::<u16>().map_err(|_| bad())?,
+            b.parse::<u16>().map_err(|_| bad())?,
+        ),
+        None => {
+            let n = ports.parse::<u16>().map_err(|_| bad())?;
+            (n, n)
+        }
+    };
+    if hi < lo {
+        return Err(bad());
+    }
+    Ok((lo..=hi).map(|n| format!("{n}/{proto}")).collect())
+}
+
+/// Parses a Go duration such as `30s`, `1m30s`, `500ms` into nanoseconds.
+fn duration(s: &str) -> Option<i64> {
+    if s == "0" {
+        return Some(0);
+    }
+    let mut total: f64 = 0.0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let mult = match &rest[..unit_end] {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "s" => 1e9,
+            "m" => 60e9,
+            "h" => 3600e9,
+            _ => return None,
+        };
+        total += n * mult;
+        rest = &rest[unit_end..];
+    }
+    Some(total as i64)
+}
+
+fn healthcheck(h: &Health, shell: &[String]) -> Result<Healthcheck, String> {
+    let _ = shell;
+    match h {
+        Health::None => Ok(Healthcheck {
+            test: vec!["NONE".into()],
+            ..Default::default()
+        }),
+        Health::Cmd { flags, command } => {
+            let mut hc = Healthcheck::default();
+            hc.test = match command {
+                CommandForm::Exec(v) => std::iter::once("CMD".to_string())
+                    .chain(v.iter().cloned())
+                    .collect(),
+                CommandForm::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
+            };
+            for (name, value) in flags {
+                let v = value.as_deref().unwrap_or("");
+                let dur = || {
+                    duration(v).ok_or_else(|| {
+                        format!(
+                            "HEALTHCHECK --{name}={v}: expected a duration such as 30s or 1m30s"
+                        )
+                    })
+                };
+                match name.as_str() {
+                    "interval" => hc.interval = dur()?,
+                    "timeout" => hc.timeout = dur()?,
+                    "start-period" => hc.start_period = dur()?,
+                    "start-interval" => hc.start_interval = dur()?,
+                    "retries" => {
+                        hc.retries = v.parse().map_err(|_| {
+                            format!("HEALTHCHECK --retries={v}: expected a whole number")
+                        })?
+                    }
+                    other => return Err(format!("HEALTHCHECK: unknown flag --{other}")),
+                }
+            }
+            Ok(hc)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expose_expands_ranges_and_protocols() {
+        assert_eq!(expose_ports("80").unwrap(), vec!["80/tcp"]);
+        assert_eq!(expose_ports("53/UDP").unwrap(), vec!["53/udp"]);
+        assert_eq!(
+            expose_ports("8000-8002").unwrap(),
+            vec!["8000/tcp", "8001/tcp", "8002/tcp"]
+        );
+        assert!(expose_ports("http").is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(duration("30s"), Some(30_000_000_000));
+        assert_eq!(duration("1m30s"), Some(90_000_000_000));
+        assert_eq!(duration("500ms"), Some(500_000_000));
+        assert_eq!(duration("x"), None);
+    }
+}

@@ -1,0 +1,432 @@
+//! Collects a build context the way Taskcluster does: the image directory's
+//! files, plus every `# %include` path of the source tree under `topsrcdir/`,
+//! plus the Dockerfile rewritten by `# %ARG` substitution.
+//!
+//! Nothing is copied: the result is a sorted map from archive path to where
+//! the bytes live (a file on disk, a symlink, or the rewritten Dockerfile in
+//! memory). Hashing and layer writing read straight from those sources.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use super::Error;
+
+/// Files that `# %include-run-task` adds, and the lines it appends after itself.
+pub const RUN_TASK_FILES: [&str; 4] = ["run-task", "fetch-content", "hgrc", "robustcheckout.py"];
+const RUN_TASK_SNIPPET: [&str; 4] = [
+    "COPY run-task/run-task /usr/local/bin/run-task\n",
+    "COPY run-task/fetch-content /usr/local/bin/fetch-content\n",
+    "COPY run-task/robustcheckout.py /usr/local/mercurial/robustcheckout.py\n",
+    "COPY run-task/hgrc /etc/mercurial/hgrc.d/mozilla.rc\n",
+];
+
+/// How to collect a context.
+#[derive(Clone, Debug, Default)]
+pub struct ContextOptions {
+    /// Root of the source tree that `# %include` paths are relative to.
+    pub topsrcdir: PathBuf,
+    /// Values for `# %ARG NAME` lines.
+    pub args: BTreeMap<String, String>,
+    /// taskgraph's `run-task/` directory, for `# %include-run-task`.
+    pub run_task_dir: Option<PathBuf>,
+    /// Name included files exactly as taskgraph does (`topsrcdir/` + the path
+    /// as written, `./` and `..` kept) instead of the normalized path.
+    pub taskgraph_names: bool,
+}
+
+/// Where the bytes of one context entry come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A regular file on disk (possibly reached through a symlink).
+    File(PathBuf),
+    /// A symbolic link on disk, kept as a link.
+    Symlink { path: PathBuf, target: PathBuf },
+    /// Bytes held in memory (the rewritten Dockerfile).
+    Bytes(Arc<[u8]>),
+}
+
+/// One entry of the context.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub source: Source,
+    /// Permission bits as on disk (for a symlink: of the file it points to,
+    /// if any, which is what taskgraph stores when it follows the link).
+    pub mode: u32,
+    /// Size in bytes (for a symlink: of the file it points to, if any).
+    pub size: u64,
+    /// For a symlink: whether it resolves to a regular file.
+    pub resolves_to_file: bool,
+    /// For a symlink: whether it resolves to a directory.
+    pub resolves_to_dir: bool,
+}
+
+/// A collected build context.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// The image directory (absolute).
+    pub image_dir: PathBuf,
+    /// The source tree root (absolute).
+    pub topsrcdir: PathBuf,
+    /// Archive path (no leading slash) → entry, sorted by path bytes.
+    pub entries: BTreeMap<Vec<u8>, Entry>,
+    /// Directories seen on disk, archive path → permission bits.
+    pub dirs: BTreeMap<Vec<u8>, u32>,
+    /// The Dockerfile after `# %ARG` substitution and `# %include-run-task`.
+    pub dockerfile: Arc<[u8]>,
+    /// Maps lines of the rewritten Dockerfile (index) to 1-based lines of the original.
+    pub line_map: Vec<usize>,
+}
+
+impl Context {
+    /// Collects the context of `image_dir`.
+    pub fn collect(image_dir: &Path, opts: &ContextOptions) -> Result<Context, Error> {
+        let image_dir = absolute(image_dir)?;
+        let topsrcdir = absolute(&opts.topsrcdir)?;
+        let dockerfile_path = image_dir.join("Dockerfile");
+        if !dockerfile_path.is_file() {
+            return Err(Error::NoDockerfile { dir: image_dir });
+        }
+        let mut ctx = Context {
+            image_dir: image_dir.clone(),
+            topsrcdir: topsrcdir.clone(),
+            entries: BTreeMap::new(),
+            dirs: BTreeMap::new(),
+            dockerfile: Arc::from(&b""[..]),
+            line_map: Vec::new(),
+        };
+        walk_into(&image_dir, b"", &mut ctx)?;
+
+        let raw = fs::read(&dockerfile_path).map_err(|e| Error::io(&dockerfile_path, e))?;
+        let text = String::from_utf8(raw).map_err(|_| Error::DockerfileNotUtf8 {
+            path: dockerfile_path.clone(),
+        })?;
+        let text = universal_newlines(&text);
+        let mut replace: Vec<(String, String)> = Vec::new();
+        let mut content = String::with_capacity(text.len());
+        let mut line_map = Vec::new();
+        for (idx, raw_line) in split_lines_keep_ends(&text).into_iter().enumerate() {
+            let lineno = idx + 1;
+            if let Some(rest) = raw_line.strip_prefix("# %ARG") {
+                let name = rest.get(1..).unwrap_or("").trim();
+                let Some(value) = opts.args.get(name) else {
+                    return Err(Error::MissingArgument {
+                        path: dockerfile_path.clone(),
+                        line: lineno,
+                        name: name.to_string(),
+                    });
+                };
+                replace.push((name.to_string(), python_repl(value)));
+                continue;
+            }
+            let mut line = raw_line.to_string();
+            for (name, value) in &replace {
+                line = substitute_word(&line, name, value);
+            }
+            content.push_str(&line);
+            line_map.push(lineno);
+            if !line.starts_with("# %include") {
+                continue;
+            }
+            if line.trim() == "# %include-run-task" {
+                let Some(dir) = &opts.run_task_dir else {
+                    return Err(Error::RunTaskWithoutDir {
+                        path: dockerfile_path.clone(),
+                        line: lineno,
+                    });
+                };
+                for s in RUN_TASK_SNIPPET {
+                    content.push_str(s);
+                    line_map.push(lineno);
+                }
+                for f in RUN_TASK_FILES {
+                    let src = dir.join(f);
+                    let entry = file_entry(&src)?;
+                    ctx.entries
+                        .insert(format!("run-task/{f}").into_bytes(), entry);
+                }
+                continue;
+            }
+            let p = line.get("# %include ".len()..).unwrap_or("").trim();
+            include(&mut ctx, p, opts, &dockerfile_path, lineno)?;
+        }
+        ctx.dockerfile = Arc::from(content.into_bytes());
+        ctx.line_map = line_map;
+        let df = Entry {
+            source: Source::Bytes(ctx.dockerfile.clone()),
+            mode: 0o644,
+            size: ctx.dockerfile.len() as u64,
+            resolves_to_file: false,
+            resolves_to_dir: false,
+        };
+        ctx.entries.insert(b"Dockerfile".to_vec(), df);
+        Ok(ctx)
+    }
+
+    /// The rewritten Dockerfile as text.
+    pub fn dockerfile_text(&self) -> &str {
+        // Built from a String in `collect`.
+        std::str::from_utf8(&self.dockerfile).unwrap_or("")
+    }
+
+    /// Total bytes of regular-file content in the context.
+    pub fn total_size(&self) -> u64 {
+        self.entries.values().map(|e| e.size).sum()
+    }
+}
+
+fn include(
+    ctx: &mut Context,
+    p: &str,
+    opts: &ContextOptions,
+    dockerfile: &Path,
+    line: usize,
+) -> Result<(), Error> {
+    let at = |what: &'static str| Error::Include {
+        path: dockerfile.to_path_buf(),
+        line,
+        what,
+        include: p.to_string(),
+    };
+    if p.starts_with('/') {
+        return Err(at("extra include path cannot be absolute"));
+    }
+    let Some(rel) = normalize(Path::new(p)) else {
+        return Err(at("extra include path outside topsrcdir"));
+    };
+    let fs_path = ctx.topsrcdir.join(&rel);
+    if fs::metadata(&fs_path).is_err() {
+        if fs::symlink_metadata(&fs_path).is_ok() {
+            return Err(at("extra include path is a broken symlink"));
+        }
+        return Err(at("extra include path does not exist"));
+    }
+    let archive_base: Vec<u8> = if opts.taskgraph_names {
+        python_join(b"topsrcdir", p.as_bytes())
+    } else if rel.as_os_str().is_empty() {
+        b"topsrcdir".to_vec()
+    } else {
+        python_join(b"topsrcdir", rel.as_os_str().as_bytes())
+    };
+    if fs_path.is_dir() {
+        let mut prefix = archive_base.clone();
+        if !prefix.ends_with(b"/") {
+            prefix.push(b'/');
+        }
+        walk_into(&fs_path, &prefix, ctx)?;
+    } else {
+        let entry = file_entry(&fs_path)?;
+        ctx.entries.insert(archive_base, entry);
+    }
+    Ok(())
+}
+
+/// Walks `dir` (not following symlinks, skipping `__pycache__`), adding every
+/// non-directory under `prefix`.
+fn walk_into(dir: &Path, prefix: &[u8], ctx: &mut Context) -> Result<(), Error> {
+    let walker = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .follow_root_links(true)
+        .sort_by_file_name()
+        .into_iter()
+        .filter_entry(|e| !(e.file_type().is_dir() && e.file_name() == "__pycache__"));
+    for item in walker {
+        let item = item.map_err(|e| {
+            let path = e.path().unwrap_or(dir).to_path_buf();
+            Error::Walk {
+                path,
+                source: e.into(),
+            }
+        })?;
+        let rel = item.path().strip_prefix(dir).unwrap_or(item.path());
+        let mut name = prefix.to_vec();
+        name.extend_from_slice(rel.as_os_str().as_bytes());
+        let ft = item.file_type();
+        if ft.is_dir() {
+            if item.depth() > 0 {
+                let md = item.metadata().map_err(|e| Error::Walk {
+                    path: item.path().to_path_buf(),
+                    source: e.into(),
+                })?;
+                ctx.dirs.insert(name, md.mode() & 0o7777);
+            }
+            continue;
+        }
+        let entry = file_entry(item.path())?;
+        ctx.entries.insert(name, entry);
+    }
+    Ok(())
+}
+
+/// Describes one non-directory path of the source tree.
+pub fn file_entry(path: &Path) -> Result<Entry, Error> {
+    let lmd = fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    let ft = lmd.file_type();
+    if ft.is_symlink() {
+        let target = fs::read_link(path).map_err(|e| Error::io(path, e))?;
+        let (mode, size, is_file, is_dir) = match fs::metadata(path) {
+            Ok(md) => (md.mode() & 0o7777, md.len(), md.is_file(), md.is_dir()),
+            Err(_) => (0o777, 0, false, false),
+        };
+        return Ok(Entry {
+            source: Source::Symlink {
+                path: path.to_path_buf(),
+                target,
+            },
+            mode,
+            size: if is_file { size } else { 0 },
+            resolves_to_file: is_file,
+            resolves_to_dir: is_dir,
+        });
+    }
+    if ft.is_file() {
+        return Ok(Entry {
+            source: Source::File(path.to_path_buf()),
+            mode: lmd.mode() & 0o7777,
+            size: lmd.len(),
+            resolves_to_file: false,
+            resolves_to_dir: false,
+        });
+    }
+    let kind = if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device file"
+    } else {
+        "not a regular file"
+    };
+    Err(Error::SpecialFile {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, Error> {
+    std::path::absolute(p).map_err(|e| Error::io(p, e))
+}
+
+/// Lexically normalizes a relative path; `None` if it climbs above its start.
+pub fn normalize(p: &Path) -> Option<PathBuf> {
+    let mut out: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(out.iter().collect())
+}
+
+/// `os.path.join(a, b)` for a relative `b`.
+fn python_join(a: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut out = a.to_vec();
+    if !out.ends_with(b"/") && !out.is_empty() {
+        out.push(b'/');
+    }
+    out.extend_from_slice(b);
+    out
+}
+
+/// Python's text mode: `\r\n` and lone `\r` become `\n`.
+fn universal_newlines(s: &str) -> String {
+    s.replace("\r\n", "\n").replace('\r', "\n")
+}
+
+fn split_lines_keep_ends(s: &str) -> Vec<&str> {
+    s.split_inclusive('\n').collect()
+}
+
+fn is_word(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// Replaces `$NAME` where a word boundary follows (Python's `\$NAME\b`).
+pub fn substitute_word(line: &str, name: &str, value: &str) -> String {
+    let pat = format!("${name}");
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(pos) = rest.find(&pat) {
+        let after = &rest[pos + pat.len()..];
+        let last_is_word = name.chars().last().is_some_and(is_word);
+        let next_is_word = after.chars().next().is_some_and(is_word);
+        let boundary = if last_is_word {
+            !next_is_word
+        } else {
+            next_is_word
+        };
+        out.push_str(&rest[..pos]);
+        if boundary {
+            out.push_str(value);
+        } else {
+            out.push_str(&pat);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Applies the escapes Python's `re.sub` interprets in a replacement string.
+fn python_repl(value: &str) -> String {
+    if !value.contains('\\') {
+        return value.to_string();
+    }
+    let mut out = String::new();
+    let mut chars = value.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some('\\') => out.push('\\'),
+            Some(o) => {
+                out.push('\\');
+                out.push(o);
+            }
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitute_word_respects_boundaries() {
+        assert_eq!(substitute_word("FROM $A:$AB $A", "A", "x"), "FROM x:$AB x");
+        assert_eq!(substitute_word("${A} $A_B $A-1", "A", "x"), "${A} $A_B x-1");
+    }
+
+    #[test]
+    fn normalize_refuses_climbing_out() {
+        assert_eq!(normalize(Path::new("a/../b")), Some(PathBuf::from("b")));
+        assert_eq!(normalize(Path::new("a/../../b")), None);
+        assert_eq!(normalize(Path::new("./a/./b/")), Some(PathBuf::from("a/b")));
+    }
+
+    #[test]
+    fn crlf_becomes_lf() {
+        assert_eq!(universal_newlines("a\r\nb\rc\n"), "a\nb\nc\n");
+    }
+
+    #[test]
+    fn python_join_keeps_trailing_slash() {
+        assert_eq!(python_join(b"topsrcdir", b"a/"), b"topsrcdir/a/");
+        assert_eq!(python_join(b"topsrcdir", b"./a"), b"topsrcdir/./a");
+    }
+}

@@ -1,0 +1,103 @@
+//! The build context: collecting it (`collect`), hashing it with kiln's
+//! parallel `kiln-v1` algorithm (`hash`) and writing or hashing the
+//! taskgraph-compatible context tar (`taskgraph`).
+
+pub mod collect;
+pub mod hash;
+pub mod taskgraph;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use collect::{Context, ContextOptions, Entry, Source};
+
+/// How file modes from disk become modes in hashes and layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ModePolicy {
+    /// Files become 0644 or 0755 (by the owner's exec bit), directories 0755,
+    /// so checkouts made under different umasks give the same result.
+    #[default]
+    Git,
+    /// Permission bits are kept as on disk.
+    Preserve,
+}
+
+impl ModePolicy {
+    /// The mode a regular file with on-disk permission bits `mode` gets.
+    pub fn file(self, mode: u32) -> u32 {
+        match self {
+            ModePolicy::Git if mode & 0o100 != 0 => 0o755,
+            ModePolicy::Git => 0o644,
+            ModePolicy::Preserve => mode & 0o7777,
+        }
+    }
+
+    /// The mode a directory with on-disk permission bits `mode` gets.
+    pub fn dir(self, mode: u32) -> u32 {
+        match self {
+            ModePolicy::Git => 0o755,
+            ModePolicy::Preserve => mode & 0o7777,
+        }
+    }
+}
+
+/// Context-hash algorithms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// kiln's parallel per-file hash (see README: "Context hashes").
+    #[default]
+    KilnV1,
+    /// Byte-identical to taskgraph's `generate_context_hash`.
+    Taskgraph,
+}
+
+/// Errors collecting or hashing a context.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("walking {}: {source}", path.display())]
+    Walk { path: PathBuf, source: io::Error },
+    #[error("no Dockerfile in image directory {}: pass the directory that holds the Dockerfile", dir.display())]
+    NoDockerfile { dir: PathBuf },
+    #[error("{}: the Dockerfile is not valid UTF-8", path.display())]
+    DockerfileNotUtf8 { path: PathBuf },
+    #[error("{}:{line}: missing argument: {name} (pass it with --arg {name}=VALUE)", path.display())]
+    MissingArgument {
+        path: PathBuf,
+        line: usize,
+        name: String,
+    },
+    #[error("{}:{line}: {what}: {include}", path.display())]
+    Include {
+        path: PathBuf,
+        line: usize,
+        what: &'static str,
+        include: String,
+    },
+    #[error("{}:{line}: `# %include-run-task` needs --run-task-dir pointing at taskgraph's run-task/ directory", path.display())]
+    RunTaskWithoutDir { path: PathBuf, line: usize },
+    #[error("{}: is {kind}; only regular files, directories and symlinks can be in a build context", path.display())]
+    SpecialFile { path: PathBuf, kind: &'static str },
+    #[error("{}: cannot add file with setuid or setgid set (taskgraph refuses it too); clear the bit with chmod", path.display())]
+    Setuid { path: PathBuf },
+    #[error("{}: broken symlink (taskgraph follows symlinks, so the target must exist)", path.display())]
+    BrokenSymlink { path: PathBuf },
+    #[error("{}: the file changed while kiln read it ({expected} bytes expected, {got} read); the tree changed under the build, run it again on a quiet tree", path.display())]
+    Changed {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
+    #[error("writing {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+}
+
+impl Error {
+    pub(crate) fn io(path: &Path, source: io::Error) -> Error {
+        Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}

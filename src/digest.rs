@@ -1,0 +1,110 @@
+//! Digests: the validated `sha256:<hex>` type and a writer that hashes what
+//! passes through it.
+
+use std::fmt;
+use std::io::{self, Write};
+
+use sha2::{Digest as _, Sha256};
+
+/// A validated `sha256:<64 lowercase hex>` digest.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Digest(String);
+
+impl Digest {
+    /// Parses `sha256:<hex>`, refusing anything else.
+    pub fn parse(s: &str) -> Option<Digest> {
+        let hex = s.strip_prefix("sha256:")?;
+        (hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Digest(s.to_string()))
+    }
+    /// The digest of `data`.
+    pub fn of(data: &[u8]) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(Sha256::digest(data))))
+    }
+    fn from_raw(raw: [u8; 32]) -> Digest {
+        Digest(format!("sha256:{}", hex::encode(raw)))
+    }
+    /// The hex part.
+    pub fn hex(&self) -> &str {
+        &self.0[7..]
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A writer that hashes and counts everything passing through it.
+pub struct HashingWriter<W> {
+    inner: W,
+    hash: Sha256,
+    written: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            written: 0,
+        }
+    }
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+    /// The digest of what was written, its size, and the inner writer.
+    pub fn finish(self) -> (Digest, u64, W) {
+        (
+            Digest::from_raw(self.hash.finalize().into()),
+            self.written,
+            self.inner,
+        )
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_refuses_bad_digests() {
+        assert!(Digest::parse(&format!("sha256:{}", "a".repeat(64))).is_some());
+        assert!(Digest::parse(&format!("sha256:{}", "A".repeat(64))).is_none());
+        assert!(Digest::parse(&format!("sha512:{}", "a".repeat(64))).is_none());
+        assert!(Digest::parse("sha256:abc").is_none());
+    }
+
+    #[test]
+    fn hashing_writer_matches_digest_of() {
+        let mut w = HashingWriter::new(Vec::new());
+        w.write_all(b"hello").unwrap();
+        let (d, n, inner) = w.finish();
+        assert_eq!(d, Digest::of(b"hello"));
+        assert_eq!(n, 5);
+        assert_eq!(inner, b"hello");
+    }
+}

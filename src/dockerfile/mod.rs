@@ -1,0 +1,20 @@
+//! The Dockerfile front end: parsing into kiln's instruction list
+//! (`parse`), Docker's variable expansion (`expand`) and `.dockerignore`
+//! matching (`ignore`).
+
+pub mod expand;
+pub mod ignore;
+pub mod parse;
+
+pub use parse::{parse, CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind};
+
+/// A Dockerfile syntax error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("line {line} column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}

@@ -1,0 +1,339 @@
+//! Deterministic layers: a sorted set of entries written as one tar stream,
+//! hashed (diff_id), compressed and hashed again (digest) in a single pass
+//! into a blob file, with memory that does not grow with file sizes.
+
+pub mod compress;
+pub mod tar;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use compress::Compression;
+
+use crate::digest::{Digest, HashingWriter};
+
+/// Where a file's bytes come from.
+#[derive(Clone, Debug)]
+pub enum FileSource {
+    Path(PathBuf),
+    Bytes(Arc<[u8]>),
+}
+
+/// What an entry is.
+#[derive(Clone, Debug)]
+pub enum Content {
+    Dir,
+    File { source: FileSource, size: u64 },
+    Symlink(Vec<u8>),
+}
+
+/// One entry of a layer.
+#[derive(Clone, Debug)]
+pub struct LayerEntry {
+    pub content: Content,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+}
+
+impl LayerEntry {
+    pub fn dir(mode: u32, uid: u64, gid: u64) -> LayerEntry {
+        LayerEntry {
+            content: Content::Dir,
+            mode,
+            uid,
+            gid,
+        }
+    }
+    pub fn is_dir(&self) -> bool {
+        matches!(self.content, Content::Dir)
+    }
+}
+
+/// A layer's entries, keyed by path without leading or trailing slash.
+pub type Entries = BTreeMap<Vec<u8>, LayerEntry>;
+
+/// What a written layer is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub digest: Digest,
+    pub diff_id: Digest,
+    pub size: u64,
+    pub media_type: String,
+    /// The compressor annotation, if compressed.
+    pub compressor: Option<String>,
+}
+
+/// Errors writing a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("writing layer blob in {}: {source}", dir.display())]
+    Write { dir: PathBuf, source: io::Error },
+    #[error("{}: the file changed while kiln read it ({expected} bytes expected, {got} read); the tree changed under the build, run it again on a quiet tree", path.display())]
+    Changed {
+        path: PathBuf,
+        expected: u64,
+        got: u64,
+    },
+}
+
+/// Writes the tar stream of `entries` to `w` with every mtime set to `mtime`.
+/// Hard links on disk between files of this layer become hard-link entries.
+pub fn write_tar<W: Write>(entries: &Entries, mtime: u64, w: &mut W) -> Result<(), Error> {
+    let werr = |e: io::Error| Error::Write {
+        dir: PathBuf::from("layer stream"),
+        source: e,
+    };
+    let mut seen: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    for (path, e) in entries {
+        let mut name = path.clone();
+        match &e.content {
+            Content::Dir => {
+                name.push(b'/');
+                let h = tar::Header {
+                    name: &name,
+                    kind: tar::Kind::Dir,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: 0,
+                    mtime,
+                    link: b"",
+                };
+                tar::write_ustar(w, &h).map_err(werr)?;
+            }
+            Content::Symlink(target) => {
+                let h = tar::Header {
+                    name: &name,
+                    kind: tar::Kind::Symlink,
+                    mode: 0o777,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: 0,
+                    mtime,
+                    link: target,
+                };
+                tar::write_ustar(w, &h).map_err(werr)?;
+            }
+            Content::File {
+                source: FileSource::Bytes(b),
+                ..
+            } => {
+                let h = tar::Header {
+                    name: &name,
+                    kind: tar::Kind::File,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: b.len() as u64,
+                    mtime,
+                    link: b"",
+                };
+                tar::write_ustar(w, &h).map_err(werr)?;
+                w.write_all(b).map_err(werr)?;
+                tar::pad(w, b.len() as u64).map_err(werr)?;
+            }
+            Content::File {
+                source: FileSource::Path(p),
+                size,
+            } => {
+                let rerr = |e: io::Error| Error::Read {
+                    path: p.clone(),
+                    source: e,
+                };
+                let mut f = File::open(p).map_err(rerr)?;
+                let md = f.metadata().map_err(rerr)?;
+                if md.nlink() > 1 {
+                    let key = (md.dev(), md.ino());
+                    if let Some(first) = seen.get(&key) {
+                        let h = tar::Header {
+                            name: &name,
+                            kind: tar::Kind::HardLink,
+                            mode: e.mode,
+                            uid: e.uid,
+                            gid: e.gid,
+                            size: 0,
+                            mtime,
+                            link: first,
+                        };
+                        tar::write_ustar(w, &h).map_err(werr)?;
+                        continue;
+                    }
+                    seen.insert(key, path.clone());
+                }
+                if md.len() != *size {
+                    return Err(Error::Changed {
+                        path: p.clone(),
+                        expected: *size,
+                        got: md.len(),
+                    });
+                }
+                let h = tar::Header {
+                    name: &name,
+                    kind: tar::Kind::File,
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size: *size,
+                    mtime,
+                    link: b"",
+                };
+                tar::write_ustar(w, &h).map_err(werr)?;
+                let mut total = 0u64;
+                loop {
+                    let n = f.read(&mut buf).map_err(rerr)?;
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                    if total > *size {
+                        return Err(Error::Changed {
+                            path: p.clone(),
+                            expected: *size,
+                            got: total,
+                        });
+                    }
+                    w.write_all(&buf[..n]).map_err(werr)?;
+                }
+                if total != *size {
+                    return Err(Error::Changed {
+                        path: p.clone(),
+                        expected: *size,
+                        got: total,
+                    });
+                }
+                tar::pad(w, *size).map_err(werr)?;
+            }
+        }
+    }
+    tar::finish(w).map_err(werr)?;
+    Ok(())
+}
+
+/// Writes a layer blob into `blobs` (a `blobs/sha256` directory): tar →
+/// sha256 (diff_id) → compressor → sha256 (digest) → file, in one pass.
+pub fn write_layer(
+    entries: &Entries,
+    mtime: u64,
+    compression: Compression,
+    blobs: &Path,
+) -> Result<LayerInfo, Error> {
+    let werr = |e: io::Error| Error::Write {
+        dir: blobs.to_path_buf(),
+        source: e,
+    };
+    fs::create_dir_all(blobs).map_err(werr)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-layer-")
+        .tempfile_in(blobs)
+        .map_err(werr)?;
+    let file = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(werr)?);
+    let outer = HashingWriter::new(file);
+    let comp = compression.writer(outer).map_err(werr)?;
+    let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
+    write_tar(entries, mtime, &mut inner)?;
+    let (diff_id, _, comp) = inner.finish();
+    let comp = comp.into_inner().map_err(|e| werr(e.into_error()))?;
+    let mut outer = comp.finish().map_err(werr)?;
+    outer.flush().map_err(werr)?;
+    let (digest, size, file) = outer.finish();
+    file.into_inner()
+        .map_err(|e| werr(e.into_error()))?
+        .sync_all()
+        .map_err(werr)?;
+    let target = blobs.join(digest.hex());
+    tmp.persist(&target).map_err(|e| werr(e.error))?;
+    Ok(LayerInfo {
+        digest,
+        diff_id,
+        size,
+        media_type: compression.media_type().to_string(),
+        compressor: compression.describe(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(b: &[u8], mode: u32) -> LayerEntry {
+        LayerEntry {
+            content: Content::File {
+                source: FileSource::Bytes(Arc::from(b)),
+                size: b.len() as u64,
+            },
+            mode,
+            uid: 0,
+            gid: 0,
+        }
+    }
+
+    #[test]
+    fn tar_is_sorted_root_owned_and_normalized() {
+        let mut e = Entries::new();
+        e.insert(b"b".to_vec(), file(b"2", 0o644));
+        e.insert(b"a".to_vec(), LayerEntry::dir(0o755, 0, 0));
+        e.insert(b"a/x".to_vec(), file(b"1", 0o755));
+        let mut out = Vec::new();
+        write_tar(&e, 42, &mut out).unwrap();
+        let mut ar = ::tar::Archive::new(&out[..]);
+        let names: Vec<(String, u32, u64)> = ar
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                (
+                    String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                    h.mode().unwrap(),
+                    h.mtime().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("a/".into(), 0o755, 42),
+                ("a/x".into(), 0o755, 42),
+                ("b".into(), 0o644, 42)
+            ]
+        );
+    }
+
+    #[test]
+    fn same_entries_same_digests_any_compression() {
+        let mut e = Entries::new();
+        e.insert(b"f".to_vec(), file(&vec![9u8; 300_000], 0o644));
+        for c in [
+            Compression::Zstd(3),
+            Compression::Gzip(6),
+            Compression::None,
+        ] {
+            let d1 = tempfile::tempdir().unwrap();
+            let d2 = tempfile::tempdir().unwrap();
+            let a = write_layer(&e, 0, c, d1.path()).unwrap();
+            let b = write_layer(&e, 0, c, d2.path()).unwrap();
+            assert_eq!(a, b);
+            assert_eq!(
+                fs::read(d1.path().join(a.digest.hex())).unwrap().len() as u64,
+                a.size
+            );
+        }
+    }
+
+    #[test]
+    fn uncompressed_layer_digest_is_its_diff_id() {
+        let mut e = Entries::new();
+        e.insert(b"f".to_vec(), file(b"x", 0o644));
+        let d = tempfile::tempdir().unwrap();
+        let info = write_layer(&e, 0, Compression::None, d.path()).unwrap();
+        assert_eq!(info.digest, info.diff_id);
+    }
+}

@@ -1,0 +1,448 @@
+//! The kiln command line: argument parsing and output only; everything else
+//! is in the library.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use kiln::context::{hash, taskgraph};
+use kiln::{Algorithm, BuildOptions, Compression, ContextOptions, Format, ModePolicy};
+
+/// Daemonless, rootless, reproducible OCI image builds for Taskcluster-style image directories.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the context hash of an image directory.
+    Hash {
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Hash algorithm: kiln's parallel kiln-v1, or byte-identical to taskgraph's.
+        #[arg(long, value_enum, default_value_t = AlgorithmArg::KilnV1)]
+        algorithm: AlgorithmArg,
+        /// How on-disk modes enter the kiln-v1 hash.
+        #[arg(long, value_enum, default_value_t = PolicyArg::Git)]
+        mode_policy: PolicyArg,
+    },
+    /// Write the taskgraph-compatible context archive (gzip) and print its hash.
+    Context {
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Where to write the archive (e.g. foo.tar.gz).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Build an image from an image directory.
+    Build(Box<BuildArgs>),
+    /// Show an image's digests, layers and config.
+    Inspect {
+        /// An OCI layout directory, OCI archive, docker-archive or image.tar.zst.
+        image: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ContextArgs {
+    /// The image directory (holding the Dockerfile).
+    image_dir: PathBuf,
+    /// Root of the source tree for `# %include` (default: the enclosing git/hg checkout, else the working directory).
+    #[arg(long)]
+    topsrcdir: Option<PathBuf>,
+    /// NAME=VALUE for `# %ARG NAME` and Dockerfile ARG (repeatable).
+    #[arg(long = "arg", alias = "build-arg", value_name = "NAME=VALUE")]
+    args: Vec<String>,
+    /// taskgraph's run-task/ directory, for `# %include-run-task`.
+    #[arg(long)]
+    run_task_dir: Option<PathBuf>,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    ctx: ContextArgs,
+    /// Output path (default: <dir name>.tar in the working directory).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Output format (default: from the extension: .tar.zst, .oci.tar, .tar, else an OCI layout directory).
+    #[arg(long, value_enum)]
+    format: Option<FormatArg>,
+    /// Image name and tag (repeatable; default <REGISTRY>/<dir>:<VERSION>, else <dir>:latest).
+    #[arg(short, long = "tag")]
+    tags: Vec<String>,
+    /// Layer compression (default zstd, none inside a .tar.zst).
+    #[arg(long, value_enum)]
+    layer_compression: Option<CompressionArg>,
+    /// Compression level (zstd 1-22, default 3; gzip 0-9, default 6).
+    #[arg(long)]
+    compression_level: Option<i32>,
+    /// Timestamp for every mtime and `created` (default $SOURCE_DATE_EPOCH, else 0).
+    #[arg(long, value_name = "EPOCH")]
+    timestamp: Option<u64>,
+    /// How on-disk modes become layer modes.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Git)]
+    mode_policy: PolicyArg,
+    /// Context hash algorithm reported by the build.
+    #[arg(long, value_enum, default_value_t = AlgorithmArg::KilnV1)]
+    algorithm: AlgorithmArg,
+    /// Write the manifest digest to this file.
+    #[arg(long)]
+    digest_file: Option<PathBuf>,
+    /// Build this stage (FROM ... AS NAME) instead of the last.
+    #[arg(long)]
+    target: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AlgorithmArg {
+    KilnV1,
+    Taskgraph,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PolicyArg {
+    Git,
+    Preserve,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    DockerArchive,
+    OciArchive,
+    OciDir,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    Zstd,
+    Gzip,
+    None,
+}
+
+impl From<AlgorithmArg> for Algorithm {
+    fn from(a: AlgorithmArg) -> Self {
+        match a {
+            AlgorithmArg::KilnV1 => Algorithm::KilnV1,
+            AlgorithmArg::Taskgraph => Algorithm::Taskgraph,
+        }
+    }
+}
+
+impl From<PolicyArg> for ModePolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Git => ModePolicy::Git,
+            PolicyArg::Preserve => ModePolicy::Preserve,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: error: {}", error_text(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes, skipping a cause whose text the message already holds.
+fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+/// Turns `ContextArgs` into checked `ContextOptions`.
+fn context_options(a: &ContextArgs) -> Result<ContextOptions> {
+    let mut args = BTreeMap::new();
+    for kv in &a.args {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--arg {kv}: expected NAME=VALUE"))?;
+        if k.is_empty() {
+            bail!("--arg {kv}: empty NAME");
+        }
+        args.insert(k.to_string(), v.to_string());
+    }
+    if !a.image_dir.is_dir() {
+        bail!(
+            "image directory {} does not exist or is not a directory",
+            a.image_dir.display()
+        );
+    }
+    let topsrcdir = match &a.topsrcdir {
+        Some(t) => t.clone(),
+        None => match kiln::checkout_root(&a.image_dir) {
+            Some(root) => root,
+            None => std::env::current_dir().context("finding the working directory")?,
+        },
+    };
+    Ok(ContextOptions {
+        topsrcdir,
+        args,
+        run_task_dir: a.run_task_dir.clone(),
+        taskgraph_names: false,
+    })
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Hash {
+            ctx,
+            algorithm,
+            mode_policy,
+        } => {
+            let mut opts = context_options(&ctx)?;
+            let algorithm: Algorithm = algorithm.into();
+            opts.taskgraph_names = algorithm == Algorithm::Taskgraph;
+            let c = kiln::Context::collect(&ctx.image_dir, &opts)?;
+            let h = kiln::build::context_hash(&c, algorithm, mode_policy.into())?;
+            if ctx.json {
+                let name = match algorithm {
+                    Algorithm::KilnV1 => "kiln-v1",
+                    Algorithm::Taskgraph => "taskgraph",
+                };
+                print_json(
+                    &serde_json::json!({ "algorithm": name, "context_hash": h, "files": c.entries.len(), "bytes": c.total_size() }),
+                )?;
+            } else {
+                println!("{h}");
+            }
+        }
+        Command::Context { ctx, output } => {
+            let mut opts = context_options(&ctx)?;
+            opts.taskgraph_names = true;
+            let c = kiln::Context::collect(&ctx.image_dir, &opts)?;
+            let h = write_context_archive(&c, &output)?;
+            if ctx.json {
+                print_json(&serde_json::json!({ "context_hash": h, "output": output }))?;
+            } else {
+                println!("{h}");
+            }
+        }
+        Command::Build(b) => return build(*b),
+        Command::Inspect { image, json } => {
+            let r = kiln::store::ImageReader::open(&image)?;
+            let s = r.summary()?;
+            if json {
+                print_json(&s)?;
+            } else {
+                print_summary(&image, &s);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes taskgraph's gzip context archive atomically; returns the hash.
+fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-out-")
+        .tempfile_in(dir)
+        .with_context(|| format!("writing {}", output.display()))?;
+    // gzip header as Python's GzipFile writes it for taskgraph: file name without .gz, fixed mtime.
+    let base = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fname = base.strip_suffix(".gz").unwrap_or(&base).to_string();
+    let gz = flate2::GzBuilder::new()
+        .filename(fname.as_bytes())
+        .mtime(taskgraph::MTIME as u32)
+        .operating_system(255)
+        .write(
+            std::io::BufWriter::new(tmp.as_file()),
+            flate2::Compression::best(),
+        );
+    let (h, gz) = taskgraph::write_context_tar(c, gz)?;
+    gz.finish()
+        .and_then(|mut w| w.flush())
+        .with_context(|| format!("writing {}", output.display()))?;
+    tmp.persist(output)
+        .with_context(|| format!("writing {}", output.display()))?;
+    let _ = hash::kiln_v1;
+    Ok(h)
+}
+
+fn build(b: BuildArgs) -> Result<ExitCode> {
+    let context = context_options(&b.ctx)?;
+    let output = b.output.clone().unwrap_or_else(|| {
+        let abs = std::path::absolute(&b.ctx.image_dir).unwrap_or_else(|_| b.ctx.image_dir.clone());
+        PathBuf::from(format!(
+            "{}.tar",
+            abs.file_name()
+                .map_or("image".into(), |n| n.to_string_lossy())
+        ))
+    });
+    let format = match b.format {
+        Some(FormatArg::OciDir) => Format::OciDir,
+        Some(FormatArg::OciArchive) => Format::OciArchive,
+        Some(FormatArg::DockerArchive)
+            if Format::from_path(&output) == Format::DockerArchiveZstd =>
+        {
+            Format::DockerArchiveZstd
+        }
+        Some(FormatArg::DockerArchive) => Format::DockerArchive,
+        None => Format::from_path(&output),
+    };
+    let compression = match b.layer_compression {
+        Some(CompressionArg::Zstd) => Compression::Zstd(b.compression_level.unwrap_or(3)),
+        Some(CompressionArg::Gzip) => {
+            Compression::Gzip(b.compression_level.unwrap_or(6).clamp(0, 9) as u32)
+        }
+        Some(CompressionArg::None) => Compression::None,
+        None if format == Format::DockerArchiveZstd => Compression::None,
+        None => Compression::Zstd(b.compression_level.unwrap_or(3)),
+    };
+    if let Compression::Zstd(l) = compression {
+        if !(1..=22).contains(&l) {
+            bail!("--compression-level {l}: zstd levels run from 1 to 22");
+        }
+    }
+    let timestamp = match b.timestamp {
+        Some(t) => t,
+        None => match std::env::var("SOURCE_DATE_EPOCH") {
+            Ok(s) if !s.is_empty() => s
+                .trim()
+                .parse()
+                .map_err(|_| anyhow!("SOURCE_DATE_EPOCH={s}: expected whole seconds since 1970"))?,
+            _ => 0,
+        },
+    };
+    let tags = if b.tags.is_empty() {
+        vec![kiln::default_tag(&b.ctx.image_dir)]
+    } else {
+        b.tags.clone()
+    };
+    let opts = BuildOptions {
+        context,
+        algorithm: b.algorithm.into(),
+        mode_policy: b.mode_policy.into(),
+        tags,
+        compression,
+        timestamp,
+        format,
+        output,
+        target: b.target.clone(),
+    };
+    let r = kiln::build(&b.ctx.image_dir, &opts)?;
+    if let Some(df) = &b.digest_file {
+        std::fs::write(df, format!("{}\n", r.manifest_digest))
+            .with_context(|| format!("writing {}", df.display()))?;
+    }
+    if b.ctx.json {
+        print_json(&r)?;
+    } else {
+        println!("context hash:    {}", r.context_hash);
+        println!("image id:        {}", r.image_id);
+        println!("manifest digest: {}", r.manifest_digest);
+        println!("tags:            {}", r.tags.join(", "));
+        let size: u64 = r.layers.iter().map(|l| l.size).sum();
+        println!(
+            "{}: {} {} ({} layers, {} bytes of layers)",
+            r.status,
+            r.format,
+            r.output.display(),
+            r.layers.len(),
+            size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(path: &Path, s: &kiln::store::Summary) {
+    println!("image:           {} ({})", path.display(), s.format);
+    println!("manifest digest: {}", s.manifest_digest);
+    println!("image id:        {}", s.image_id);
+    if !s.tags.is_empty() {
+        println!("tags:            {}", s.tags.join(", "));
+    }
+    let c = &s.config;
+    println!("platform:        {}/{}", c.os, c.architecture);
+    if let Some(created) = &c.created {
+        println!("created:         {created}");
+    }
+    println!("layers:          {}", s.manifest.layers.len());
+    for (i, l) in s.manifest.layers.iter().enumerate() {
+        let diff = c.rootfs.diff_ids.get(i).map(String::as_str).unwrap_or("?");
+        println!("  {i}: {} {} bytes {}", l.digest, l.size, l.media_type);
+        println!("     diff_id {diff}");
+    }
+    let rc = &c.config;
+    let list = |v: &Option<Vec<String>>| v.as_ref().map(|v| format!("{v:?}"));
+    let fields: Vec<(&str, Option<String>)> = vec![
+        ("Env", list(&rc.env)),
+        ("Entrypoint", list(&rc.entrypoint)),
+        ("Cmd", list(&rc.cmd)),
+        ("WorkingDir", rc.working_dir.clone()),
+        ("User", rc.user.clone()),
+        (
+            "ExposedPorts",
+            rc.exposed_ports
+                .as_ref()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>().join(" ")),
+        ),
+        (
+            "Volumes",
+            rc.volumes
+                .as_ref()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>().join(" ")),
+        ),
+        ("Labels", rc.labels.as_ref().map(|m| format!("{m:?}"))),
+        ("StopSignal", rc.stop_signal.clone()),
+        ("Shell", list(&rc.shell)),
+        (
+            "Healthcheck",
+            rc.healthcheck.as_ref().map(|h| format!("{:?}", h.test)),
+        ),
+        ("OnBuild", list(&rc.on_build)),
+    ];
+    println!("config:");
+    for (k, v) in fields {
+        if let Some(v) = v {
+            println!("  {k}: {v}");
+        }
+    }
+    println!("history:");
+    for h in &c.history {
+        let empty = if h.empty_layer { " (no layer)" } else { "" };
+        println!("  {}{empty}", h.created_by.as_deref().unwrap_or(""));
+    }
+}
