@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use kiln::context::{hash, taskgraph};
+use kiln::context::taskgraph;
 use kiln::{Algorithm, BuildOptions, Compression, ContextOptions, Format, ModePolicy};
 
 /// Daemonless, rootless, reproducible OCI image builds for Taskcluster-style image directories.
@@ -84,7 +84,7 @@ struct BuildArgs {
     /// Image name and tag (repeatable; default <REGISTRY>/<dir>:<VERSION>, else <dir>:latest).
     #[arg(short, long = "tag")]
     tags: Vec<String>,
-    /// Layer compression (default zstd, none inside a .tar.zst).
+    /// Layer compression (default: zstd for OCI layouts and archives, gzip for docker-archive, none inside a .tar.zst).
     #[arg(long, value_enum)]
     layer_compression: Option<CompressionArg>,
     /// Compression level (zstd 1-22, default 3; gzip 0-9, default 6).
@@ -297,7 +297,6 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
         .with_context(|| format!("writing {}", output.display()))?;
     tmp.persist(output)
         .with_context(|| format!("writing {}", output.display()))?;
-    let _ = hash::kiln_v1;
     Ok(h)
 }
 
@@ -329,6 +328,10 @@ fn build(b: BuildArgs) -> Result<ExitCode> {
         }
         Some(CompressionArg::None) => Compression::None,
         None if format == Format::DockerArchiveZstd => Compression::None,
+        // Docker Engines before 23 cannot load zstd layers from a docker-archive.
+        None if format == Format::DockerArchive => {
+            Compression::Gzip(b.compression_level.unwrap_or(6).clamp(0, 9) as u32)
+        }
         None => Compression::Zstd(b.compression_level.unwrap_or(3)),
     };
     if let Compression::Zstd(l) = compression {

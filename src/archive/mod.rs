@@ -229,12 +229,20 @@ fn write_archive(entries: &Entries, mtime: u64, zstd: bool, out: &Path) -> Resul
             f.flush().map_err(io_err(out))?;
         }
     }
-    tmp.as_file().sync_all().map_err(io_err(out))?;
+    finish_file(tmp.as_file(), out)?;
     tmp.persist(out).map_err(|e| Error::Io {
         path: out.to_path_buf(),
         source: e.error,
     })?;
     Ok(())
+}
+
+/// Makes a finished temporary output world-readable (tempfiles start 0600) and durable.
+pub(crate) fn finish_file(f: &fs::File, out: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(fs::Permissions::from_mode(0o644))
+        .map_err(io_err(out))?;
+    f.sync_all().map_err(io_err(out))
 }
 
 /// The directory an output goes into (created if missing).

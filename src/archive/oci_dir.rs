@@ -44,6 +44,11 @@ impl Writer for OciDir {
         }
         fs::write(stage.path().join("oci-layout"), OCI_LAYOUT).map_err(io_err(out))?;
         fs::write(stage.path().join("index.json"), index_json(img)).map_err(io_err(out))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(stage.path(), fs::Permissions::from_mode(0o755))
+                .map_err(io_err(out))?;
+        }
         let stage = stage.keep();
         if out.exists() {
             let old = tempfile::Builder::new()

@@ -187,6 +187,10 @@ pub fn write_gnu<W: Write>(w: &mut W, h: &Header<'_>) -> io::Result<u64> {
         };
         fill_common(&mut block, &lh, b'L');
         block[257..265].copy_from_slice(b"ustar  \0");
+        // taskgraph's TarInfo subclass wraps every header's type, the
+        // long-link one included, so its device fields are octal zeros too.
+        octal(&mut block[329..337], 0);
+        octal(&mut block[337..345], 0);
         checksum(&mut block);
         w.write_all(&block)?;
         w.write_all(&long)?;
@@ -294,8 +298,8 @@ mod tests {
         assert_eq!(&buf[..13], b"././@LongLink");
         assert_eq!(buf[156], b'L');
         assert_eq!(&buf[257..265], b"ustar  \0");
-        // the long-link header has empty device fields, the real one octal zeros
-        assert_eq!(&buf[329..345], &[0u8; 16]);
+        // both headers carry octal-zero device fields (taskgraph's HackedType)
+        assert_eq!(&buf[329..345], b"0000000\x000000000\x00");
         assert_eq!(&buf[1024 + 329..1024 + 345], b"0000000\x000000000\x00");
     }
 

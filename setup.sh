@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what kiln's tests use, when missing: the real OCI tools from
+# Debian's packages and taskcluster-taskgraph (the oracle for the
+# taskgraph-compatible hash) in a venv under .tools/. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podman zstd:zstd cc:gcc; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
+done
+# Static libc for the tiny test binary that `docker run` executes.
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/aarch64-linux-gnu/libc.a ] || need+=(libc6-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+venv=.tools/taskgraph-venv
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import taskgraph' 2>/dev/null; then
+  echo "setup: creating $venv with taskcluster-taskgraph"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'taskcluster-taskgraph>=24,<25'
+fi
+echo "setup: ready (taskgraph $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("taskcluster-taskgraph"))'))"
