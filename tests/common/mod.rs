@@ -116,3 +116,118 @@ pub fn gunzip(b: &[u8]) -> Vec<u8> {
         .unwrap();
     out
 }
+
+/// One entry of a layer, as the tests look at it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    pub path: String,
+    pub kind: char,
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+    pub mtime: u64,
+    pub link: String,
+    pub data: Vec<u8>,
+}
+
+/// Decompresses a layer blob according to its media type.
+pub fn decompress(media_type: &str, blob: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    if media_type.ends_with("+zstd") {
+        zstd::stream::read::Decoder::new(blob)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+    } else if media_type.ends_with("+gzip") || media_type.ends_with(".tar.gzip") {
+        flate2::read::GzDecoder::new(blob)
+            .read_to_end(&mut out)
+            .unwrap();
+    } else {
+        out = blob.to_vec();
+    }
+    out
+}
+
+/// Reads every layer of an image output as a list of entries.
+pub fn layers(image: &Path) -> Vec<Vec<Item>> {
+    use std::io::Read;
+    let r = kiln::store::ImageReader::open(image).unwrap();
+    let s = r.summary().unwrap();
+    s.manifest
+        .layers
+        .iter()
+        .map(|d| {
+            let tar = decompress(&d.media_type, &r.read_blob(d).unwrap());
+            let mut ar = tar::Archive::new(&tar[..]);
+            ar.entries()
+                .unwrap()
+                .map(|e| {
+                    let mut e = e.unwrap();
+                    let h = e.header().clone();
+                    let mut data = Vec::new();
+                    e.read_to_end(&mut data).unwrap();
+                    Item {
+                        path: String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                        kind: h.entry_type().as_byte() as char,
+                        mode: h.mode().unwrap(),
+                        uid: h.uid().unwrap(),
+                        gid: h.gid().unwrap(),
+                        mtime: h.mtime().unwrap(),
+                        link: e
+                            .link_name_bytes()
+                            .map(|l| String::from_utf8_lossy(&l).into_owned())
+                            .unwrap_or_default(),
+                        data,
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The image config of an output.
+pub fn config(image: &Path) -> kiln::image::ImageConfig {
+    kiln::store::ImageReader::open(image)
+        .unwrap()
+        .summary()
+        .unwrap()
+        .config
+}
+
+/// A temp source tree: `files` under the root; the image dir is `img/`.
+pub fn tree(files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("img")).unwrap();
+    for (p, c) in files {
+        write(dir.path(), p, c);
+    }
+    dir
+}
+
+/// `kiln build` of `img/` in `dir` to `out` (relative to dir) with `extra` flags; returns the JSON summary.
+pub fn build(dir: &Path, out: &str, extra: &[&str]) -> serde_json::Value {
+    let mut cmd = kiln();
+    cmd.arg("build")
+        .arg(dir.join("img"))
+        .arg("--topsrcdir")
+        .arg(dir)
+        .arg("-o")
+        .arg(dir.join(out))
+        .arg("--json")
+        .args(extra);
+    json(&ok(&mut cmd))
+}
+
+/// `kiln build` that must fail; returns stderr.
+pub fn build_fails(dir: &Path, out: &str, extra: &[&str]) -> String {
+    let mut cmd = kiln();
+    cmd.arg("build")
+        .arg(dir.join("img"))
+        .arg("--topsrcdir")
+        .arg(dir)
+        .arg("-o")
+        .arg(dir.join(out))
+        .args(extra);
+    fails(&mut cmd)
+}
