@@ -20,9 +20,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 venv=.tools/taskgraph-venv
-if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import taskgraph' 2>/dev/null; then
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import taskgraph, zstandard' 2>/dev/null; then
   echo "setup: creating $venv with taskcluster-taskgraph"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q 'taskcluster-taskgraph>=24,<25'
+  "$venv/bin/pip" install -q 'taskcluster-taskgraph[load-image]>=24,<25'
 fi
 echo "setup: ready (taskgraph $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("taskcluster-taskgraph"))'))"
