@@ -295,6 +295,13 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
     gz.finish()
         .and_then(|mut w| w.flush())
         .with_context(|| format!("writing {}", output.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::Permissions::from_mode(0o644);
+        tmp.as_file()
+            .set_permissions(mode)
+            .with_context(|| format!("writing {}", output.display()))?;
+    }
     tmp.persist(output)
         .with_context(|| format!("writing {}", output.display()))?;
     Ok(h)

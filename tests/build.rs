@@ -582,6 +582,54 @@ fn every_format_holds_the_same_image() {
         .arg("--json")
         .arg(d.path().join("dir"))));
     assert_eq!(ij["image_id"], zstd_dir["image_id"]);
+    // outputs are world-readable, like files docker save or skopeo write
+    use std::os::unix::fs::PermissionsExt;
+    for p in [d.path().join("d.tar"), d.path().join("image.tar.zst")] {
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644,
+            "{}",
+            p.display()
+        );
+    }
+    for e in fs::read_dir(d.path().join("dir/blobs/sha256")).unwrap() {
+        assert_eq!(
+            e.unwrap().metadata().unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+    }
+}
+
+#[test]
+fn untracked_and_git_ignored_files_are_in_the_context() {
+    let d = tree(&[
+        (
+            "img/Dockerfile",
+            b"# %include src\nFROM scratch\nCOPY topsrcdir/src /src\n",
+        ),
+        (".gitignore", b"*.gen\n"),
+        ("src/tracked.txt", b"t"),
+        ("src/ignored.gen", b"g"),
+    ]);
+    assert!(std::process::Command::new("git")
+        .arg("init")
+        .arg("-q")
+        .arg(d.path())
+        .status()
+        .unwrap()
+        .success());
+    // --build-arg is an alias of --arg; the default topsrcdir is the enclosing checkout
+    let mut cmd = kiln();
+    cmd.arg("build")
+        .arg(d.path().join("img"))
+        .arg("--build-arg")
+        .arg("UNUSED=1")
+        .arg("-o")
+        .arg(d.path().join("o.tar"));
+    ok(&mut cmd);
+    let l = layers(&d.path().join("o.tar"));
+    let names: Vec<&str> = l[0].iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(names, ["src/", "src/ignored.gen", "src/tracked.txt"]);
 }
 
 #[test]

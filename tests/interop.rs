@@ -17,7 +17,10 @@ fn runnable_tree() -> tempfile::TempDir {
         ("img/etc/os-release", b"ID=kiln-test\n"),
         ("src/hello.c", b"#include <stdio.h>\n#include <stdlib.h>\nint main(void){printf(\"hello from %s\\n\", getenv(\"GREETING\"));return 0;}\n"),
     ]);
-    ok(Command::new("cc").args(["-static", "-Os", "-o"]).arg(d.path().join("img/hello")).arg(d.path().join("src/hello.c")));
+    ok(Command::new("cc")
+        .args(["-static", "-Os", "-o"])
+        .arg(d.path().join("img/hello"))
+        .arg(d.path().join("src/hello.c")));
     d
 }
 
@@ -30,22 +33,56 @@ fn umoci_and_oci_image_tool_accept_gzip_oci_output() {
     require("umoci");
     require("oci-image-tool");
     let d = runnable_tree();
-    build(d.path(), "layout", &["--format", "oci-dir", "--layer-compression", "gzip", "-t", "hello:1"]);
+    build(
+        d.path(),
+        "layout",
+        &[
+            "--format",
+            "oci-dir",
+            "--layer-compression",
+            "gzip",
+            "-t",
+            "hello:1",
+        ],
+    );
     let layout = d.path().join("layout");
     let bundle = d.path().join("bundle");
-    ok(Command::new("umoci").args(["unpack", "--rootless", "--image"]).arg(format!("{}:1", layout.display())).arg(&bundle));
-    assert_eq!(fs::read(bundle.join("rootfs/etc/os-release")).unwrap(), b"ID=kiln-test\n");
-    assert_eq!(fs::read(bundle.join("rootfs/hello")).unwrap(), fs::read(d.path().join("img/hello")).unwrap());
-    let out = run(Command::new("oci-image-tool").args(["validate", "--type", "image"]).arg(&layout));
-    let all = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && all.contains("Validation succeeded"), "{all}");
+    ok(Command::new("umoci")
+        .args(["unpack", "--rootless", "--image"])
+        .arg(format!("{}:1", layout.display()))
+        .arg(&bundle));
+    assert_eq!(
+        fs::read(bundle.join("rootfs/etc/os-release")).unwrap(),
+        b"ID=kiln-test\n"
+    );
+    assert_eq!(
+        fs::read(bundle.join("rootfs/hello")).unwrap(),
+        fs::read(d.path().join("img/hello")).unwrap()
+    );
+    let out = run(Command::new("oci-image-tool")
+        .args(["validate", "--type", "image"])
+        .arg(&layout));
+    let all =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && all.contains("Validation succeeded"),
+        "{all}"
+    );
     // and it fails on a corrupted layout, so the check above means something
-    let blob = fs::read_dir(layout.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let blob = fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
     let mut bytes = fs::read(&blob).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0xff;
     fs::write(&blob, bytes).unwrap();
-    assert!(!run(Command::new("oci-image-tool").args(["validate", "--type", "image"]).arg(&layout)).status.success());
+    assert!(!run(Command::new("oci-image-tool")
+        .args(["validate", "--type", "image"])
+        .arg(&layout))
+    .status
+    .success());
 }
 
 fn skopeo_inspect(reference: &str) -> serde_json::Value {
@@ -57,11 +94,38 @@ fn skopeo_reads_and_copies_every_format() {
     require("skopeo");
     let d = runnable_tree();
     let cases: Vec<(&str, Vec<&str>, String)> = vec![
-        ("layout", vec!["--format", "oci-dir", "-t", "hello:1"], format!("oci:{}:1", d.path().join("layout").display())),
-        ("gzlayout", vec!["--format", "oci-dir", "--layer-compression", "gzip", "-t", "hello:1"], format!("oci:{}:1", d.path().join("gzlayout").display())),
-        ("a.oci.tar", vec!["-t", "hello:1"], format!("oci-archive:{}", d.path().join("a.oci.tar").display())),
-        ("d.tar", vec!["-t", "hello:1"], format!("docker-archive:{}", d.path().join("d.tar").display())),
-        ("dz.tar", vec!["--layer-compression", "zstd", "-t", "hello:1"], format!("docker-archive:{}", d.path().join("dz.tar").display())),
+        (
+            "layout",
+            vec!["--format", "oci-dir", "-t", "hello:1"],
+            format!("oci:{}:1", d.path().join("layout").display()),
+        ),
+        (
+            "gzlayout",
+            vec![
+                "--format",
+                "oci-dir",
+                "--layer-compression",
+                "gzip",
+                "-t",
+                "hello:1",
+            ],
+            format!("oci:{}:1", d.path().join("gzlayout").display()),
+        ),
+        (
+            "a.oci.tar",
+            vec!["-t", "hello:1"],
+            format!("oci-archive:{}", d.path().join("a.oci.tar").display()),
+        ),
+        (
+            "d.tar",
+            vec!["-t", "hello:1"],
+            format!("docker-archive:{}", d.path().join("d.tar").display()),
+        ),
+        (
+            "dz.tar",
+            vec!["--layer-compression", "zstd", "-t", "hello:1"],
+            format!("docker-archive:{}", d.path().join("dz.tar").display()),
+        ),
     ];
     for (out, flags, reference) in cases {
         let v = build(d.path(), out, &flags);
@@ -72,10 +136,17 @@ fn skopeo_reads_and_copies_every_format() {
             // OCI references show kiln's own manifest
             assert_eq!(info["Digest"], v["manifest_digest"], "{reference}");
         }
-        let config = json(&ok(Command::new("skopeo").args(["inspect", "--config", &reference])));
-        assert_eq!(config["rootfs"]["diff_ids"][0], v["layers"][0]["diff_id"], "{reference}");
+        let config = json(&ok(
+            Command::new("skopeo").args(["inspect", "--config", &reference])
+        ));
+        assert_eq!(
+            config["rootfs"]["diff_ids"][0], v["layers"][0]["diff_id"],
+            "{reference}"
+        );
         let dest: PathBuf = d.path().join(format!("copy-{out}"));
-        ok(Command::new("skopeo").args(["copy", &reference]).arg(format!("oci:{}:copied", dest.display())));
+        ok(Command::new("skopeo")
+            .args(["copy", &reference])
+            .arg(format!("oci:{}:copied", dest.display())));
         let copied = skopeo_inspect(&format!("oci:{}:copied", dest.display()));
         assert_eq!(copied["Env"], info["Env"], "{reference}");
     }
@@ -83,7 +154,11 @@ fn skopeo_reads_and_copies_every_format() {
 
 fn podman(root: &Path) -> Command {
     let mut c = Command::new("podman");
-    c.arg("--root").arg(root.join("root")).arg("--runroot").arg(root.join("run")).args(["--storage-driver", "vfs"]);
+    c.arg("--root")
+        .arg(root.join("root"))
+        .arg("--runroot")
+        .arg(root.join("run"))
+        .args(["--storage-driver", "vfs"]);
     c
 }
 
@@ -93,9 +168,18 @@ fn podman_loads_the_docker_archive() {
     let d = runnable_tree();
     let v = build(d.path(), "d.tar", &["-t", "kiln-interop/hello:1"]);
     let root = tempfile::tempdir().unwrap();
-    let out = ok(podman(root.path()).arg("load").arg("-i").arg(d.path().join("d.tar")));
+    let out = ok(podman(root.path())
+        .arg("load")
+        .arg("-i")
+        .arg(d.path().join("d.tar")));
     assert!(out.contains("kiln-interop/hello:1"), "{out}");
-    let id = ok(podman(root.path()).args(["image", "inspect", "--format", "{{.Id}}", "kiln-interop/hello:1"]));
+    let id = ok(podman(root.path()).args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}",
+        "kiln-interop/hello:1",
+    ]));
     assert_eq!(format!("sha256:{}", id.trim()), s(&v["image_id"]));
 }
 
@@ -158,11 +242,16 @@ print(json.dumps(info))
 "#,
         dir = d.path().to_str().unwrap(),
     );
-    let out = ok(Command::new(&py).args(["-c", &code]).env("NO_PROXY", "127.0.0.1"));
+    let out = ok(Command::new(&py)
+        .args(["-c", &code])
+        .env("NO_PROXY", "127.0.0.1"));
     assert!(out.contains(&format!("Loaded image: {tag}")), "{out}");
     // taskgraph reports what the artifact's `repositories` file said before it retagged
     let info = json(out.lines().last().unwrap());
-    assert_eq!((info["image"].as_str(), info["tag"].as_str()), (Some("img"), Some("latest")));
+    assert_eq!(
+        (info["image"].as_str(), info["tag"].as_str()),
+        (Some("img"), Some("latest"))
+    );
     let id = ok(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &tag]));
     assert_eq!(id.trim(), s(&v["image_id"]));
     let hello = ok(Command::new("docker").args(["run", "--rm", "--network", "none", &tag]));

@@ -153,6 +153,11 @@ fn context_archive_is_byte_identical_to_create_context_tar() {
     // Python names the member after the output file it writes (theirs.tar), we after ours.
     assert_eq!(name(&t), b"theirs.tar");
     assert_eq!(name(&o), b"ours.tar");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&ours).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
 }
 
 #[test]

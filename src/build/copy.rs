@@ -501,7 +501,8 @@ fn extract(
         let mode = h.mode().map_err(err)? & 0o7777;
         let (uid, gid) = match opts.chown {
             Some(ids) => ids,
-            None => (h.uid().map_err(err)?, h.gid().map_err(err)?),
+            // An all-NUL id field reads as 0, as Go's archive/tar (and so Docker) reads it.
+            None => (h.uid().unwrap_or(0), h.gid().unwrap_or(0)),
         };
         let target = join(dest, &rel);
         let et = h.entry_type();

@@ -621,12 +621,15 @@ fn healthcheck(h: &Health, shell: &[String]) -> Result<Healthcheck, String> {
             ..Default::default()
         }),
         Health::Cmd { flags, command } => {
-            let mut hc = Healthcheck::default();
-            hc.test = match command {
+            let test = match command {
                 CommandForm::Exec(v) => std::iter::once("CMD".to_string())
                     .chain(v.iter().cloned())
                     .collect(),
                 CommandForm::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
+            };
+            let mut hc = Healthcheck {
+                test,
+                ..Default::default()
             };
             for (name, value) in flags {
                 let v = value.as_deref().unwrap_or("");

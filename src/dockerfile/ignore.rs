@@ -29,13 +29,12 @@ pub fn match_component(pat: &[u8], name: &[u8]) -> bool {
                         }
                     }
                 }
-                b'\\' if p + 1 < pat.len() => {
-                    if pat[p + 1] == name[n] {
-                        p += 2;
-                        n += 1;
-                        continue;
-                    }
+                b'\\' if p + 1 < pat.len() && pat[p + 1] == name[n] => {
+                    p += 2;
+                    n += 1;
+                    continue;
                 }
+                b'\\' if p + 1 < pat.len() => {}
                 c if c == name[n] => {
                     p += 1;
                     n += 1;

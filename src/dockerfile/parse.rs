@@ -385,9 +385,12 @@ mod tests {
     #[test]
     fn syntax_errors_have_line_and_column() {
         let err = parse("FROM scratch\nBOGUS x\n").unwrap_err();
-        match err {
-            Error::Syntax { line, .. } => assert_eq!(line, 2),
-            e => panic!("{e:?}"),
-        }
+        let Error::Syntax {
+            line,
+            column,
+            message,
+        } = err;
+        assert_eq!((line, column), (2, 1));
+        assert!(message.contains("unknown instruction"), "{message}");
     }
 }

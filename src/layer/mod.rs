@@ -244,10 +244,14 @@ pub fn write_layer(
     let mut outer = comp.finish().map_err(werr)?;
     outer.flush().map_err(werr)?;
     let (digest, size, file) = outer.finish();
-    file.into_inner()
-        .map_err(|e| werr(e.into_error()))?
-        .sync_all()
-        .map_err(werr)?;
+    let file = file.into_inner().map_err(|e| werr(e.into_error()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // tempfiles start 0600; blobs are world-readable like every other output file
+        file.set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(werr)?;
+    }
+    file.sync_all().map_err(werr)?;
     let target = blobs.join(digest.hex());
     tmp.persist(&target).map_err(|e| werr(e.error))?;
     Ok(LayerInfo {
