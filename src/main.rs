@@ -341,10 +341,14 @@ fn build(b: BuildArgs) -> Result<ExitCode> {
         }
         None => Compression::Zstd(b.compression_level.unwrap_or(3)),
     };
-    if let Compression::Zstd(l) = compression {
-        if !(1..=22).contains(&l) {
-            bail!("--compression-level {l}: zstd levels run from 1 to 22");
+    match (compression, b.compression_level) {
+        (Compression::Zstd(l), _) if !(1..=22).contains(&l) => {
+            bail!("--compression-level {l}: zstd levels run from 1 to 22")
         }
+        (Compression::Gzip(_), Some(l)) if !(0..=9).contains(&l) => {
+            bail!("--compression-level {l}: gzip levels run from 0 to 9")
+        }
+        _ => {}
     }
     let timestamp = match b.timestamp {
         Some(t) => t,

@@ -355,6 +355,7 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 CMD ["/bin/check", "-q"]
 SHELL ["/bin/bash", "-c"]
 ENTRYPOINT echo $OVER
+ENV O=$OVER
 CMD ["--help"]
 ONBUILD COPY . /onbuild
 "#,
@@ -369,7 +370,8 @@ ONBUILD COPY . /onbuild
             "A=1".into(),
             "B=two words".into(),
             "C=fallback".into(),
-            "LEGACY=value with spaces".into()
+            "LEGACY=value with spaces".into(),
+            "O=given".into()
         ]
     );
     let labels = rc.labels.as_ref().unwrap();
@@ -670,4 +672,17 @@ fn a_failed_build_leaves_no_output_or_temp_files() {
         0,
         "nothing left behind"
     );
+}
+
+#[test]
+fn compression_levels_out_of_range_are_usage_errors() {
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY f /f\n"), ("img/f", b"f")]);
+    let err = build_fails(d.path(), "o.oci.tar", &["--compression-level", "30"]);
+    assert!(err.contains("zstd levels run from 1 to 22"), "{err}");
+    let err = build_fails(d.path(), "o.tar", &["--layer-compression", "gzip", "--compression-level", "12"]);
+    assert!(err.contains("gzip levels run from 0 to 9"), "{err}");
+    let fast = build(d.path(), "1.oci.tar", &["--compression-level", "1"]);
+    let slow = build(d.path(), "19.oci.tar", &["--compression-level", "19"]);
+    assert_eq!(fast["layers"][0]["diff_id"], slow["layers"][0]["diff_id"]);
+    assert_ne!(fast["manifest_digest"], slow["manifest_digest"], "the level is in the compressor annotation");
 }
