@@ -676,13 +676,23 @@ fn a_failed_build_leaves_no_output_or_temp_files() {
 
 #[test]
 fn compression_levels_out_of_range_are_usage_errors() {
-    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY f /f\n"), ("img/f", b"f")]);
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY f /f\n"),
+        ("img/f", b"f"),
+    ]);
     let err = build_fails(d.path(), "o.oci.tar", &["--compression-level", "30"]);
     assert!(err.contains("zstd levels run from 1 to 22"), "{err}");
-    let err = build_fails(d.path(), "o.tar", &["--layer-compression", "gzip", "--compression-level", "12"]);
+    let err = build_fails(
+        d.path(),
+        "o.tar",
+        &["--layer-compression", "gzip", "--compression-level", "12"],
+    );
     assert!(err.contains("gzip levels run from 0 to 9"), "{err}");
     let fast = build(d.path(), "1.oci.tar", &["--compression-level", "1"]);
     let slow = build(d.path(), "19.oci.tar", &["--compression-level", "19"]);
     assert_eq!(fast["layers"][0]["diff_id"], slow["layers"][0]["diff_id"]);
-    assert_ne!(fast["manifest_digest"], slow["manifest_digest"], "the level is in the compressor annotation");
+    assert_ne!(
+        fast["manifest_digest"], slow["manifest_digest"],
+        "the level is in the compressor annotation"
+    );
 }

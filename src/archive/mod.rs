@@ -20,7 +20,7 @@ use crate::digest::Digest;
 use crate::image::{
     Descriptor, Index, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, MEDIA_INDEX,
 };
-use crate::layer::{self, Content, Entries, FileSource, LayerEntry};
+use crate::layer::{self, Entries, FileSource, LayerEntry};
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,12 +188,7 @@ fn layout_entries(img: &ImageFiles) -> Entries {
 }
 
 fn file(source: FileSource, size: u64) -> LayerEntry {
-    LayerEntry {
-        content: Content::File { source, size },
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-    }
+    LayerEntry::file(source, size, 0o644, 0, 0)
 }
 
 fn bytes(b: Vec<u8>) -> LayerEntry {

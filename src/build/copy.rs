@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::context::{Context, ModePolicy, Source};
-use crate::dockerfile::ignore::{has_magic, match_path, Ignore};
+use crate::dockerfile::ignore::{clean, has_magic, match_path, Ignore};
 use crate::layer::{Content, Entries, FileSource, LayerEntry};
 
 use super::fs::ImageFs;
@@ -124,22 +124,7 @@ pub fn resolve_dest(workdir: &str, dest: &str) -> (Vec<u8>, bool) {
     } else {
         format!("{workdir}/{dest}")
     };
-    (clean_abs(joined.as_bytes()), is_dir)
-}
-
-/// Cleans an absolute path (`..` stops at the root), without leading slash.
-pub fn clean_abs(p: &[u8]) -> Vec<u8> {
-    let mut out: Vec<&[u8]> = Vec::new();
-    for c in p.split(|&c| c == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out.join(&b'/')
+    (clean(joined.as_bytes()), is_dir)
 }
 
 /// Cleans a context-relative source; `None` if it climbs out of the context.
@@ -245,15 +230,13 @@ pub fn plan(
                 let size = content.len() as u64;
                 layer.insert(
                     target,
-                    LayerEntry {
-                        content: Content::File {
-                            source: FileSource::Bytes(Arc::from(content)),
-                            size,
-                        },
-                        mode: opts.chmod.unwrap_or(0o644),
-                        uid: uid_gid.0,
-                        gid: uid_gid.1,
-                    },
+                    LayerEntry::file(
+                        FileSource::Bytes(Arc::from(content)),
+                        size,
+                        opts.chmod.unwrap_or(0o644),
+                        uid_gid.0,
+                        uid_gid.1,
+                    ),
                 );
             }
             ResolvedSrc::Path(p) if view.is_dir(&p) => {
@@ -332,27 +315,23 @@ fn entry_for(
                 lossy(name)
             ));
         }
-        Ok(LayerEntry {
-            content: Content::File {
-                source: FileSource::Path(path.clone()),
-                size: e.size,
-            },
-            mode: opts.chmod.unwrap_or(opts.policy.file(e.mode)),
+        Ok(LayerEntry::file(
+            FileSource::Path(path.clone()),
+            e.size,
+            opts.chmod.unwrap_or(opts.policy.file(e.mode)),
             uid,
             gid,
-        })
+        ))
     };
     match &e.source {
         Source::File(path) => file(path),
-        Source::Bytes(b) => Ok(LayerEntry {
-            content: Content::File {
-                source: FileSource::Bytes(b.clone()),
-                size: b.len() as u64,
-            },
-            mode: opts.chmod.unwrap_or(0o644),
+        Source::Bytes(b) => Ok(LayerEntry::file(
+            FileSource::Bytes(b.clone()),
+            b.len() as u64,
+            opts.chmod.unwrap_or(0o644),
             uid,
             gid,
-        }),
+        )),
         Source::Symlink { path, target } => {
             if top {
                 if e.resolves_to_file {
@@ -536,29 +515,13 @@ fn extract(
             let file = spool.join(format!("{i}"));
             fs::hard_link(first, &file).map_err(err)?;
             let size = fs::metadata(&file).map_err(err)?.len();
-            LayerEntry {
-                content: Content::File {
-                    source: FileSource::Path(file),
-                    size,
-                },
-                mode,
-                uid,
-                gid,
-            }
+            LayerEntry::file(FileSource::Path(file), size, mode, uid, gid)
         } else if et.is_file() || et == tar::EntryType::Continuous {
             let file = spool.join(format!("{i}"));
             let mut out = File::create(&file).map_err(err)?;
             let size = io::copy(&mut entry, &mut out).map_err(err)?;
             spooled.insert(rel.clone(), file.clone());
-            LayerEntry {
-                content: Content::File {
-                    source: FileSource::Path(file),
-                    size,
-                },
-                mode,
-                uid,
-                gid,
-            }
+            LayerEntry::file(FileSource::Path(file), size, mode, uid, gid)
         } else {
             // Devices, FIFOs, PAX globals and the like are not extracted.
             continue;

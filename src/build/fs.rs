@@ -92,15 +92,7 @@ mod tests {
         ] {
             fs.nodes.insert(
                 p.to_vec(),
-                LayerEntry {
-                    content: Content::File {
-                        source: FileSource::Bytes(Arc::from(b)),
-                        size: b.len() as u64,
-                    },
-                    mode: 0o644,
-                    uid: 0,
-                    gid: 0,
-                },
+                LayerEntry::file(FileSource::Bytes(Arc::from(b)), b.len() as u64, 0o644, 0, 0),
             );
         }
         assert_eq!(fs.lookup_user("app"), Some((1000, 1001)));

@@ -427,7 +427,7 @@ impl State<'_> {
                 self.history_entry(ins, true);
             }
             Kind::Healthcheck(h) => {
-                self.run.healthcheck = Some(healthcheck(h, &self.shell)?);
+                self.run.healthcheck = Some(healthcheck(h)?);
                 self.history_entry(ins, true);
             }
             Kind::Shell(v) => {
@@ -613,8 +613,7 @@ fn duration(s: &str) -> Option<i64> {
     Some(total as i64)
 }
 
-fn healthcheck(h: &Health, shell: &[String]) -> Result<Healthcheck, String> {
-    let _ = shell;
+fn healthcheck(h: &Health) -> Result<Healthcheck, String> {
     match h {
         Health::None => Ok(Healthcheck {
             test: vec!["NONE".into()],

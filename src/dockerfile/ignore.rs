@@ -179,8 +179,8 @@ fn trim(s: &[u8]) -> &[u8] {
     &s[start..end]
 }
 
-/// `filepath.Clean` without the leading slash.
-fn clean(p: &[u8]) -> Vec<u8> {
+/// `filepath.Clean` without the leading slash: `..` stops at the root.
+pub fn clean(p: &[u8]) -> Vec<u8> {
     let mut out: Vec<&[u8]> = Vec::new();
     for c in p.split(|&c| c == b'/') {
         match c {

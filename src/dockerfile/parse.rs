@@ -277,8 +277,6 @@ fn convert(text: &str, escape: char, ins: &pd::Instruction<'_>) -> (usize, Kind)
             Kind::Shell(s.arguments.iter().map(|s| s.value.to_string()).collect()),
         ),
         I::Onbuild(o) => {
-            let inner_start = text[o.onbuild.span.end..].len();
-            let _ = inner_start;
             let t = instruction_text(text, o.onbuild.span.end, escape);
             (o.onbuild.span.start, Kind::Onbuild(t))
         }

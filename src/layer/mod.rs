@@ -49,6 +49,14 @@ impl LayerEntry {
             gid,
         }
     }
+    pub fn file(source: FileSource, size: u64, mode: u32, uid: u64, gid: u64) -> LayerEntry {
+        LayerEntry {
+            content: Content::File { source, size },
+            mode,
+            uid,
+            gid,
+        }
+    }
     pub fn is_dir(&self) -> bool {
         matches!(self.content, Content::Dir)
     }
@@ -93,50 +101,33 @@ pub fn write_tar<W: Write>(entries: &Entries, mtime: u64, w: &mut W) -> Result<(
     let mut seen: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut buf = vec![0u8; 256 * 1024];
     for (path, e) in entries {
-        let mut name = path.clone();
+        let mut header = |name: &[u8], kind, mode, size, link: &[u8]| {
+            let h = tar::Header {
+                name,
+                kind,
+                mode,
+                uid: e.uid,
+                gid: e.gid,
+                size,
+                mtime,
+                link,
+            };
+            tar::write_ustar(w, &h).map_err(werr)
+        };
         match &e.content {
             Content::Dir => {
+                let mut name = path.clone();
                 name.push(b'/');
-                let h = tar::Header {
-                    name: &name,
-                    kind: tar::Kind::Dir,
-                    mode: e.mode,
-                    uid: e.uid,
-                    gid: e.gid,
-                    size: 0,
-                    mtime,
-                    link: b"",
-                };
-                tar::write_ustar(w, &h).map_err(werr)?;
+                header(&name, tar::Kind::Dir, e.mode, 0, b"")?;
             }
             Content::Symlink(target) => {
-                let h = tar::Header {
-                    name: &name,
-                    kind: tar::Kind::Symlink,
-                    mode: 0o777,
-                    uid: e.uid,
-                    gid: e.gid,
-                    size: 0,
-                    mtime,
-                    link: target,
-                };
-                tar::write_ustar(w, &h).map_err(werr)?;
+                header(path, tar::Kind::Symlink, 0o777, 0, target)?;
             }
             Content::File {
                 source: FileSource::Bytes(b),
                 ..
             } => {
-                let h = tar::Header {
-                    name: &name,
-                    kind: tar::Kind::File,
-                    mode: e.mode,
-                    uid: e.uid,
-                    gid: e.gid,
-                    size: b.len() as u64,
-                    mtime,
-                    link: b"",
-                };
-                tar::write_ustar(w, &h).map_err(werr)?;
+                header(path, tar::Kind::File, e.mode, b.len() as u64, b"")?;
                 w.write_all(b).map_err(werr)?;
                 tar::pad(w, b.len() as u64).map_err(werr)?;
             }
@@ -148,44 +139,25 @@ pub fn write_tar<W: Write>(entries: &Entries, mtime: u64, w: &mut W) -> Result<(
                     path: p.clone(),
                     source: e,
                 };
+                let changed = |got| Error::Changed {
+                    path: p.clone(),
+                    expected: *size,
+                    got,
+                };
                 let mut f = File::open(p).map_err(rerr)?;
                 let md = f.metadata().map_err(rerr)?;
                 if md.nlink() > 1 {
                     let key = (md.dev(), md.ino());
                     if let Some(first) = seen.get(&key) {
-                        let h = tar::Header {
-                            name: &name,
-                            kind: tar::Kind::HardLink,
-                            mode: e.mode,
-                            uid: e.uid,
-                            gid: e.gid,
-                            size: 0,
-                            mtime,
-                            link: first,
-                        };
-                        tar::write_ustar(w, &h).map_err(werr)?;
+                        header(path, tar::Kind::HardLink, e.mode, 0, first)?;
                         continue;
                     }
                     seen.insert(key, path.clone());
                 }
                 if md.len() != *size {
-                    return Err(Error::Changed {
-                        path: p.clone(),
-                        expected: *size,
-                        got: md.len(),
-                    });
+                    return Err(changed(md.len()));
                 }
-                let h = tar::Header {
-                    name: &name,
-                    kind: tar::Kind::File,
-                    mode: e.mode,
-                    uid: e.uid,
-                    gid: e.gid,
-                    size: *size,
-                    mtime,
-                    link: b"",
-                };
-                tar::write_ustar(w, &h).map_err(werr)?;
+                header(path, tar::Kind::File, e.mode, *size, b"")?;
                 let mut total = 0u64;
                 loop {
                     let n = f.read(&mut buf).map_err(rerr)?;
@@ -194,20 +166,12 @@ pub fn write_tar<W: Write>(entries: &Entries, mtime: u64, w: &mut W) -> Result<(
                     }
                     total += n as u64;
                     if total > *size {
-                        return Err(Error::Changed {
-                            path: p.clone(),
-                            expected: *size,
-                            got: total,
-                        });
+                        return Err(changed(total));
                     }
                     w.write_all(&buf[..n]).map_err(werr)?;
                 }
                 if total != *size {
-                    return Err(Error::Changed {
-                        path: p.clone(),
-                        expected: *size,
-                        got: total,
-                    });
+                    return Err(changed(total));
                 }
                 tar::pad(w, *size).map_err(werr)?;
             }

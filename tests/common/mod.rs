@@ -205,8 +205,8 @@ pub fn tree(files: &[(&str, &[u8])]) -> tempfile::TempDir {
     dir
 }
 
-/// `kiln build` of `img/` in `dir` to `out` (relative to dir) with `extra` flags; returns the JSON summary.
-pub fn build(dir: &Path, out: &str, extra: &[&str]) -> serde_json::Value {
+/// The `kiln build` command for `img/` in `dir`, writing `out` (relative to dir).
+pub fn build_cmd(dir: &Path, out: &str, extra: &[&str]) -> Command {
     let mut cmd = kiln();
     cmd.arg("build")
         .arg(dir.join("img"))
@@ -214,20 +214,16 @@ pub fn build(dir: &Path, out: &str, extra: &[&str]) -> serde_json::Value {
         .arg(dir)
         .arg("-o")
         .arg(dir.join(out))
-        .arg("--json")
         .args(extra);
-    json(&ok(&mut cmd))
+    cmd
+}
+
+/// `kiln build` that must succeed; returns the JSON summary.
+pub fn build(dir: &Path, out: &str, extra: &[&str]) -> serde_json::Value {
+    json(&ok(build_cmd(dir, out, extra).arg("--json")))
 }
 
 /// `kiln build` that must fail; returns stderr.
 pub fn build_fails(dir: &Path, out: &str, extra: &[&str]) -> String {
-    let mut cmd = kiln();
-    cmd.arg("build")
-        .arg(dir.join("img"))
-        .arg("--topsrcdir")
-        .arg(dir)
-        .arg("-o")
-        .arg(dir.join(out))
-        .args(extra);
-    fails(&mut cmd)
+    fails(&mut build_cmd(dir, out, extra))
 }
