@@ -82,7 +82,10 @@ fn benches(c: &mut Criterion) {
         ("gzip-6", Compression::Gzip(6)),
     ] {
         g.bench_function(name, |b| {
-            b.iter(|| layer::write_layer(&entries, 0, comp, out.path()).unwrap())
+            b.iter(|| {
+                layer::write_layer(&entries, 0, comp, out.path(), &kiln::progress::Step::none())
+                    .unwrap()
+            })
         });
     }
     g.finish();

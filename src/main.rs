@@ -18,6 +18,28 @@ use kiln::{Algorithm, BuildOptions, Compression, ContextOptions, Format, ModePol
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Progress display: bars on a terminal (auto), one line per step (plain, for CI logs), or none.
+    #[arg(long, global = true, value_enum, default_value_t = ProgressArg::Auto)]
+    progress: ProgressArg,
+    /// Threads to use (default: all cores). Outputs do not depend on it.
+    #[arg(short = 'j', long, global = true, value_name = "N")]
+    jobs: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProgressArg {
+    Auto,
+    Plain,
+    Never,
+}
+
+/// `--hash-cache [PATH]`: the default cache lives in the user cache directory.
+fn default_hash_cache() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("kiln").join("hash-cache")
 }
 
 #[derive(Subcommand)]
@@ -32,6 +54,9 @@ enum Command {
         /// How on-disk modes enter the kiln-v1 hash.
         #[arg(long, value_enum, default_value_t = PolicyArg::Git)]
         mode_policy: PolicyArg,
+        /// Reuse file digests of unchanged files (kiln-v1), keyed by device, inode, size, mtime and ctime.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+        hash_cache: Option<PathBuf>,
     },
     /// Write the taskgraph-compatible context archive (gzip) and print its hash.
     Context {
@@ -105,6 +130,9 @@ struct BuildArgs {
     /// Build this stage (FROM ... AS NAME) instead of the last.
     #[arg(long)]
     target: Option<String>,
+    /// Reuse file digests of unchanged files (kiln-v1), keyed by device, inode, size, mtime and ctime.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    hash_cache: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -217,26 +245,58 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+fn cache_path(p: PathBuf) -> PathBuf {
+    if p.as_os_str().is_empty() {
+        default_hash_cache()
+    } else {
+        p
+    }
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(n) = cli.jobs {
+        if n == 0 {
+            bail!("--jobs 0: give at least one thread");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    let progress = kiln::progress::Progress::new(match cli.progress {
+        ProgressArg::Auto => kiln::progress::Mode::Auto,
+        ProgressArg::Plain => kiln::progress::Mode::Plain,
+        ProgressArg::Never => kiln::progress::Mode::Never,
+    });
     match cli.command {
         Command::Hash {
             ctx,
             algorithm,
             mode_policy,
+            hash_cache,
         } => {
-            let mut opts = context_options(&ctx)?;
+            let opts = context_options(&ctx)?;
             let algorithm: Algorithm = algorithm.into();
-            opts.taskgraph_names = algorithm == Algorithm::Taskgraph;
-            let c = kiln::Context::collect(&ctx.image_dir, &opts)?;
-            let h = kiln::build::context_hash(&c, algorithm, mode_policy.into())?;
+            let cache = hash_cache.map(|p| kiln::context::HashCache::load(&cache_path(p)));
+            let (c, h) = kiln::context::collect_and_hash(
+                &ctx.image_dir,
+                &opts,
+                algorithm,
+                mode_policy.into(),
+                cache.as_ref(),
+                &progress,
+            )?;
             if ctx.json {
                 let name = match algorithm {
                     Algorithm::KilnV1 => "kiln-v1",
                     Algorithm::Taskgraph => "taskgraph",
                 };
-                print_json(
-                    &serde_json::json!({ "algorithm": name, "context_hash": h, "files": c.entries.len(), "bytes": c.total_size() }),
-                )?;
+                let mut v = serde_json::json!({ "algorithm": name, "context_hash": h, "files": c.entries.len(), "bytes": c.total_size() });
+                if let Some(cache) = &cache {
+                    let (hits, hashed) = cache.counts();
+                    v["hash_cache"] = serde_json::json!({ "hits": hits, "hashed": hashed });
+                }
+                print_json(&v)?;
             } else {
                 println!("{h}");
             }
@@ -252,7 +312,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{h}");
             }
         }
-        Command::Build(b) => return build(*b),
+        Command::Build(b) => return build(*b, progress),
         Command::Inspect { image, json } => {
             let r = kiln::store::ImageReader::open(&image)?;
             let s = r.summary()?;
@@ -307,7 +367,7 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
     Ok(h)
 }
 
-fn build(b: BuildArgs) -> Result<ExitCode> {
+fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
     let context = context_options(&b.ctx)?;
     let output = b.output.clone().unwrap_or_else(|| {
         let abs = std::path::absolute(&b.ctx.image_dir).unwrap_or_else(|_| b.ctx.image_dir.clone());
@@ -375,6 +435,8 @@ fn build(b: BuildArgs) -> Result<ExitCode> {
         format,
         output,
         target: b.target.clone(),
+        hash_cache: b.hash_cache.clone().map(cache_path),
+        progress,
     };
     let r = kiln::build(&b.ctx.image_dir, &opts)?;
     if let Some(df) = &b.digest_file {

@@ -21,6 +21,7 @@ use crate::image::{
     Descriptor, Index, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, MEDIA_INDEX,
 };
 use crate::layer::{self, Entries, FileSource, LayerEntry};
+use crate::progress::Step;
 
 /// Output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -213,14 +214,14 @@ fn write_archive(entries: &Entries, mtime: u64, zstd: bool, out: &Path) -> Resul
         if zstd {
             let mut enc = layer::Compression::Zstd(3).writer(f).map_err(io_err(out))?;
             let mut bw = BufWriter::with_capacity(1 << 20, &mut enc);
-            layer::write_tar(entries, mtime, &mut bw).map_err(lerr)?;
+            layer::write_tar(entries, mtime, &mut bw, &Step::none()).map_err(lerr)?;
             bw.flush().map_err(io_err(out))?;
             drop(bw);
             let mut f = enc.finish().map_err(io_err(out))?;
             f.flush().map_err(io_err(out))?;
         } else {
             let mut f = f;
-            layer::write_tar(entries, mtime, &mut f).map_err(lerr)?;
+            layer::write_tar(entries, mtime, &mut f, &Step::none()).map_err(lerr)?;
             f.flush().map_err(io_err(out))?;
         }
     }

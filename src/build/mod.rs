@@ -13,7 +13,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::archive::{self, Format, ImageFiles};
-use crate::context::{self, hash, taskgraph, Algorithm, Context, ContextOptions, ModePolicy};
+use crate::context::{
+    self, hash, taskgraph, Algorithm, Context, ContextOptions, HashCache, ModePolicy,
+};
 use crate::digest::Digest;
 use crate::dockerfile;
 use crate::image::{
@@ -21,6 +23,7 @@ use crate::image::{
     MEDIA_CONFIG, MEDIA_MANIFEST,
 };
 use crate::layer::{self, Compression, LayerInfo};
+use crate::progress::Progress;
 
 pub use copy::{detect_archive, ArchiveKind};
 pub use stage::StageError;
@@ -37,6 +40,9 @@ pub struct BuildOptions {
     pub format: Format,
     pub output: PathBuf,
     pub target: Option<String>,
+    /// The hash cache file for kiln-v1, if any.
+    pub hash_cache: Option<PathBuf>,
+    pub progress: Progress,
 }
 
 /// What a build produced.
@@ -128,10 +134,15 @@ pub fn context_hash(
 
 /// Builds the image in `image_dir`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
-    let mut copts = opts.context.clone();
-    copts.taskgraph_names = opts.algorithm == Algorithm::Taskgraph;
-    let ctx = Context::collect(image_dir, &copts)?;
-    let context_hash = context_hash(&ctx, opts.algorithm, opts.mode_policy)?;
+    let cache = opts.hash_cache.as_deref().map(HashCache::load);
+    let (ctx, context_hash) = context::collect_and_hash(
+        image_dir,
+        &opts.context,
+        opts.algorithm,
+        opts.mode_policy,
+        cache.as_ref(),
+        &opts.progress,
+    )?;
     let dockerfile_path = ctx.image_dir.join("Dockerfile");
     let original_line = |line: usize| {
         ctx.line_map
@@ -184,11 +195,22 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
     })?;
 
     // Layers are independent: write them in parallel.
+    let (bytes, files) =
+        planned
+            .layers
+            .iter()
+            .flat_map(|l| l.values())
+            .fold((0, 0), |(b, f), e| match &e.content {
+                layer::Content::File { size, .. } => (b + size, f + 1),
+                _ => (b, f),
+            });
+    let step = opts.progress.step("writing layers", bytes, files);
     let infos: Vec<LayerInfo> = planned
         .layers
         .par_iter()
-        .map(|entries| layer::write_layer(entries, opts.timestamp, opts.compression, &blobs))
+        .map(|entries| layer::write_layer(entries, opts.timestamp, opts.compression, &blobs, &step))
         .collect::<Result<_, _>>()?;
+    step.finish();
 
     let mut config: ImageConfig = planned.config;
     config.rootfs = RootFs {
@@ -224,7 +246,13 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
         tags: opts.tags.clone(),
         mtime: opts.timestamp,
     };
+    let total: u64 = files.layers.iter().map(|l| l.size).sum();
+    let step = opts
+        .progress
+        .step("writing output", total, files.layers.len() as u64);
     archive::writer_for(opts.format).write(&files, &opts.output)?;
+    step.inc(total, files.layers.len() as u64);
+    step.finish();
     Ok(BuildResult {
         context_hash,
         image_id: config_desc.digest,

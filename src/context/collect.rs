@@ -13,7 +13,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use super::walk::{walk, Walker};
 use super::Error;
+use crate::progress::Step;
 
 /// Files that `# %include-run-task` adds, and the lines it appends after itself.
 pub const RUN_TASK_FILES: [&str; 4] = ["run-task", "fetch-content", "hgrc", "robustcheckout.py"];
@@ -62,6 +64,8 @@ pub struct Entry {
     pub resolves_to_file: bool,
     /// For a symlink: whether it resolves to a directory.
     pub resolves_to_dir: bool,
+    /// The content's sha256, when the walk already computed it.
+    pub digest: Option<[u8; 32]>,
 }
 
 /// A collected build context.
@@ -84,6 +88,21 @@ pub struct Context {
 impl Context {
     /// Collects the context of `image_dir`.
     pub fn collect(image_dir: &Path, opts: &ContextOptions) -> Result<Context, Error> {
+        let step = Step::none();
+        let walker = Walker {
+            hash: false,
+            cache: None,
+            step: &step,
+        };
+        Context::collect_with(image_dir, opts, &walker)
+    }
+
+    /// Collects the context, letting `walker` hash files as they are found.
+    pub fn collect_with(
+        image_dir: &Path,
+        opts: &ContextOptions,
+        walker: &Walker<'_>,
+    ) -> Result<Context, Error> {
         let image_dir = absolute(image_dir)?;
         let topsrcdir = absolute(&opts.topsrcdir)?;
         let dockerfile_path = image_dir.join("Dockerfile");
@@ -98,7 +117,7 @@ impl Context {
             dockerfile: Arc::from(&b""[..]),
             line_map: Vec::new(),
         };
-        walk_into(&image_dir, b"", &mut ctx)?;
+        walk_into(&image_dir, b"", &mut ctx, walker)?;
 
         let raw = fs::read(&dockerfile_path).map_err(|e| Error::io(&dockerfile_path, e))?;
         let text = String::from_utf8(raw).map_err(|_| Error::DockerfileNotUtf8 {
@@ -151,7 +170,7 @@ impl Context {
                 continue;
             }
             let p = line.get("# %include ".len()..).unwrap_or("").trim();
-            include(&mut ctx, p, opts, &dockerfile_path, lineno)?;
+            include(&mut ctx, p, opts, (&dockerfile_path, lineno), walker)?;
         }
         ctx.dockerfile = Arc::from(content.into_bytes());
         ctx.line_map = line_map;
@@ -161,6 +180,7 @@ impl Context {
             size: ctx.dockerfile.len() as u64,
             resolves_to_file: false,
             resolves_to_dir: false,
+            digest: None,
         };
         ctx.entries.insert(b"Dockerfile".to_vec(), df);
         Ok(ctx)
@@ -182,8 +202,8 @@ fn include(
     ctx: &mut Context,
     p: &str,
     opts: &ContextOptions,
-    dockerfile: &Path,
-    line: usize,
+    (dockerfile, line): (&Path, usize),
+    walker: &Walker<'_>,
 ) -> Result<(), Error> {
     let at = |what: &'static str| Error::Include {
         path: dockerfile.to_path_buf(),
@@ -216,7 +236,7 @@ fn include(
         if !prefix.ends_with(b"/") {
             prefix.push(b'/');
         }
-        walk_into(&fs_path, &prefix, ctx)?;
+        walk_into(&fs_path, &prefix, ctx, walker)?;
     } else {
         let entry = file_entry(&fs_path)?;
         ctx.entries.insert(archive_base, entry);
@@ -226,38 +246,17 @@ fn include(
 
 /// Walks `dir` (not following symlinks, skipping `__pycache__`), adding every
 /// non-directory under `prefix`.
-fn walk_into(dir: &Path, prefix: &[u8], ctx: &mut Context) -> Result<(), Error> {
-    let walker = walkdir::WalkDir::new(dir)
-        .follow_links(false)
-        .follow_root_links(true)
-        .sort_by_file_name()
-        .into_iter()
-        .filter_entry(|e| !(e.file_type().is_dir() && e.file_name() == "__pycache__"));
-    for item in walker {
-        let item = item.map_err(|e| {
-            let path = e.path().unwrap_or(dir).to_path_buf();
-            Error::Walk {
-                path,
-                source: e.into(),
-            }
-        })?;
-        let rel = item.path().strip_prefix(dir).unwrap_or(item.path());
-        let mut name = prefix.to_vec();
-        name.extend_from_slice(rel.as_os_str().as_bytes());
-        let ft = item.file_type();
-        if ft.is_dir() {
-            if item.depth() > 0 {
-                let md = item.metadata().map_err(|e| Error::Walk {
-                    path: item.path().to_path_buf(),
-                    source: e.into(),
-                })?;
-                ctx.dirs.insert(name, md.mode() & 0o7777);
-            }
-            continue;
-        }
-        let entry = file_entry(item.path())?;
-        ctx.entries.insert(name, entry);
+fn walk_into(dir: &Path, prefix: &[u8], ctx: &mut Context, w: &Walker<'_>) -> Result<(), Error> {
+    let mut walked = walk(dir, prefix, w)?;
+    // Sorted input lets the maps append instead of searching for every key.
+    walked.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    walked.dirs.sort_unstable();
+    if ctx.entries.is_empty() {
+        ctx.entries = walked.entries.into_iter().collect();
+    } else {
+        ctx.entries.extend(walked.entries);
     }
+    ctx.dirs.extend(walked.dirs);
     Ok(())
 }
 
@@ -280,6 +279,7 @@ pub fn file_entry(path: &Path) -> Result<Entry, Error> {
             size: if is_file { size } else { 0 },
             resolves_to_file: is_file,
             resolves_to_dir: is_dir,
+            digest: None,
         });
     }
     if ft.is_file() {
@@ -289,6 +289,7 @@ pub fn file_entry(path: &Path) -> Result<Entry, Error> {
             size: lmd.len(),
             resolves_to_file: false,
             resolves_to_dir: false,
+            digest: None,
         });
     }
     let kind = if ft.is_fifo() {

@@ -6,43 +6,27 @@
 //! `120000` for symlinks, whose content hash is the sha256 of the link target.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::walk::hash_reader;
 use super::{Context, Entry, Error, ModePolicy, Source};
+use crate::progress::Step;
 
-/// Buffer size for reading files while hashing.
-const BUF: usize = 256 * 1024;
-
-/// Computes the sha256 of one entry's content, checking it did not change.
+/// Computes the sha256 of one entry's content (or takes the one the walk
+/// computed), checking the file did not change.
 pub fn entry_sha256(entry: &Entry) -> Result<[u8; 32], Error> {
+    if let Some(d) = entry.digest {
+        return Ok(d);
+    }
     match &entry.source {
         Source::Bytes(b) => Ok(Sha256::digest(b).into()),
         Source::Symlink { target, .. } => Ok(Sha256::digest(target.as_os_str().as_bytes()).into()),
         Source::File(path) => {
-            let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; BUF.min(entry.size as usize + 1).max(4096)];
-            let mut total = 0u64;
-            loop {
-                let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-                if n == 0 {
-                    break;
-                }
-                total += n as u64;
-                h.update(&buf[..n]);
-            }
-            if total != entry.size {
-                return Err(Error::Changed {
-                    path: path.clone(),
-                    expected: entry.size,
-                    got: total,
-                });
-            }
-            Ok(h.finalize().into())
+            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            hash_reader(f, path, entry.size, &Step::none())
         }
     }
 }
@@ -63,14 +47,23 @@ pub fn kiln_v1(ctx: &Context, policy: ModePolicy) -> Result<String, Error> {
         .with_min_len(16)
         .map(|(_, e)| entry_sha256(e))
         .collect::<Result<_, _>>()?;
+    // One buffer of lines, hashed in large blocks.
     let mut h = Sha256::new();
+    let mut line = Vec::with_capacity(1 << 16);
+    let mut hexbuf = [0u8; 64];
     for ((path, entry), digest) in entries.iter().zip(&digests) {
-        h.update(hex::encode(digest).as_bytes());
-        h.update(b" ");
-        h.update(mode_string(entry, policy).as_bytes());
-        h.update(b" ");
-        h.update(path);
-        h.update(b"\n");
+        hex::encode_to_slice(digest, &mut hexbuf).expect("64 hex digits for 32 bytes");
+        line.extend_from_slice(&hexbuf);
+        line.push(b' ');
+        line.extend_from_slice(mode_string(entry, policy).as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(path);
+        line.push(b'\n');
+        if line.len() >= 1 << 16 {
+            h.update(&line);
+            line.clear();
+        }
     }
+    h.update(&line);
     Ok(hex::encode(h.finalize()))
 }

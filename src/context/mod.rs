@@ -2,14 +2,69 @@
 //! parallel `kiln-v1` algorithm (`hash`) and writing or hashing the
 //! taskgraph-compatible context tar (`taskgraph`).
 
+pub mod cache;
 pub mod collect;
 pub mod hash;
 pub mod taskgraph;
+pub mod walk;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use cache::HashCache;
 pub use collect::{Context, ContextOptions, Entry, Source};
+
+use crate::progress::Progress;
+
+/// Collects the context of `image_dir` and computes its hash with
+/// `algorithm`. For kiln-v1, files are hashed during the walk (consulting
+/// `cache`, which is saved afterwards).
+pub fn collect_and_hash(
+    image_dir: &Path,
+    opts: &ContextOptions,
+    algorithm: Algorithm,
+    policy: ModePolicy,
+    cache: Option<&HashCache>,
+    progress: &Progress,
+) -> Result<(Context, String), Error> {
+    let mut opts = opts.clone();
+    opts.taskgraph_names = algorithm == Algorithm::Taskgraph;
+    let hashing = algorithm == Algorithm::KilnV1;
+    let name = if hashing {
+        "hashing context (kiln-v1)"
+    } else {
+        "collecting context"
+    };
+    let step = progress.step(name, 0, 0);
+    let walker = walk::Walker {
+        hash: hashing,
+        cache,
+        step: &step,
+    };
+    let ctx = Context::collect_with(image_dir, &opts, &walker)?;
+    let digest = match algorithm {
+        Algorithm::KilnV1 => hash::kiln_v1(&ctx, policy)?,
+        Algorithm::Taskgraph => {
+            step.finish();
+            let step = progress.step(
+                "hashing context (taskgraph)",
+                ctx.total_size(),
+                ctx.entries.len() as u64,
+            );
+            let d = taskgraph::hash_with(&ctx, &step)?;
+            step.finish();
+            return Ok((ctx, d));
+        }
+    };
+    step.finish();
+    if let Some(c) = cache {
+        c.save().map_err(|e| Error::Write {
+            path: "hash cache".into(),
+            source: e,
+        })?;
+    }
+    Ok((ctx, digest))
+}
 
 /// How file modes from disk become modes in hashes and layers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -9,6 +9,7 @@ use std::io::{self, Read, Write};
 use super::{Context, Entry, Error, Source};
 use crate::digest::HashingWriter;
 use crate::layer::tar::{self, Header, Kind};
+use crate::progress::Step;
 
 /// taskgraph's fixed mtime: 2016-01-01T00:00:00Z.
 pub const MTIME: u64 = 1451606400;
@@ -20,6 +21,15 @@ fn included(entry: &Entry) -> bool {
 
 /// Writes taskgraph's context tar of `ctx` to `w`; returns the sha256 of the tar.
 pub fn write_context_tar<W: Write>(ctx: &Context, w: W) -> Result<(String, W), Error> {
+    write_context_tar_with(ctx, w, &Step::none())
+}
+
+/// [`write_context_tar`], reporting progress to `step`.
+pub fn write_context_tar_with<W: Write>(
+    ctx: &Context,
+    w: W,
+    step: &Step,
+) -> Result<(String, W), Error> {
     let mut hw = HashingWriter::new(w);
     let out = |e: io::Error| Error::Write {
         path: "context tar".into(),
@@ -83,6 +93,7 @@ pub fn write_context_tar<W: Write>(ctx: &Context, w: W) -> Result<(String, W), E
         }
         offset += entry.size;
         offset += tar::pad(&mut hw, entry.size).map_err(out)?;
+        step.inc(entry.size, 1);
     }
     offset += tar::finish(&mut hw).map_err(out)?;
     tar::pad_record(&mut hw, offset).map_err(out)?;
@@ -92,6 +103,11 @@ pub fn write_context_tar<W: Write>(ctx: &Context, w: W) -> Result<(String, W), E
 
 /// The taskgraph context hash of `ctx`.
 pub fn hash(ctx: &Context) -> Result<String, Error> {
-    let (digest, _) = write_context_tar(ctx, io::sink())?;
+    hash_with(ctx, &Step::none())
+}
+
+/// The taskgraph context hash of `ctx`, reporting progress to `step`.
+pub fn hash_with(ctx: &Context, step: &Step) -> Result<String, Error> {
+    let (digest, _) = write_context_tar_with(ctx, io::sink(), step)?;
     Ok(digest)
 }

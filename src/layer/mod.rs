@@ -15,6 +15,7 @@ use std::sync::Arc;
 pub use compress::Compression;
 
 use crate::digest::{Digest, HashingWriter};
+use crate::progress::Step;
 
 /// Where a file's bytes come from.
 #[derive(Clone, Debug)]
@@ -93,7 +94,12 @@ pub enum Error {
 
 /// Writes the tar stream of `entries` to `w` with every mtime set to `mtime`.
 /// Hard links on disk between files of this layer become hard-link entries.
-pub fn write_tar<W: Write>(entries: &Entries, mtime: u64, w: &mut W) -> Result<(), Error> {
+pub fn write_tar<W: Write>(
+    entries: &Entries,
+    mtime: u64,
+    w: &mut W,
+    step: &Step,
+) -> Result<(), Error> {
     let werr = |e: io::Error| Error::Write {
         dir: PathBuf::from("layer stream"),
         source: e,
@@ -174,6 +180,7 @@ pub fn write_tar<W: Write>(entries: &Entries, mtime: u64, w: &mut W) -> Result<(
                     return Err(changed(total));
                 }
                 tar::pad(w, *size).map_err(werr)?;
+                step.inc(*size, 1);
             }
         }
     }
@@ -188,6 +195,7 @@ pub fn write_layer(
     mtime: u64,
     compression: Compression,
     blobs: &Path,
+    step: &Step,
 ) -> Result<LayerInfo, Error> {
     let werr = |e: io::Error| Error::Write {
         dir: blobs.to_path_buf(),
@@ -202,7 +210,7 @@ pub fn write_layer(
     let outer = HashingWriter::new(file);
     let comp = compression.writer(outer).map_err(werr)?;
     let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
-    write_tar(entries, mtime, &mut inner)?;
+    write_tar(entries, mtime, &mut inner, step)?;
     let (diff_id, _, comp) = inner.finish();
     let comp = comp.into_inner().map_err(|e| werr(e.into_error()))?;
     let mut outer = comp.finish().map_err(werr)?;
@@ -250,7 +258,7 @@ mod tests {
         e.insert(b"a".to_vec(), LayerEntry::dir(0o755, 0, 0));
         e.insert(b"a/x".to_vec(), file(b"1", 0o755));
         let mut out = Vec::new();
-        write_tar(&e, 42, &mut out).unwrap();
+        write_tar(&e, 42, &mut out, &Step::none()).unwrap();
         let mut ar = ::tar::Archive::new(&out[..]);
         let names: Vec<(String, u32, u64)> = ar
             .entries()
@@ -286,8 +294,8 @@ mod tests {
         ] {
             let d1 = tempfile::tempdir().unwrap();
             let d2 = tempfile::tempdir().unwrap();
-            let a = write_layer(&e, 0, c, d1.path()).unwrap();
-            let b = write_layer(&e, 0, c, d2.path()).unwrap();
+            let a = write_layer(&e, 0, c, d1.path(), &Step::none()).unwrap();
+            let b = write_layer(&e, 0, c, d2.path(), &Step::none()).unwrap();
             assert_eq!(a, b);
             assert_eq!(
                 fs::read(d1.path().join(a.digest.hex())).unwrap().len() as u64,
@@ -301,7 +309,7 @@ mod tests {
         let mut e = Entries::new();
         e.insert(b"f".to_vec(), file(b"x", 0o644));
         let d = tempfile::tempdir().unwrap();
-        let info = write_layer(&e, 0, Compression::None, d.path()).unwrap();
+        let info = write_layer(&e, 0, Compression::None, d.path(), &Step::none()).unwrap();
         assert_eq!(info.digest, info.diff_id);
     }
 }
