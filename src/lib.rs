@@ -30,4 +30,5 @@ pub fn checkout_root(start: &std::path::Path) -> Option<std::path::PathBuf> {
         .find(|d| d.join(".git").exists() || d.join(".hg").exists())
         .map(|d| d.to_path_buf())
 }
+pub mod prefetch;
 pub mod progress;

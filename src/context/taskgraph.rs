@@ -3,12 +3,12 @@
 //! format), hashed as it streams. Symlinks are followed (to directories:
 //! skipped), modes are kept as on disk, uid/gid 0, mtime 1451606400.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 
 use super::{Context, Entry, Error, Source};
 use crate::digest::HashingWriter;
 use crate::layer::tar::{self, Header, Kind};
+use crate::prefetch::Prefetch;
 use crate::progress::Step;
 
 /// taskgraph's fixed mtime: 2016-01-01T00:00:00Z.
@@ -35,70 +35,83 @@ pub fn write_context_tar_with<W: Write>(
         path: "context tar".into(),
         source: e,
     };
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut offset = 0u64;
-    for (name, entry) in ctx.entries.iter().filter(|(_, e)| included(e)) {
-        let (path, data): (std::path::PathBuf, Option<&[u8]>) = match &entry.source {
-            Source::Bytes(b) => ("Dockerfile".into(), Some(b)),
-            Source::File(p) => (p.clone(), None),
+    // Check every entry first, and list the files to read ahead in order.
+    let mut files = Vec::new();
+    for entry in ctx.entries.values().filter(|e| included(e)) {
+        let path = match &entry.source {
+            Source::Bytes(_) => continue,
+            Source::File(p) => p.clone(),
+            Source::Symlink { path, .. } if entry.resolves_to_file => path.clone(),
             Source::Symlink { path, .. } => {
-                if !entry.resolves_to_file {
-                    return Err(Error::BrokenSymlink { path: path.clone() });
-                }
-                (path.clone(), None)
+                return Err(Error::BrokenSymlink { path: path.clone() })
             }
         };
         if entry.mode & 0o6000 != 0 {
             return Err(Error::Setuid { path });
         }
-        let h = Header {
-            name,
-            kind: Kind::File,
-            mode: entry.mode,
-            uid: 0,
-            gid: 0,
-            size: entry.size,
-            mtime: MTIME,
-            link: b"",
-        };
-        offset += tar::write_gnu(&mut hw, &h).map_err(out)?;
-        match data {
-            Some(b) => hw.write_all(b).map_err(out)?,
-            None => {
-                let mut f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-                let mut total = 0u64;
-                loop {
-                    let n = f.read(&mut buf).map_err(|e| Error::io(&path, e))?;
-                    if n == 0 {
-                        break;
-                    }
-                    if total + n as u64 > entry.size {
-                        return Err(Error::Changed {
-                            path,
-                            expected: entry.size,
-                            got: total + n as u64,
-                        });
-                    }
-                    hw.write_all(&buf[..n]).map_err(out)?;
-                    total += n as u64;
-                }
-                if total != entry.size {
-                    return Err(Error::Changed {
-                        path,
-                        expected: entry.size,
-                        got: total,
-                    });
+        files.push((path, entry.size));
+    }
+    let threads = rayon::current_num_threads() + 1;
+    std::thread::scope(|scope| {
+        let mut pf = Prefetch::start(scope, &files, threads);
+        let mut offset = 0u64;
+        for (name, entry) in ctx.entries.iter().filter(|(_, e)| included(e)) {
+            let h = Header {
+                name,
+                kind: Kind::File,
+                mode: entry.mode,
+                uid: 0,
+                gid: 0,
+                size: entry.size,
+                mtime: MTIME,
+                link: b"",
+            };
+            offset += tar::write_gnu(&mut hw, &h).map_err(out)?;
+            if let Source::Bytes(b) = &entry.source {
+                hw.write_all(b).map_err(out)?;
+            } else {
+                let mut seen = 0u64;
+                let got = pf
+                    .next_file(|d| {
+                        seen += d.len() as u64;
+                        if seen > entry.size {
+                            return Err(io::Error::other("grew"));
+                        }
+                        hw.write_all(d)
+                    })
+                    .map_err(|(path, e)| {
+                        if seen > entry.size {
+                            changed(entry, seen)
+                        } else {
+                            Error::io(&path, e)
+                        }
+                    })?;
+                if got != entry.size {
+                    return Err(changed(entry, got));
                 }
             }
+            offset += entry.size;
+            offset += tar::pad(&mut hw, entry.size).map_err(out)?;
+            step.inc(entry.size, 1);
         }
-        offset += entry.size;
-        offset += tar::pad(&mut hw, entry.size).map_err(out)?;
-        step.inc(entry.size, 1);
-    }
-    offset += tar::finish(&mut hw).map_err(out)?;
-    tar::pad_record(&mut hw, offset).map_err(out)?;
+        offset += tar::finish(&mut hw).map_err(out)?;
+        tar::pad_record(&mut hw, offset).map_err(out)?;
+        Ok(())
+    })?;
     let (digest, _, w) = hw.finish();
     Ok((digest.hex().to_string(), w))
+}
+
+fn changed(entry: &Entry, got: u64) -> Error {
+    let path = match &entry.source {
+        Source::File(p) | Source::Symlink { path: p, .. } => p.clone(),
+        Source::Bytes(_) => "Dockerfile".into(),
+    };
+    Error::Changed {
+        path,
+        expected: entry.size,
+        got,
+    }
 }
 
 /// The taskgraph context hash of `ctx`.

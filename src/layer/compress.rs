@@ -4,6 +4,9 @@
 
 use std::io::{self, Write};
 
+/// The zstd multithreaded job size: part of the compressed bytes' definition.
+pub const ZSTD_JOB_SIZE: u32 = 4 << 20;
+
 /// A layer compression choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -49,8 +52,13 @@ impl Compression {
         Ok(match self {
             Compression::Zstd(level) => {
                 let mut enc = zstd::stream::write::Encoder::new(w, level)?;
-                let workers = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+                // --jobs sizes the rayon pool; the bytes do not depend on the worker count.
+                let workers = rayon::current_num_threads() as u32;
                 enc.multithread(workers.max(1))?;
+                // A fixed job size bounds the encoder's memory (a few jobs in
+                // flight per worker) and, like the worker count, keeps the bytes
+                // independent of the machine.
+                enc.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))?;
                 Compressor::Zstd(enc)
             }
             Compression::Gzip(level) => Compressor::Gzip(

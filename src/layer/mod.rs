@@ -7,14 +7,14 @@ pub mod tar;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use compress::Compression;
 
 use crate::digest::{Digest, HashingWriter};
+use crate::prefetch::{Event, Prefetch};
 use crate::progress::Step;
 
 /// Where a file's bytes come from.
@@ -104,92 +104,151 @@ pub fn write_tar<W: Write>(
         dir: PathBuf::from("layer stream"),
         source: e,
     };
-    let mut seen: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    for (path, e) in entries {
-        let mut header = |name: &[u8], kind, mode, size, link: &[u8]| {
-            let h = tar::Header {
-                name,
-                kind,
-                mode,
-                uid: e.uid,
-                gid: e.gid,
-                size,
-                mtime,
-                link,
-            };
-            tar::write_ustar(w, &h).map_err(werr)
-        };
-        match &e.content {
-            Content::Dir => {
-                let mut name = path.clone();
-                name.push(b'/');
-                header(&name, tar::Kind::Dir, e.mode, 0, b"")?;
-            }
-            Content::Symlink(target) => {
-                header(path, tar::Kind::Symlink, 0o777, 0, target)?;
-            }
-            Content::File {
-                source: FileSource::Bytes(b),
-                ..
-            } => {
-                header(path, tar::Kind::File, e.mode, b.len() as u64, b"")?;
-                w.write_all(b).map_err(werr)?;
-                tar::pad(w, b.len() as u64).map_err(werr)?;
-            }
+    // Files on disk are read ahead, in order, by a few threads.
+    let files: Vec<(PathBuf, u64)> = entries
+        .values()
+        .filter_map(|e| match &e.content {
             Content::File {
                 source: FileSource::Path(p),
                 size,
-            } => {
-                let rerr = |e: io::Error| Error::Read {
-                    path: p.clone(),
-                    source: e,
+            } => Some((p.clone(), *size)),
+            _ => None,
+        })
+        .collect();
+    let mut seen: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    std::thread::scope(|scope| {
+        let mut prefetch = Prefetch::start(scope, &files, rayon::current_num_threads().max(2));
+        for (path, e) in entries {
+            let header = |w: &mut W, name: &[u8], kind, mode, size, link: &[u8]| {
+                let h = tar::Header {
+                    name,
+                    kind,
+                    mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    size,
+                    mtime,
+                    link,
                 };
-                let changed = |got| Error::Changed {
-                    path: p.clone(),
-                    expected: *size,
-                    got,
-                };
-                let mut f = File::open(p).map_err(rerr)?;
-                let md = f.metadata().map_err(rerr)?;
-                if md.nlink() > 1 {
-                    let key = (md.dev(), md.ino());
-                    if let Some(first) = seen.get(&key) {
-                        header(path, tar::Kind::HardLink, e.mode, 0, first)?;
+                tar::write_ustar(w, &h).map(|_| ())
+            };
+            match &e.content {
+                Content::Dir => {
+                    let mut name = path.clone();
+                    name.push(b'/');
+                    header(w, &name, tar::Kind::Dir, e.mode, 0, b"").map_err(werr)?;
+                }
+                Content::Symlink(target) => {
+                    header(w, path, tar::Kind::Symlink, 0o777, 0, target).map_err(werr)?
+                }
+                Content::File {
+                    source: FileSource::Bytes(b),
+                    ..
+                } => {
+                    header(w, path, tar::Kind::File, e.mode, b.len() as u64, b"").map_err(werr)?;
+                    w.write_all(b).map_err(werr)?;
+                    tar::pad(w, b.len() as u64).map_err(werr)?;
+                }
+                Content::File {
+                    source: FileSource::Path(p),
+                    size,
+                } => {
+                    let changed = |got| Error::Changed {
+                        path: p.clone(),
+                        expected: *size,
+                        got,
+                    };
+                    let mut early: Option<Error> = None;
+                    let mut total = 0u64;
+                    let mut linked = false;
+                    let got = prefetch.next_file_events(|ev| match ev {
+                        Event::Open(link, now) => {
+                            if let Some(key) = link {
+                                if let Some(first) = seen.get(&key) {
+                                    header(w, path, tar::Kind::HardLink, e.mode, 0, first)?;
+                                    linked = true;
+                                    return Ok(false);
+                                }
+                                seen.insert(key, path.clone());
+                            }
+                            if now != *size {
+                                early = Some(changed(now));
+                                return Err(io::Error::other("changed"));
+                            }
+                            header(w, path, tar::Kind::File, e.mode, *size, b"")?;
+                            Ok(true)
+                        }
+                        Event::Data(d) => {
+                            total += d.len() as u64;
+                            if total > *size {
+                                return Err(io::Error::other("grew"));
+                            }
+                            w.write_all(d).map(|_| true)
+                        }
+                    });
+                    if let Some(err) = early {
+                        return Err(err);
+                    }
+                    let got = match got {
+                        Ok(n) => n,
+                        Err(_) if total > *size => return Err(changed(total)),
+                        Err((path, source)) if path.as_os_str() == "(output)" => {
+                            return Err(werr(source))
+                        }
+                        Err((path, source)) => return Err(Error::Read { path, source }),
+                    };
+                    if linked {
                         continue;
                     }
-                    seen.insert(key, path.clone());
-                }
-                if md.len() != *size {
-                    return Err(changed(md.len()));
-                }
-                header(path, tar::Kind::File, e.mode, *size, b"")?;
-                let mut total = 0u64;
-                loop {
-                    let n = f.read(&mut buf).map_err(rerr)?;
-                    if n == 0 {
-                        break;
+                    if got != *size {
+                        return Err(changed(got));
                     }
-                    total += n as u64;
-                    if total > *size {
-                        return Err(changed(total));
-                    }
-                    w.write_all(&buf[..n]).map_err(werr)?;
+                    tar::pad(w, *size).map_err(werr)?;
+                    step.inc(*size, 1);
                 }
-                if total != *size {
-                    return Err(changed(total));
-                }
-                tar::pad(w, *size).map_err(werr)?;
-                step.inc(*size, 1);
             }
         }
+        tar::finish(w).map_err(werr)?;
+        Ok(())
+    })
+}
+
+/// A writer that hands its bytes to a thread of its own (hashing and
+/// writing the compressed stream there), so the tar/compress thread never
+/// waits on either.
+struct Offload {
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+const OFFLOAD_CHUNK: usize = 1 << 20;
+
+impl Write for Offload {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= OFFLOAD_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
     }
-    tar::finish(w).map_err(werr)?;
-    Ok(())
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(OFFLOAD_CHUNK + 64 * 1024));
+        match &self.tx {
+            Some(tx) => tx
+                .send(chunk)
+                .map_err(|_| io::Error::other("the blob writer stopped")),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Writes a layer blob into `blobs` (a `blobs/sha256` directory): tar →
 /// sha256 (diff_id) → compressor → sha256 (digest) → file, in one pass.
+/// Files are read ahead on reader threads, and the compressed stream is
+/// hashed and written on a thread of its own.
 pub fn write_layer(
     entries: &Entries,
     mtime: u64,
@@ -206,24 +265,45 @@ pub fn write_layer(
         .prefix(".kiln-layer-")
         .tempfile_in(blobs)
         .map_err(werr)?;
-    let file = BufWriter::with_capacity(1 << 20, tmp.reopen().map_err(werr)?);
-    let outer = HashingWriter::new(file);
-    let comp = compression.writer(outer).map_err(werr)?;
-    let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
-    write_tar(entries, mtime, &mut inner, step)?;
-    let (diff_id, _, comp) = inner.finish();
-    let comp = comp.into_inner().map_err(|e| werr(e.into_error()))?;
-    let mut outer = comp.finish().map_err(werr)?;
-    outer.flush().map_err(werr)?;
-    let (digest, size, file) = outer.finish();
-    let file = file.into_inner().map_err(|e| werr(e.into_error()))?;
+    let file = tmp.reopen().map_err(werr)?;
+    let (diff_id, written) = std::thread::scope(|scope| -> Result<_, Error> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let writer = scope.spawn(move || -> io::Result<(Digest, u64, File)> {
+            let mut out = HashingWriter::new(file);
+            for chunk in rx {
+                out.write_all(&chunk)?;
+            }
+            let (digest, size, file) = out.finish();
+            Ok((digest, size, file))
+        });
+        let offload = Offload {
+            tx: Some(tx),
+            buf: Vec::with_capacity(OFFLOAD_CHUNK + 64 * 1024),
+        };
+        let result = (|| {
+            let comp = compression.writer(offload).map_err(werr)?;
+            let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
+            write_tar(entries, mtime, &mut inner, step)?;
+            let (diff_id, _, comp) = inner.finish();
+            let comp = comp.into_inner().map_err(|e| werr(e.into_error()))?;
+            let mut offload = comp.finish().map_err(werr)?;
+            offload.flush().map_err(werr)?;
+            drop(offload.tx.take());
+            Ok(diff_id)
+        })();
+        let written = writer
+            .join()
+            .map_err(|_| werr(io::Error::other("the blob writer panicked")))?;
+        let diff_id = result?;
+        Ok((diff_id, written.map_err(werr)?))
+    })?;
+    let (digest, size, file) = written;
     {
         use std::os::unix::fs::PermissionsExt;
         // tempfiles start 0600; blobs are world-readable like every other output file
         file.set_permissions(fs::Permissions::from_mode(0o644))
             .map_err(werr)?;
     }
-    file.sync_all().map_err(werr)?;
     let target = blobs.join(digest.hex());
     tmp.persist(&target).map_err(|e| werr(e.error))?;
     Ok(LayerInfo {

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# kiln's comparison runner: generates the seeded benchmark trees (never
+# committed), warms the page cache, runs every contender several times and
+# writes benches/RESULTS.md: medians, peak RSS and ratios, with each target of
+# issue 3 marked met or missed.
+#
+#   bash benches/compare.sh [--runs N] [--slow-runs N] [--scale-check] [--work DIR] [--no-buildah] [--no-docker]
+#
+# Needs: python3, the taskgraph venv (bash setup.sh), buildah (apt), zstd,
+# GNU time. The Docker contender runs only where an engine answers.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+runs=3 slow_runs=1 scale_check=0 work=${TMPDIR:-/tmp}/kiln-bench buildah=1 docker=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --runs) runs=$2; shift ;;
+    --slow-runs) slow_runs=$2; shift ;;
+    --scale-check) scale_check=1 ;;
+    --work) work=$2; shift ;;
+    --no-buildah) buildah=0 ;;
+    --no-docker) docker=0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+command -v buildah >/dev/null || { [ $buildah = 0 ] || { echo "compare: installing buildah"; apt-get install -y -qq buildah >/dev/null; }; }
+[ -x /usr/bin/time ] || apt-get install -y -qq time >/dev/null
+py="$repo/.tools/taskgraph-venv/bin/python"
+[ -x "$py" ] || bash "$repo/setup.sh"
+(cd "$repo" && cargo build --release --quiet && cargo build --release --quiet --example sha256_limit)
+kiln="$repo/target/release/kiln"
+mkdir -p "$work"
+results="$work/results.tsv"
+: > "$results"
+
+tree() { # kind scale -> dir
+  local d="$work/$1-x$2"
+  if [ ! -f "$d/.done" ]; then
+    echo "compare: generating $1 x$2 in $d" >&2
+    rm -rf "$d"
+    python3 "$here/gen_tree.py" "$d" --kind "$1" --scale "$2"
+    printf 'FROM scratch\nCOPY tree /tree\n' > "$d/Dockerfile.plain"
+    touch "$d/.done"
+  fi
+  du -sb --apparent-size "$d/tree" | cut -f1 > "$work/$1-x$2.tree-bytes"
+  echo "$d"
+}
+
+warm() { find "$1/tree" -type f -print0 | xargs -0 cat > /dev/null; }
+
+# measure TREE CONTENDER RUNS COMMAND... : appends "tree contender seconds rss_kb" per run
+measure() {
+  local t=$1 name=$2 n=$3; shift 3
+  for _ in $(seq "$n"); do
+    /usr/bin/time -o "$work/time.txt" -f "%e %M" "$@" > /dev/null 2> "$work/err.txt" || {
+      echo "compare: $name failed:" >&2; cat "$work/err.txt" >&2; return 0; }
+    read -r secs rss < "$work/time.txt"
+    printf '%s\t%s\t%s\t%s\n' "$t" "$name" "$secs" "$rss" >> "$results"
+    echo "compare: $t $name ${secs}s ${rss}KB" >&2
+  done
+}
+
+limit=$("$repo/target/release/examples/sha256_limit")
+for kind in many-small large; do
+  d=$(tree "$kind" 1)
+  img="$d/taskcluster/docker/$kind"
+  warm "$d"
+  cd "$d"
+  measure "$kind" "kiln hash kiln-v1" "$runs" "$kiln" hash --topsrcdir "$d" "$img"
+  measure "$kind" "kiln hash taskgraph" "$runs" "$kiln" hash --algorithm taskgraph --topsrcdir "$d" "$img"
+  rm -f "$work/hash-cache"
+  "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache" > /dev/null
+  sleep 3
+  "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache" > /dev/null
+  measure "$kind" "kiln hash kiln-v1 --hash-cache (unchanged)" "$runs" "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache"
+  measure "$kind" "kiln build (docker-archive, zstd -3 layers)" "$runs" "$kiln" build --topsrcdir "$d" "$img" --layer-compression zstd --compression-level 3 -o "$work/out.tar"
+  measure "$kind" "taskgraph generate_context_hash" "$runs" "$py" -c "from taskgraph.util.docker import generate_context_hash as g; print(g('$d', 'taskcluster/docker/$kind', {}))"
+  measure "$kind" "find | sort | xargs sha256sum | sha256sum" "$runs" sh -c 'find tree -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum'
+  measure "$kind" "tar cf - | zstd -T0 -3 (floor)" "$runs" sh -c "tar cf - tree | zstd -T0 -3 -q > '$work/floor.tar.zst'"
+  if [ $buildah = 1 ]; then
+    measure "$kind" "buildah build (vfs, chroot, --timestamp 0)" "$slow_runs" sh -c "buildah --root '$work/buildah' --runroot '$work/buildah-run' --storage-driver vfs build --isolation chroot --timestamp 0 -q -f Dockerfile.plain -t bench . && buildah --root '$work/buildah' --runroot '$work/buildah-run' --storage-driver vfs rmi -a -f"
+  fi
+  if [ $docker = 1 ] && docker version --format '{{.Server.Version}}' > /dev/null 2>&1; then
+    measure "$kind" "docker build + docker save" "$slow_runs" sh -c "DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.plain -t kiln-bench:$kind . && docker save -o '$work/docker.tar' kiln-bench:$kind && docker rmi -f kiln-bench:$kind"
+  fi
+  rm -f "$work/out.tar" "$work/floor.tar.zst" "$work/docker.tar"
+  cd "$repo"
+done
+
+if [ $scale_check = 1 ]; then
+  for s in 1 2 4; do
+    d=$(tree many-small "$s")
+    warm "$d"
+    measure "scale-x$s" "kiln hash kiln-v1" "$runs" "$kiln" hash --topsrcdir "$d" "$d/taskcluster/docker/many-small"
+    cp "$work/many-small-x$s.tree-bytes" "$work/scale-x$s.bytes"
+  done
+fi
+
+python3 "$here/report.py" "$results" "$limit" "$work" > "$here/RESULTS.md"
+echo "compare: wrote benches/RESULTS.md" >&2

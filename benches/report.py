@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Turns compare.sh's measurements into benches/RESULTS.md."""
+import collections
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+
+results, limit, work = sys.argv[1], sys.argv[2].split(), sys.argv[3]
+one_core, all_cores, sha_ni = float(limit[0]), float(limit[1]), limit[2]
+runs = collections.defaultdict(list)
+for line in open(results):
+    tree, name, secs, rss = line.rstrip("\n").split("\t")
+    runs[(tree, name)].append((float(secs), int(rss)))
+
+
+def med(tree, name):
+    r = runs.get((tree, name))
+    return statistics.median(s for s, _ in r) if r else None
+
+
+def rss(tree, name):
+    r = runs.get((tree, name))
+    return max(m for _, m in r) / 1024 if r else None
+
+
+cpu = "unknown"
+try:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+except OSError:
+    pass
+print("# kiln benchmark results\n")
+print(f"- date: {datetime.date.today().isoformat()}")
+print(f"- machine: {os.cpu_count()} cores, {cpu}, SHA-NI: {sha_ni}, {platform.system()} {platform.release()}")
+print(f"- sha256 limit (in-memory, sha2 crate): {one_core:.2f} GB/s on one core, {all_cores:.2f} GB/s on all cores")
+print("- medians of the runs listed, warm page cache; reproduce with `bash benches/compare.sh --scale-check`\n")
+
+def tree_bytes(tree):
+    try:
+        return float(open(os.path.join(work, f"{tree}-x1.tree-bytes")).read())
+    except OSError:
+        return None
+
+
+for tree in ("many-small", "large"):
+    names = [n for (t, n) in runs if t == tree]
+    if not names:
+        continue
+    print(f"## {tree}\n")
+    print("| contender | runs | median s | peak RSS MiB |")
+    print("| --- | ---: | ---: | ---: |")
+    for n in names:
+        print(f"| {n} | {len(runs[(tree, n)])} | {med(tree, n):.2f} | {rss(tree, n):.0f} |")
+    print()
+
+print("## Targets\n")
+print("| target | measured | met |")
+print("| --- | --- | :---: |")
+
+
+def row(text, value, ok):
+    print(f"| {text} | {value} | {'yes' if ok else 'no'} |")
+
+
+def ratio(tree, a, b):
+    x, y = med(tree, a), med(tree, b)
+    return (y / x) if x and y else None
+
+
+V1, TG, CACHE, BUILD = "kiln hash kiln-v1", "kiln hash taskgraph", "kiln hash kiln-v1 --hash-cache (unchanged)", "kiln build (docker-archive, zstd -3 layers)"
+PY, SUM, FLOOR, BUILDAH = "taskgraph generate_context_hash", "find | sort | xargs sha256sum | sha256sum", "tar cf - | zstd -T0 -3 (floor)", "buildah build (vfs, chroot, --timestamp 0)"
+r = ratio("many-small", V1, PY)
+if r:
+    row("kiln-v1, many-small: >= 15x faster than taskgraph", f"{r:.1f}x", r >= 15)
+r = ratio("many-small", V1, SUM)
+if r:
+    row("kiln-v1, many-small: >= 6x faster than the sha256sum pipeline", f"{r:.1f}x", r >= 6)
+t, b = med("large", V1), tree_bytes("large")
+if t and b:
+    rate = b / t / 1e9
+    row("kiln-v1, large: >= 90% of the all-core sha256 limit", f"{rate:.2f} GB/s = {100 * rate / all_cores:.0f}%", rate >= 0.9 * all_cores)
+r = ratio("large", V1, PY)
+if r:
+    row("kiln-v1, large: about 2.4x taskgraph on 2 cores", f"{r:.1f}x", r >= 2.2)
+r = ratio("many-small", TG, PY)
+if r:
+    row("taskgraph algorithm, many-small: >= 3x faster than taskgraph", f"{r:.1f}x", r >= 3)
+t, b = med("large", TG), tree_bytes("large")
+if t and b:
+    rate = b / t / 1e9
+    row("taskgraph algorithm, large: >= 90% of one core's sha256 speed", f"{rate:.2f} GB/s = {100 * rate / one_core:.0f}%", rate >= 0.9 * one_core)
+for tree in ("many-small", "large"):
+    r = ratio(tree, BUILD, BUILDAH)
+    if r:
+        row(f"kiln build, {tree}: >= 20x faster than buildah", f"{r:.1f}x", r >= 20)
+    b, f = med(tree, BUILD), med(tree, FLOOR)
+    if b and f:
+        row(f"kiln build, {tree}: within 1.5x of tar | zstd", f"{b / f:.2f}x", b / f <= 1.5)
+t = med("many-small", CACHE)
+if t:
+    row("--hash-cache, unchanged many-small: <= 0.4 s", f"{t:.2f} s", t <= 0.4)
+peak = max((rss(tr, n) for (tr, n) in runs if n.startswith("kiln")), default=None)
+if peak:
+    row("peak RSS of every kiln run <= 100 MiB", f"{peak:.0f} MiB", peak <= 100)
+pts = []
+for s in (1, 2, 4):
+    t = med(f"scale-x{s}", V1)
+    try:
+        b = float(open(os.path.join(work, f"scale-x{s}.bytes")).read())
+    except OSError:
+        b = None
+    if t and b:
+        pts.append((math.log(b), math.log(t)))
+if len(pts) >= 2:
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+    row("scaling 1x/2x/4x: fitted exponent <= 1.1", f"{slope:.2f}", slope <= 1.1)
+print()
