@@ -4,7 +4,9 @@
 # writes benches/RESULTS.md: medians, peak RSS and ratios, with each target of
 # issue 3 marked met or missed.
 #
-#   bash benches/compare.sh [--runs N] [--slow-runs N] [--scale-check] [--work DIR] [--no-buildah] [--no-docker]
+#   bash benches/compare.sh [--runs N] [--slow-runs N] [--scale-check] [--work DIR]
+#                           [--trees many-small,large] [--append] [--no-buildah] [--no-docker]
+#                           [--slow-timeout SECONDS]
 #
 # Needs: python3, the taskgraph venv (bash setup.sh), buildah (apt), zstd,
 # GNU time. The Docker contender runs only where an engine answers.
@@ -12,6 +14,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 runs=3 slow_runs=1 scale_check=0 work=${TMPDIR:-/tmp}/kiln-bench buildah=1 docker=1
+trees="many-small large" append=0 slow_timeout=900
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift ;;
@@ -20,6 +23,9 @@ while [ $# -gt 0 ]; do
     --work) work=$2; shift ;;
     --no-buildah) buildah=0 ;;
     --no-docker) docker=0 ;;
+    --trees) trees=${2//,/ }; shift ;;
+    --append) append=1 ;;
+    --slow-timeout) slow_timeout=$2; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -32,7 +38,7 @@ py="$repo/.tools/taskgraph-venv/bin/python"
 kiln="$repo/target/release/kiln"
 mkdir -p "$work"
 results="$work/results.tsv"
-: > "$results"
+[ $append = 1 ] || : > "$results"
 
 tree() { # kind scale -> dir
   local d="$work/$1-x$2"
@@ -53,8 +59,14 @@ warm() { find "$1/tree" -type f -print0 | xargs -0 cat > /dev/null; }
 measure() {
   local t=$1 name=$2 n=$3; shift 3
   for _ in $(seq "$n"); do
-    /usr/bin/time -o "$work/time.txt" -f "%e %M" "$@" > /dev/null 2> "$work/err.txt" || {
-      echo "compare: $name failed:" >&2; cat "$work/err.txt" >&2; return 0; }
+    local rc=0
+    /usr/bin/time -o "$work/time.txt" -f "%e %M" "$@" > /dev/null 2> "$work/err.txt" || rc=$?
+    if [ $rc = 124 ]; then
+      printf '%s\t%s\t%s\t%s\n' "$t" "$name" "timeout" "0" >> "$results"
+      echo "compare: $t $name timed out" >&2; return 0
+    elif [ $rc != 0 ]; then
+      echo "compare: $name failed:" >&2; cat "$work/err.txt" >&2; return 0
+    fi
     read -r secs rss < "$work/time.txt"
     printf '%s\t%s\t%s\t%s\n' "$t" "$name" "$secs" "$rss" >> "$results"
     echo "compare: $t $name ${secs}s ${rss}KB" >&2
@@ -62,7 +74,7 @@ measure() {
 }
 
 limit=$("$repo/target/release/examples/sha256_limit")
-for kind in many-small large; do
+for kind in $trees; do
   d=$(tree "$kind" 1)
   img="$d/taskcluster/docker/$kind"
   warm "$d"
@@ -79,10 +91,10 @@ for kind in many-small large; do
   measure "$kind" "find | sort | xargs sha256sum | sha256sum" "$runs" sh -c 'find tree -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum'
   measure "$kind" "tar cf - | zstd -T0 -3 (floor)" "$runs" sh -c "tar cf - tree | zstd -T0 -3 -q > '$work/floor.tar.zst'"
   if [ $buildah = 1 ]; then
-    measure "$kind" "buildah build (vfs, chroot, --timestamp 0)" "$slow_runs" sh -c "buildah --root '$work/buildah' --runroot '$work/buildah-run' --storage-driver vfs build --isolation chroot --timestamp 0 -q -f Dockerfile.plain -t bench . && buildah --root '$work/buildah' --runroot '$work/buildah-run' --storage-driver vfs rmi -a -f"
+    measure "$kind" "buildah build (vfs, chroot, --timestamp 0)" "$slow_runs" timeout "$slow_timeout" sh -c "buildah --root '$work/buildah' --runroot '$work/buildah-run' --storage-driver vfs build --isolation chroot --timestamp 0 -q -f Dockerfile.plain -t bench . && buildah --root '$work/buildah' --runroot '$work/buildah-run' --storage-driver vfs rmi -a -f"
   fi
   if [ $docker = 1 ] && docker version --format '{{.Server.Version}}' > /dev/null 2>&1; then
-    measure "$kind" "docker build + docker save" "$slow_runs" sh -c "DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.plain -t kiln-bench:$kind . && docker save -o '$work/docker.tar' kiln-bench:$kind && docker rmi -f kiln-bench:$kind"
+    measure "$kind" "docker build + docker save" "$slow_runs" timeout "$slow_timeout" sh -c "DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.plain -t kiln-bench:$kind . && docker save -o '$work/docker.tar' kiln-bench:$kind && docker rmi -f kiln-bench:$kind"
   fi
   rm -f "$work/out.tar" "$work/floor.tar.zst" "$work/docker.tar"
   cd "$repo"

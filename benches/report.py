@@ -11,8 +11,12 @@ import sys
 results, limit, work = sys.argv[1], sys.argv[2].split(), sys.argv[3]
 one_core, all_cores, sha_ni = float(limit[0]), float(limit[1]), limit[2]
 runs = collections.defaultdict(list)
+timeouts = collections.defaultdict(int)
 for line in open(results):
     tree, name, secs, rss = line.rstrip("\n").split("\t")
+    if secs == "timeout":
+        timeouts[(tree, name)] += 1
+        continue
     runs[(tree, name)].append((float(secs), int(rss)))
 
 
@@ -49,13 +53,16 @@ def tree_bytes(tree):
 
 for tree in ("many-small", "large"):
     names = [n for (t, n) in runs if t == tree]
-    if not names:
+    if not names and not any(t == tree for (t, _) in timeouts):
         continue
     print(f"## {tree}\n")
     print("| contender | runs | median s | peak RSS MiB |")
     print("| --- | ---: | ---: | ---: |")
     for n in names:
         print(f"| {n} | {len(runs[(tree, n)])} | {med(tree, n):.2f} | {rss(tree, n):.0f} |")
+    for (t, n), count in timeouts.items():
+        if t == tree and (t, n) not in runs:
+            print(f"| {n} | {count} | timed out | |")
     print()
 
 print("## Targets\n")
