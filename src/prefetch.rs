@@ -40,9 +40,9 @@ pub struct Prefetch {
 
 impl Prefetch {
     /// `files` are (path, expected size); the size only sizes buffers.
-    pub fn start<'s, 'e: 's>(
+    pub fn start<'s, 'e: 's, P: AsRef<Path> + Sync>(
         scope: &'s Scope<'s, 'e>,
-        files: &'e [(PathBuf, u64)],
+        files: &'e [(P, u64)],
         threads: usize,
     ) -> Prefetch {
         let n = threads.clamp(1, 16).min(files.len().max(1));
@@ -57,7 +57,7 @@ impl Prefetch {
                     bytes: 0,
                 };
                 for (path, size) in files.iter().skip(t).step_by(n) {
-                    if read_one(path, *size, &mut batch).is_err() {
+                    if read_one(path.as_ref(), *size, &mut batch).is_err() {
                         return; // the consumer hung up
                     }
                 }

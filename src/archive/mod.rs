@@ -180,7 +180,7 @@ fn layout_entries(img: &ImageFiles) -> Entries {
         let path = img.blobs.join(hex);
         e.insert(
             format!("blobs/sha256/{hex}").into_bytes(),
-            file(FileSource::Path(path), size),
+            file(FileSource::Path(std::sync::Arc::from(path)), size),
         );
     }
     e.insert(b"oci-layout".to_vec(), bytes(OCI_LAYOUT.to_vec()));

@@ -308,7 +308,7 @@ fn entry_for(
     name: &[u8],
     top: bool,
 ) -> Result<LayerEntry, String> {
-    let file = |path: &PathBuf| -> Result<LayerEntry, String> {
+    let file = |path: Arc<Path>| -> Result<LayerEntry, String> {
         if e.mode & 0o6000 != 0 && opts.chmod.is_none() {
             return Err(format!(
                 "{}: has the setuid or setgid bit; kiln refuses to copy it unless --chmod sets the mode explicitly",
@@ -316,7 +316,7 @@ fn entry_for(
             ));
         }
         Ok(LayerEntry::file(
-            FileSource::Path(path.clone()),
+            FileSource::Path(path),
             e.size,
             opts.chmod.unwrap_or(opts.policy.file(e.mode)),
             uid,
@@ -324,7 +324,7 @@ fn entry_for(
         ))
     };
     match &e.source {
-        Source::File(path) => file(path),
+        Source::File(path) => file(path.clone()),
         Source::Bytes(b) => Ok(LayerEntry::file(
             FileSource::Bytes(b.clone()),
             b.len() as u64,
@@ -335,7 +335,7 @@ fn entry_for(
         Source::Symlink { path, target } => {
             if top {
                 if e.resolves_to_file {
-                    return file(path);
+                    return file(Arc::from(path.as_path()));
                 }
                 return Err(format!(
                     "{}: is a symlink to {} which is not a regular file; name the target instead",
@@ -378,7 +378,7 @@ fn add_parents(layer: &mut Entries, image: &ImageFs, (uid, gid): (u64, u64)) {
 
 fn archive_path(e: &crate::context::Entry) -> Option<PathBuf> {
     match &e.source {
-        Source::File(p) => Some(p.clone()),
+        Source::File(p) => Some(p.to_path_buf()),
         Source::Symlink { path, .. } if e.resolves_to_file => Some(path.clone()),
         _ => None,
     }
@@ -515,13 +515,13 @@ fn extract(
             let file = spool.join(format!("{i}"));
             fs::hard_link(first, &file).map_err(err)?;
             let size = fs::metadata(&file).map_err(err)?.len();
-            LayerEntry::file(FileSource::Path(file), size, mode, uid, gid)
+            LayerEntry::file(FileSource::Path(Arc::from(file)), size, mode, uid, gid)
         } else if et.is_file() || et == tar::EntryType::Continuous {
             let file = spool.join(format!("{i}"));
             let mut out = File::create(&file).map_err(err)?;
             let size = io::copy(&mut entry, &mut out).map_err(err)?;
             spooled.insert(rel.clone(), file.clone());
-            LayerEntry::file(FileSource::Path(file), size, mode, uid, gid)
+            LayerEntry::file(FileSource::Path(Arc::from(file)), size, mode, uid, gid)
         } else {
             // Devices, FIFOs, PAX globals and the like are not extracted.
             continue;

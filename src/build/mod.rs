@@ -193,6 +193,9 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
             message,
         },
     })?;
+    // The layers hold what they need (shared paths); the context's own
+    // metadata for every file is dead weight while they are written.
+    drop(ctx);
 
     // Layers are independent: write them in parallel.
     let (bytes, files) =

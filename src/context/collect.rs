@@ -44,7 +44,7 @@ pub struct ContextOptions {
 #[derive(Clone, Debug)]
 pub enum Source {
     /// A regular file on disk (possibly reached through a symlink).
-    File(PathBuf),
+    File(Arc<Path>),
     /// A symbolic link on disk, kept as a link.
     Symlink { path: PathBuf, target: PathBuf },
     /// Bytes held in memory (the rewritten Dockerfile).
@@ -284,7 +284,7 @@ pub fn file_entry(path: &Path) -> Result<Entry, Error> {
     }
     if ft.is_file() {
         return Ok(Entry {
-            source: Source::File(path.to_path_buf()),
+            source: Source::File(Arc::from(path)),
             mode: lmd.mode() & 0o7777,
             size: lmd.len(),
             resolves_to_file: false,

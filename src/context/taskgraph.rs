@@ -40,7 +40,7 @@ pub fn write_context_tar_with<W: Write>(
     for entry in ctx.entries.values().filter(|e| included(e)) {
         let path = match &entry.source {
             Source::Bytes(_) => continue,
-            Source::File(p) => p.clone(),
+            Source::File(p) => p.to_path_buf(),
             Source::Symlink { path, .. } if entry.resolves_to_file => path.clone(),
             Source::Symlink { path, .. } => {
                 return Err(Error::BrokenSymlink { path: path.clone() })
@@ -104,7 +104,8 @@ pub fn write_context_tar_with<W: Write>(
 
 fn changed(entry: &Entry, got: u64) -> Error {
     let path = match &entry.source {
-        Source::File(p) | Source::Symlink { path: p, .. } => p.clone(),
+        Source::File(p) => p.to_path_buf(),
+        Source::Symlink { path: p, .. } => p.clone(),
         Source::Bytes(_) => "Dockerfile".into(),
     };
     Error::Changed {

@@ -10,6 +10,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use rustix::fs::{openat, statat, AtFlags, Dir, FileType, Mode, OFlags, Stat};
@@ -181,7 +182,7 @@ fn walk_dir(fd: OwnedFd, dir: &Path, prefix: &[u8], w: &Walker<'_>) -> Result<Wa
 /// A regular file: stat it (and hash it, when asked) relative to its directory.
 fn regular(dirfd: &OwnedFd, name: &[u8], path: PathBuf, w: &Walker<'_>) -> Result<Entry, Error> {
     let entry = |st: &Stat, path: PathBuf, digest| Entry {
-        source: Source::File(path),
+        source: Source::File(Arc::from(path)),
         mode: st.st_mode & 0o7777,
         size: st.st_size as u64,
         resolves_to_file: false,

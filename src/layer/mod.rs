@@ -20,7 +20,8 @@ use crate::progress::Step;
 /// Where a file's bytes come from.
 #[derive(Clone, Debug)]
 pub enum FileSource {
-    Path(PathBuf),
+    /// Shared with the context entry it came from: 200,000 paths are not copied.
+    Path(Arc<Path>),
     Bytes(Arc<[u8]>),
 }
 
@@ -105,13 +106,13 @@ pub fn write_tar<W: Write>(
         source: e,
     };
     // Files on disk are read ahead, in order, by a few threads.
-    let files: Vec<(PathBuf, u64)> = entries
+    let files: Vec<(&Path, u64)> = entries
         .values()
         .filter_map(|e| match &e.content {
             Content::File {
                 source: FileSource::Path(p),
                 size,
-            } => Some((p.clone(), *size)),
+            } => Some((&**p, *size)),
             _ => None,
         })
         .collect();
@@ -154,7 +155,7 @@ pub fn write_tar<W: Write>(
                     size,
                 } => {
                     let changed = |got| Error::Changed {
-                        path: p.clone(),
+                        path: p.to_path_buf(),
                         expected: *size,
                         got,
                     };
