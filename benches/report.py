@@ -138,3 +138,7 @@ if len(pts) >= 2:
     slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
     row("scaling 1x/2x/4x: fitted exponent <= 1.1", f"{slope:.2f}", slope <= 1.1)
 print()
+
+notes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS-notes.md")
+if os.path.exists(notes):
+    print(open(notes).read())
