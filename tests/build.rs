@@ -696,3 +696,46 @@ fn compression_levels_out_of_range_are_usage_errors() {
         "the level is in the compressor annotation"
     );
 }
+
+#[test]
+fn identical_layers_are_stored_once_in_streamed_archives() {
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY f /f\nCOPY f /f\n"),
+        ("img/f", b"same"),
+    ]);
+    for out in ["d.tar", "o.oci.tar"] {
+        let v = build(d.path(), out, &[]);
+        assert_eq!(v["layers"][0]["digest"], v["layers"][1]["digest"]);
+        let raw = fs::read(d.path().join(out)).unwrap();
+        let mut ar = tar::Archive::new(&raw[..]);
+        let names: Vec<String> = ar
+            .entries()
+            .unwrap()
+            .map(|e| String::from_utf8_lossy(&e.unwrap().path_bytes()).into_owned())
+            .collect();
+        let layer = format!(
+            "blobs/sha256/{}",
+            v["layers"][0]["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+        );
+        assert_eq!(
+            names.iter().filter(|n| **n == layer).count(),
+            1,
+            "{out}: {names:?}"
+        );
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len(), "{out}: no entry twice");
+        // and the archive reads back whole: every blob verified
+        assert_eq!(layers(&d.path().join(out)).len(), 2);
+        assert_eq!(
+            ok(kiln().arg("inspect").arg(d.path().join(out)))
+                .matches("diff_id")
+                .count(),
+            2
+        );
+    }
+}

@@ -21,8 +21,9 @@ fn familiar(tag: &str) -> String {
     format!("{repo}:{tag}")
 }
 
-impl Writer for DockerArchive {
-    fn write(&self, img: &ImageFiles, out: &Path) -> Result<(), Error> {
+/// The docker-archive's entries: the OCI layout plus `manifest.json` and `repositories`.
+pub(super) fn docker_entries(img: &ImageFiles) -> crate::layer::Entries {
+    {
         let mut entries = layout_entries(img);
         let blob = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
         let tags: Vec<String> = img.tags.iter().map(|t| familiar(t)).collect();
@@ -42,6 +43,12 @@ impl Writer for DockerArchive {
             );
         }
         entries.insert(b"repositories".to_vec(), bytes(canonical_json(&repos)));
-        write_archive(&entries, img.mtime, self.zstd, out)
+        entries
+    }
+}
+
+impl Writer for DockerArchive {
+    fn write(&self, img: &ImageFiles, out: &Path) -> Result<(), Error> {
+        write_archive(&docker_entries(img), img.mtime, self.zstd, out)
     }
 }

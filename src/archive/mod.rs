@@ -232,6 +232,121 @@ fn write_archive(entries: &Entries, mtime: u64, zstd: bool, out: &Path) -> Resul
     Ok(())
 }
 
+/// An OCI archive or docker-archive written as the build goes: each layer's
+/// compressed stream goes straight into the archive (its header is written
+/// into reserved space once the digest and size are known), so no layer is
+/// written twice. The rest of the image follows at [`Streaming::finish`].
+pub struct Streaming {
+    tmp: tempfile::NamedTempFile,
+    out: PathBuf,
+    mtime: u64,
+    written: std::collections::BTreeSet<String>,
+}
+
+impl Format {
+    /// Whether the build can write this format's layers straight into it.
+    pub fn streams(self) -> bool {
+        matches!(self, Format::OciArchive | Format::DockerArchive)
+    }
+}
+
+impl Streaming {
+    pub fn create(out: &Path, mtime: u64) -> Result<Streaming, Error> {
+        let dir = parent_dir(out);
+        let tmp = tempfile::Builder::new()
+            .prefix(".kiln-out-")
+            .tempfile_in(&dir)
+            .map_err(io_err(out))?;
+        let mut s = Streaming {
+            tmp,
+            out: out.to_path_buf(),
+            mtime,
+            written: Default::default(),
+        };
+        for name in [&b"blobs/"[..], b"blobs/sha256/"] {
+            let h = layer::tar::Header {
+                name,
+                kind: layer::tar::Kind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime,
+                link: b"",
+            };
+            layer::tar::write_ustar(s.tmp.as_file_mut(), &h).map_err(io_err(out))?;
+        }
+        Ok(s)
+    }
+
+    /// Adds one layer: `write` gets the archive file positioned where the
+    /// blob's bytes go and returns the layer's digest, size and the file.
+    pub fn add_layer<E>(
+        &mut self,
+        write: impl FnOnce(fs::File) -> Result<(crate::layer::LayerInfo, fs::File), E>,
+    ) -> Result<Result<crate::layer::LayerInfo, E>, Error> {
+        use std::io::{Seek, SeekFrom};
+        let out = self.out.clone();
+        let ioe = io_err(&out);
+        let f = self.tmp.as_file_mut();
+        let start = f.stream_position().map_err(&ioe)?;
+        f.write_all(&[0u8; layer::tar::BLOCK]).map_err(&ioe)?;
+        let handle = f.try_clone().map_err(&ioe)?;
+        let (info, _) = match write(handle) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let f = self.tmp.as_file_mut();
+        let end = start + layer::tar::BLOCK as u64 + info.size;
+        if !self.written.insert(info.digest.to_string()) {
+            // The same blob is already in the archive: take this copy back out.
+            f.set_len(start).map_err(&ioe)?;
+            f.seek(SeekFrom::Start(start)).map_err(&ioe)?;
+            return Ok(Ok(info));
+        }
+        let name = format!("blobs/sha256/{}", info.digest.hex());
+        let h = layer::tar::Header {
+            name: name.as_bytes(),
+            kind: layer::tar::Kind::File,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: info.size,
+            mtime: self.mtime,
+            link: b"",
+        };
+        let block = layer::tar::ustar_block(&h).map_err(&ioe)?;
+        f.seek(SeekFrom::Start(start)).map_err(&ioe)?;
+        f.write_all(&block).map_err(&ioe)?;
+        f.seek(SeekFrom::Start(end)).map_err(&ioe)?;
+        layer::tar::pad(f, info.size).map_err(&ioe)?;
+        Ok(Ok(info))
+    }
+
+    /// Writes the config, manifest and the format's index files, and renames
+    /// the archive into place.
+    pub fn finish(mut self, img: &ImageFiles, format: Format) -> Result<(), Error> {
+        let mut entries = match format {
+            Format::DockerArchive => docker_archive::docker_entries(img),
+            _ => layout_entries(img),
+        };
+        entries.retain(|path, e| {
+            !e.is_dir()
+                && !path.strip_prefix(&b"blobs/sha256/"[..]).is_some_and(|hex| {
+                    self.written
+                        .contains(&format!("sha256:{}", String::from_utf8_lossy(hex)))
+                })
+        });
+        copy_archive(&entries, self.mtime, self.tmp.as_file_mut()).map_err(io_err(&self.out))?;
+        finish_file(self.tmp.as_file(), &self.out)?;
+        self.tmp.persist(&self.out).map_err(|e| Error::Io {
+            path: self.out.clone(),
+            source: e.error,
+        })?;
+        Ok(())
+    }
+}
+
 /// Writes the archive of our own blobs straight into `file`: headers
 /// through a buffer, blob contents with `io::copy` from file to file, which
 /// Linux turns into `copy_file_range` (no trip through user space).

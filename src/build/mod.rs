@@ -208,11 +208,29 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
                 _ => (b, f),
             });
     let step = opts.progress.step("writing layers", bytes, files);
-    let infos: Vec<LayerInfo> = planned
-        .layers
-        .par_iter()
-        .map(|entries| layer::write_layer(entries, opts.timestamp, opts.compression, &blobs, &step))
-        .collect::<Result<_, _>>()?;
+    let (level, ts) = (opts.compression, opts.timestamp);
+    let mut streaming = if opts.format.streams() {
+        Some(archive::Streaming::create(&opts.output, ts)?)
+    } else {
+        None
+    };
+    let infos: Vec<LayerInfo> = match &mut streaming {
+        // Archive outputs: each layer's stream goes straight into the archive,
+        // one layer after another (each layer is itself parallel inside).
+        Some(st) => {
+            let mut infos = Vec::new();
+            for entries in &planned.layers {
+                infos.push(st.add_layer(|f| layer::write_layer_to(entries, ts, level, f, &step))??);
+            }
+            infos
+        }
+        // Layouts and .tar.zst: blobs first; independent layers in parallel.
+        None => planned
+            .layers
+            .par_iter()
+            .map(|entries| layer::write_layer(entries, ts, level, &blobs, &step))
+            .collect::<Result<_, _>>()?,
+    };
     step.finish();
 
     let mut config: ImageConfig = planned.config;
@@ -253,7 +271,10 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
     let step = opts
         .progress
         .step("writing output", total, files.layers.len() as u64);
-    archive::writer_for(opts.format).write(&files, &opts.output)?;
+    match streaming {
+        Some(st) => st.finish(&files, opts.format)?,
+        None => archive::writer_for(opts.format).write(&files, &opts.output)?,
+    }
     step.inc(total, files.layers.len() as u64);
     step.finish();
     Ok(BuildResult {

@@ -267,6 +267,35 @@ pub fn write_layer(
         .tempfile_in(blobs)
         .map_err(werr)?;
     let file = tmp.reopen().map_err(werr)?;
+    let (info, file) =
+        write_layer_to(entries, mtime, compression, file, step).map_err(|e| match e {
+            Error::Write { source, .. } => werr(source),
+            e => e,
+        })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // tempfiles start 0600; blobs are world-readable like every other output file
+        file.set_permissions(fs::Permissions::from_mode(0o644))
+            .map_err(werr)?;
+    }
+    let target = blobs.join(info.digest.hex());
+    tmp.persist(&target).map_err(|e| werr(e.error))?;
+    Ok(info)
+}
+
+/// Writes a layer's compressed stream to `file` at its current position and
+/// returns what was written and the file (positioned after the stream).
+pub fn write_layer_to(
+    entries: &Entries,
+    mtime: u64,
+    compression: Compression,
+    file: File,
+    step: &Step,
+) -> Result<(LayerInfo, File), Error> {
+    let werr = |e: io::Error| Error::Write {
+        dir: PathBuf::from("layer blob"),
+        source: e,
+    };
     let (diff_id, written) = std::thread::scope(|scope| -> Result<_, Error> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
         let writer = scope.spawn(move || -> io::Result<(Digest, u64, File)> {
@@ -274,8 +303,7 @@ pub fn write_layer(
             for chunk in rx {
                 out.write_all(&chunk)?;
             }
-            let (digest, size, file) = out.finish();
-            Ok((digest, size, file))
+            Ok(out.finish())
         });
         let offload = Offload {
             tx: Some(tx),
@@ -299,21 +327,14 @@ pub fn write_layer(
         Ok((diff_id, written.map_err(werr)?))
     })?;
     let (digest, size, file) = written;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // tempfiles start 0600; blobs are world-readable like every other output file
-        file.set_permissions(fs::Permissions::from_mode(0o644))
-            .map_err(werr)?;
-    }
-    let target = blobs.join(digest.hex());
-    tmp.persist(&target).map_err(|e| werr(e.error))?;
-    Ok(LayerInfo {
+    let info = LayerInfo {
         digest,
         diff_id,
         size,
         media_type: compression.media_type().to_string(),
         compressor: compression.describe(),
-    })
+    };
+    Ok((info, file))
 }
 
 #[cfg(test)]

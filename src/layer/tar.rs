@@ -167,6 +167,28 @@ fn write_ustar_block<W: Write>(w: &mut W, h: &Header<'_>, flag: u8) -> io::Resul
     Ok(BLOCK as u64)
 }
 
+/// One ustar header block, never more: sizes of 8 GiB and more use GNU's
+/// base-256 size field (which Go's archive/tar, and so Docker, reads). For
+/// headers written into space reserved before the size was known.
+pub fn ustar_block(h: &Header<'_>) -> io::Result<[u8; BLOCK]> {
+    let mut block = [0u8; BLOCK];
+    if h.name.len() > 100 || h.link.len() > 100 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "name too long for a single ustar block",
+        ));
+    }
+    if !fill_common(&mut block, h, h.kind.flag()) {
+        base256(&mut block[124..136], h.size);
+    }
+    block[257..263].copy_from_slice(b"ustar\0");
+    block[263..265].copy_from_slice(b"00");
+    octal(&mut block[329..337], 0);
+    octal(&mut block[337..345], 0);
+    checksum(&mut block);
+    Ok(block)
+}
+
 /// Writes a header exactly as taskgraph's Python `tarfile` (GNU format) does,
 /// with a `././@LongLink` entry first for names over 100 bytes.
 pub fn write_gnu<W: Write>(w: &mut W, h: &Header<'_>) -> io::Result<u64> {
