@@ -57,13 +57,6 @@ impl<W: Write> HashingWriter<W> {
             written: 0,
         }
     }
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-    pub fn get_mut(&mut self) -> &mut W {
-        &mut self.inner
-    }
     /// The digest of what was written, its size, and the inner writer.
     pub fn finish(self) -> (Digest, u64, W) {
         (

@@ -16,7 +16,6 @@ use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::digest::Digest;
 use crate::image::{
     Descriptor, Index, ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME, MEDIA_INDEX,
 };
@@ -34,17 +33,6 @@ pub enum Format {
 }
 
 impl Format {
-    /// Parses a `--format` value.
-    pub fn from_name(s: &str) -> Option<Format> {
-        match s {
-            "oci-dir" | "oci" => Some(Format::OciDir),
-            "oci-archive" => Some(Format::OciArchive),
-            "docker-archive" | "docker" => Some(Format::DockerArchive),
-            "docker-archive-zst" | "tar.zst" => Some(Format::DockerArchiveZstd),
-            _ => None,
-        }
-    }
-
     /// Guesses the format from an output path.
     pub fn from_path(p: &Path) -> Format {
         let s = p.to_string_lossy();
@@ -429,11 +417,6 @@ pub(crate) fn parent_dir(out: &Path) -> PathBuf {
         .unwrap_or(Path::new("."));
     let _ = fs::create_dir_all(parent);
     parent.to_path_buf()
-}
-
-/// The manifest digest of a written image.
-pub fn manifest_digest(img: &ImageFiles) -> Digest {
-    Digest::parse(&img.manifest.digest).expect("kiln writes valid digests")
 }
 
 #[cfg(test)]

@@ -13,9 +13,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::archive::{self, Format, ImageFiles};
-use crate::context::{
-    self, hash, taskgraph, Algorithm, Context, ContextOptions, HashCache, ModePolicy,
-};
+use crate::context::{self, Algorithm, ContextOptions, HashCache, ModePolicy};
 use crate::digest::Digest;
 use crate::dockerfile;
 use crate::image::{
@@ -117,18 +115,6 @@ pub fn default_tag(image_dir: &Path) -> String {
     match read("REGISTRY") {
         Some(reg) => format!("{}/{name}:{version}", reg.trim_end_matches('/')),
         None => format!("{name}:{version}"),
-    }
-}
-
-/// Computes the context hash with `algorithm`.
-pub fn context_hash(
-    ctx: &Context,
-    algorithm: Algorithm,
-    policy: ModePolicy,
-) -> Result<String, context::Error> {
-    match algorithm {
-        Algorithm::KilnV1 => hash::kiln_v1(ctx, policy),
-        Algorithm::Taskgraph => taskgraph::hash(ctx),
     }
 }
 

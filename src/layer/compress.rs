@@ -16,16 +16,6 @@ pub enum Compression {
 }
 
 impl Compression {
-    /// Parses `zstd`, `gzip` or `none` with an optional level.
-    pub fn from_name(name: &str, level: Option<i32>) -> Option<Compression> {
-        match name {
-            "zstd" => Some(Compression::Zstd(level.unwrap_or(3))),
-            "gzip" => Some(Compression::Gzip(level.unwrap_or(6).clamp(0, 9) as u32)),
-            "none" => Some(Compression::None),
-            _ => None,
-        }
-    }
-
     /// The OCI media type of a layer compressed this way.
     pub fn media_type(self) -> &'static str {
         match self {
