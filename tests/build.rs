@@ -739,3 +739,31 @@ fn identical_layers_are_stored_once_in_streamed_archives() {
         );
     }
 }
+
+#[test]
+fn from_platform_must_be_the_host_platform() {
+    let host = if cfg!(target_arch = "x86_64") {
+        "linux/amd64"
+    } else {
+        "linux/arm64"
+    };
+    let d = tree(&[
+        (
+            "img/Dockerfile",
+            format!("FROM --platform={host} scratch\nCOPY f /f\n").as_bytes(),
+        ),
+        ("img/f", b"f"),
+    ]);
+    let v = build(d.path(), "o.tar", &[]);
+    assert_eq!(v["layers"].as_array().unwrap().len(), 1);
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM --platform=linux/s390x scratch\n",
+    );
+    let err = build_fails(d.path(), "o.tar", &[]);
+    assert!(
+        err.contains("--platform=linux/s390x") && err.contains("host platform"),
+        "{err}"
+    );
+}
