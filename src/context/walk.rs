@@ -191,6 +191,7 @@ fn regular(dirfd: &OwnedFd, name: &[u8], path: PathBuf, w: &Walker<'_>) -> Resul
     };
     if !w.hash {
         let st = statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
+        w.step.inc(st.st_size as u64, 1);
         return Ok(entry(&st, path, None));
     }
     if let Some(cache) = w.cache {
