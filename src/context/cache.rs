@@ -4,9 +4,8 @@
 //! trusted only if the file's mtime and ctime are older than the start of
 //! the run that wrote it (less a margin for coarse filesystem clocks).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -16,29 +15,6 @@ const MAGIC: &[u8; 8] = b"KILNHC01";
 const RECORD: usize = 8 * 5 + 32;
 /// Files changed this close to the cache's reference time are re-hashed.
 const RACY_MARGIN_NS: i128 = 2_000_000_000;
-
-/// A fast hasher for (device, inode) keys: they are not attacker-chosen
-/// in a way that matters (a collision only costs time), and SipHash showed
-/// up in profiles of re-hashing 200,000 files.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 =
-                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type IdMap<V> = HashMap<(u64, u64), V, BuildHasherDefault<IdHasher>>;
 
 /// What identifies one version of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -58,7 +34,9 @@ pub struct HashCache {
     reference_ns: i128,
     /// The start of this run (the next cache's reference).
     started_ns: i128,
-    known: IdMap<(Stamp, [u8; 32])>,
+    /// Records as saved: sorted by (device, inode), looked up by binary
+    /// search (building a hash map of 200,000 records cost more than the lookups).
+    known: Vec<(Stamp, [u8; 32])>,
     fresh: Mutex<Vec<(Stamp, [u8; 32])>>,
     hits: std::sync::atomic::AtomicU64,
 }
@@ -77,7 +55,7 @@ impl HashCache {
             path: path.to_path_buf(),
             reference_ns: 0,
             started_ns,
-            known: IdMap::default(),
+            known: Vec::new(),
             fresh: Mutex::new(Vec::new()),
             hits: Default::default(),
         };
@@ -102,14 +80,27 @@ impl HashCache {
             };
             let mut digest = [0u8; 32];
             digest.copy_from_slice(&rec[40..72]);
-            cache.known.insert((stamp.dev, stamp.ino), (stamp, digest));
+            cache.known.push((stamp, digest));
+        }
+        // Saved sorted; a file edited by hand is sorted here rather than trusted.
+        if !cache
+            .known
+            .windows(2)
+            .all(|w| (w[0].0.dev, w[0].0.ino) < (w[1].0.dev, w[1].0.ino))
+        {
+            cache.known.sort_by_key(|(s, _)| (s.dev, s.ino));
+            cache.known.dedup_by_key(|(s, _)| (s.dev, s.ino));
         }
         cache
     }
 
     /// The cached digest of a file with this stamp, if it can be trusted.
     pub fn get(&self, s: &Stamp) -> Option<[u8; 32]> {
-        let (known, digest) = self.known.get(&(s.dev, s.ino))?;
+        let i = self
+            .known
+            .binary_search_by_key(&(s.dev, s.ino), |(k, _)| (k.dev, k.ino))
+            .ok()?;
+        let (known, digest) = &self.known[i];
         let settled = |t: i64| i128::from(t) + RACY_MARGIN_NS < self.reference_ns;
         let hit = known == s && settled(s.mtime_ns) && settled(s.ctime_ns);
         if hit {
@@ -138,7 +129,11 @@ impl HashCache {
         if fresh.is_empty() && self.path.exists() {
             return Ok(());
         }
-        let mut all = self.known.clone();
+        let mut all: BTreeMap<(u64, u64), (Stamp, [u8; 32])> = self
+            .known
+            .iter()
+            .map(|(s, d)| ((s.dev, s.ino), (*s, *d)))
+            .collect();
         for (s, d) in fresh {
             all.insert((s.dev, s.ino), (s, d));
         }

@@ -247,10 +247,8 @@ fn include(
 /// Walks `dir` (not following symlinks, skipping `__pycache__`), adding every
 /// non-directory under `prefix`.
 fn walk_into(dir: &Path, prefix: &[u8], ctx: &mut Context, w: &Walker<'_>) -> Result<(), Error> {
-    let mut walked = walk(dir, prefix, w)?;
-    // Sorted input lets the maps append instead of searching for every key.
-    walked.entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    walked.dirs.sort_unstable();
+    let walked = walk(dir, prefix, w)?;
+    // The walk emits archive-path order, so building the map is one pass.
     if ctx.entries.is_empty() {
         ctx.entries = walked.entries.into_iter().collect();
     } else {

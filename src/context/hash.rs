@@ -32,10 +32,12 @@ pub fn entry_sha256(entry: &Entry) -> Result<[u8; 32], Error> {
 }
 
 /// The git-style mode string of an entry under `policy`.
-pub fn mode_string(entry: &Entry, policy: ModePolicy) -> String {
-    match entry.source {
-        Source::Symlink { .. } => "120000".to_string(),
-        _ => format!("{:o}", 0o100000 | policy.file(entry.mode)),
+pub fn mode_string(entry: &Entry, policy: ModePolicy) -> std::borrow::Cow<'static, str> {
+    match (&entry.source, policy.file(entry.mode)) {
+        (Source::Symlink { .. }, _) => "120000".into(),
+        (_, 0o644) => "100644".into(),
+        (_, 0o755) => "100755".into(),
+        (_, mode) => format!("{:o}", 0o100000 | mode).into(),
     }
 }
 
