@@ -38,16 +38,18 @@ pub fn write_context_tar_with<W: Write>(
     // Check every entry first, and list the files to read ahead in order.
     let mut files = Vec::new();
     for entry in ctx.entries.values().filter(|e| included(e)) {
-        let path = match &entry.source {
+        let path: &std::path::Path = match &entry.source {
             Source::Bytes(_) => continue,
-            Source::File(p) => p.to_path_buf(),
-            Source::Symlink { path, .. } if entry.resolves_to_file => path.clone(),
+            Source::File(p) => p,
+            Source::Symlink { path, .. } if entry.resolves_to_file => path,
             Source::Symlink { path, .. } => {
                 return Err(Error::BrokenSymlink { path: path.clone() })
             }
         };
         if entry.mode & 0o6000 != 0 {
-            return Err(Error::Setuid { path });
+            return Err(Error::Setuid {
+                path: path.to_path_buf(),
+            });
         }
         files.push((path, entry.size));
     }
