@@ -16,6 +16,7 @@ pub mod dockerfile;
 pub mod image;
 pub mod layer;
 pub mod store;
+pub mod tree;
 
 pub use archive::Format;
 pub use build::{build, default_tag, BuildOptions, BuildResult};

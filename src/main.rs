@@ -68,6 +68,9 @@ enum Command {
     },
     /// Build an image from an image directory.
     Build(Box<BuildArgs>),
+    /// Manage a local image store (an OCI layout of named base images).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Show an image's digests, layers and config.
     Inspect {
         /// An OCI layout directory, OCI archive, docker-archive or image.tar.zst.
@@ -76,6 +79,64 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Import an image (OCI layout, OCI archive, docker-archive, image.tar.zst); blob digests are kept.
+    Add {
+        /// The image to import.
+        image: PathBuf,
+        /// Name it NAME:TAG in the store (repeatable; default: the names the image carries).
+        #[arg(long = "name", value_name = "NAME:TAG")]
+        names: Vec<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List the store's images.
+    Ls {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a name (NAME:TAG or NAME@sha256:...) from the store; `gc` frees its blobs.
+    Rm {
+        reference: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Delete blobs no named image references.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(Args)]
+struct StoreArg {
+    /// The store directory (default: the first of $KILN_STORE, else $XDG_CACHE_HOME/kiln/store).
+    #[arg(long, value_name = "DIR")]
+    store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn store(&self) -> kiln::store::Store {
+        match &self.store {
+            Some(d) => kiln::store::Store::new(d, "--store"),
+            None => {
+                let env = std::env::var_os("KILN_STORE")
+                    .and_then(|v| std::env::split_paths(&v).find(|p| !p.as_os_str().is_empty()));
+                match env {
+                    Some(d) => kiln::store::Store::new(d, "$KILN_STORE"),
+                    None => {
+                        kiln::store::Store::new(kiln::store::Stores::user_store(), "user cache")
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -100,6 +161,17 @@ struct ContextArgs {
 struct BuildArgs {
     #[command(flatten)]
     ctx: ContextArgs,
+    /// More image directories (with --all).
+    #[arg(value_name = "MORE_DIRS")]
+    more: Vec<PathBuf>,
+    /// Build every image under the given directories (e.g. taskcluster/docker), parents first,
+    /// independent images in parallel; parents come from taskcluster/kinds/docker-image/kind.yml
+    /// (`parent:`, used as FROM $DOCKER_IMAGE_PARENT) or a FROM naming another image of the tree.
+    #[arg(long)]
+    all: bool,
+    /// With --all: where outputs go, as <name>.tar (or the extension --format implies).
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
     /// Output path (default: <dir name>.tar in the working directory).
     #[arg(short, long)]
     output: Option<PathBuf>,
@@ -133,6 +205,11 @@ struct BuildArgs {
     /// Reuse file digests of unchanged files (kiln-v1), keyed by device, inode, size, mtime and ctime.
     #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
     hash_cache: Option<PathBuf>,
+    /// An image store (OCI layout) for FROM and COPY --from (repeatable). Stores are searched in
+    /// this order: each --store, then $KILN_STORE (colon-separated), then <topsrcdir>/vendor-images
+    /// if present, then $XDG_CACHE_HOME/kiln/store (~/.cache/kiln/store). Nothing is ever pulled.
+    #[arg(long = "store", value_name = "DIR")]
+    stores: Vec<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -150,6 +227,8 @@ enum PolicyArg {
 #[derive(Clone, Copy, ValueEnum)]
 enum FormatArg {
     DockerArchive,
+    /// A docker-archive compressed as a whole with zstd (image.tar.zst).
+    DockerArchiveZstd,
     OciArchive,
     OciDir,
 }
@@ -313,6 +392,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Build(b) => return build(*b, progress),
+        Command::Store(cmd) => store(cmd)?,
         Command::Inspect { image, json } => {
             let r = kiln::store::ImageReader::open(&image)?;
             let s = r.summary()?;
@@ -386,6 +466,7 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
             Format::DockerArchiveZstd
         }
         Some(FormatArg::DockerArchive) => Format::DockerArchive,
+        Some(FormatArg::DockerArchiveZstd) => Format::DockerArchiveZstd,
         None => Format::from_path(&output),
     };
     let compression = match b.layer_compression {
@@ -425,6 +506,7 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
     } else {
         b.tags.clone()
     };
+    let stores = kiln::store::Stores::search_order(&b.stores, Some(&context.topsrcdir));
     let opts = BuildOptions {
         context,
         algorithm: b.algorithm.into(),
@@ -436,8 +518,16 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
         output,
         target: b.target.clone(),
         hash_cache: b.hash_cache.clone().map(cache_path),
+        stores,
+        parents: Default::default(),
         progress,
     };
+    if b.all {
+        return build_all(&b, opts);
+    }
+    if !b.more.is_empty() {
+        bail!("several image directories given: add --all to build them all (with --out-dir)");
+    }
     let r = kiln::build(&b.ctx.image_dir, &opts)?;
     if let Some(df) = &b.digest_file {
         std::fs::write(df, format!("{}\n", r.manifest_digest))
@@ -461,6 +551,75 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
+    if b.output.is_some() || !b.tags.is_empty() || b.target.is_some() || b.digest_file.is_some() {
+        bail!("--all builds many images: use --out-dir DIR instead of -o, and leave out -t, --target and --digest-file");
+    }
+    let out_dir = b
+        .out_dir
+        .clone()
+        .ok_or_else(|| anyhow!("--all needs --out-dir DIR for the images it writes"))?;
+    let mut inputs = vec![b.ctx.image_dir.clone()];
+    inputs.extend(b.more.iter().cloned());
+    let images = kiln::tree::discover(&inputs, &opts.context.topsrcdir)?;
+    let json = b.ctx.json;
+    let lines = kiln::tree::build_all(&images, &opts, &out_dir, &|l| {
+        if !json {
+            println!(
+                "{}\t{}\t{}\t{}\t{:.2}s",
+                l.name, l.context_hash, l.manifest_digest, l.status, l.seconds
+            );
+        }
+    })?;
+    if json {
+        print_json(&lines)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn store(cmd: StoreCommand) -> Result<()> {
+    match cmd {
+        StoreCommand::Add {
+            image,
+            names,
+            store,
+        } => {
+            let s = store.store();
+            let r = kiln::store::ImageReader::open(&image)?;
+            let added = s.add(&r, &names).with_context(|| {
+                format!(
+                    "importing {} into the store {}",
+                    image.display(),
+                    s.dir.display()
+                )
+            })?;
+            for a in added {
+                println!("{}\t{}", a.name, a.digest);
+            }
+        }
+        StoreCommand::Ls { store, json } => {
+            let s = store.store();
+            let list = s.list()?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for l in list {
+                    println!("{}\t{}\t{}", l.name, l.digest, l.size);
+                }
+            }
+        }
+        StoreCommand::Rm { reference, store } => {
+            let n = store.store().remove(&reference)?;
+            println!("removed {n} name(s); run `kiln store gc` to free unreferenced blobs");
+        }
+        StoreCommand::Gc { store } => {
+            let (n, bytes) = store.store().gc()?;
+            println!("deleted {n} blob(s), {bytes} bytes");
+        }
+    }
+    Ok(())
 }
 
 fn print_summary(path: &Path, s: &kiln::store::Summary) {

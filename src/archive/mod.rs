@@ -61,6 +61,8 @@ impl Format {
 #[derive(Clone, Debug)]
 pub struct ImageFiles {
     pub blobs: PathBuf,
+    /// Blobs that live elsewhere (base layers in a store), by digest.
+    pub extra: std::collections::BTreeMap<String, PathBuf>,
     pub manifest: Descriptor,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
@@ -68,6 +70,16 @@ pub struct ImageFiles {
     pub tags: Vec<String>,
     /// mtime for archive entries.
     pub mtime: u64,
+}
+
+impl ImageFiles {
+    /// The file holding a blob.
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        match self.extra.get(digest) {
+            Some(p) => p.clone(),
+            None => self.blobs.join(digest.trim_start_matches("sha256:")),
+        }
+    }
 }
 
 /// Errors writing an output.
@@ -165,7 +177,7 @@ fn layout_entries(img: &ImageFiles) -> Entries {
     digests.extend(img.layers.iter().map(|l| (l.digest.as_str(), l.size)));
     for (d, size) in digests {
         let hex = d.trim_start_matches("sha256:");
-        let path = img.blobs.join(hex);
+        let path = img.blob_path(d);
         e.insert(
             format!("blobs/sha256/{hex}").into_bytes(),
             file(FileSource::Path(std::sync::Arc::from(path)), size),

@@ -37,7 +37,7 @@ impl Writer for OciDir {
         digests.extend(img.layers.iter().map(|l| &l.digest));
         for d in digests {
             let hex = d.trim_start_matches("sha256:");
-            let (src, dst) = (img.blobs.join(hex), blobs.join(hex));
+            let (src, dst) = (img.blob_path(d), blobs.join(hex));
             if fs::hard_link(&src, &dst).is_err() {
                 fs::copy(&src, &dst).map_err(io_err(&dst))?;
             }

@@ -98,6 +98,68 @@ impl<'a> ContextView<'a> {
 enum Item<'a> {
     Dir(u32),
     Entry(&'a crate::context::Entry),
+    /// A file, symlink or directory of another stage or image.
+    Image(&'a LayerEntry),
+}
+
+/// Where COPY reads from: the build context, or (`--from`) another
+/// stage's or image's filesystem.
+#[derive(Clone, Copy)]
+pub enum Tree<'a> {
+    Context(&'a ContextView<'a>),
+    Image(&'a ImageFs, &'a str),
+}
+
+impl<'a> Tree<'a> {
+    fn is_dir(&self, p: &[u8]) -> bool {
+        match self {
+            Tree::Context(v) => v.is_dir(p),
+            Tree::Image(fs, _) => fs.is_dir(p),
+        }
+    }
+
+    fn glob(&self, pattern: &[u8]) -> Vec<Vec<u8>> {
+        match self {
+            Tree::Context(v) => v.glob(pattern),
+            Tree::Image(fs, _) => fs
+                .nodes
+                .keys()
+                .filter(|p| match_path(pattern, p))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    fn descendants(&self, dir: &[u8]) -> Vec<(Vec<u8>, Item<'a>)> {
+        match self {
+            Tree::Context(v) => v.descendants(dir),
+            Tree::Image(fs, _) => {
+                let mut prefix = dir.to_vec();
+                if !prefix.is_empty() {
+                    prefix.push(b'/');
+                }
+                fs.nodes
+                    .range(prefix.clone()..)
+                    .take_while(|(p, _)| p.starts_with(&prefix))
+                    .map(|(p, e)| (p[prefix.len()..].to_vec(), Item::Image(e)))
+                    .collect()
+            }
+        }
+    }
+
+    fn item(&self, p: &[u8]) -> Option<Item<'a>> {
+        match self {
+            Tree::Context(v) => v.ctx.entries.get(p).map(Item::Entry),
+            Tree::Image(fs, _) => fs.nodes.get(p).map(Item::Image),
+        }
+    }
+}
+
+/// A planned COPY layer, and the files of it whose bytes must first be
+/// read out of base layer blobs: (layer path, path in the source image).
+pub struct PlannedCopy {
+    pub layer: Entries,
+    pub pending: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// COPY/ADD flags that shape the entries.
@@ -165,13 +227,13 @@ fn lossy(p: &[u8]) -> String {
 
 /// Plans the entries of one COPY/ADD layer.
 pub fn plan(
-    view: &ContextView<'_>,
+    tree: Tree<'_>,
     image: &ImageFs,
     sources: &[Src],
     dest: (&[u8], bool),
     opts: &CopyOptions,
     spool: &Path,
-) -> Result<Entries, String> {
+) -> Result<PlannedCopy, String> {
     let (dest_path, dest_slash) = dest;
     let uid_gid = opts.chown.unwrap_or((0, 0));
     // Resolve sources to context paths.
@@ -187,6 +249,22 @@ pub fn plan(
                 }
                 let clean = clean_source(s.trim_start_matches('/'))
                     .ok_or_else(|| format!("{s}: source path is outside the build context"))?;
+                let view = match tree {
+                    Tree::Context(view) => view,
+                    Tree::Image(fs, from) => {
+                        if has_magic(&clean) {
+                            resolved.extend(tree.glob(&clean).into_iter().map(ResolvedSrc::Path));
+                            continue;
+                        }
+                        // A source named directly is followed through symlinks, as Docker does.
+                        let real = fs.resolve(&clean);
+                        if !fs.is_dir(&real) && !fs.nodes.contains_key(&real) {
+                            return Err(format!("{s}: not found in {from}"));
+                        }
+                        resolved.push(ResolvedSrc::Path(real));
+                        continue;
+                    }
+                };
                 if has_magic(&clean) {
                     let hits = view.glob(&clean);
                     resolved.extend(hits.into_iter().map(ResolvedSrc::Path));
@@ -219,6 +297,7 @@ pub fn plan(
         return Err("when using COPY with more than one source file, the destination must be a directory and end with a /".into());
     }
     let mut layer = Entries::new();
+    let mut pending = Vec::new();
     for r in resolved {
         match r {
             ResolvedSrc::Bytes(name, content) => {
@@ -239,8 +318,8 @@ pub fn plan(
                     ),
                 );
             }
-            ResolvedSrc::Path(p) if view.is_dir(&p) => {
-                for (rel, item) in view.descendants(&p) {
+            ResolvedSrc::Path(p) if tree.is_dir(&p) => {
+                for (rel, item) in tree.descendants(&p) {
                     let target = join(dest_path, &rel);
                     let entry = match item {
                         Item::Dir(mode) => LayerEntry::dir(
@@ -249,6 +328,10 @@ pub fn plan(
                             uid_gid.1,
                         ),
                         Item::Entry(e) => entry_for(e, opts, uid_gid, &join(&p, &rel), false)?,
+                        Item::Image(e) => {
+                            let src = join(&p, &rel);
+                            image_entry(tree, e, &src, &target, opts, uid_gid, &mut pending)
+                        }
                     };
                     layer.insert(target, entry);
                 }
@@ -262,11 +345,19 @@ pub fn plan(
                 }
             }
             ResolvedSrc::Path(p) => {
-                let e = &view.ctx.entries[&p];
                 let target = if dest_is_dir {
                     join(dest_path, basename(&p))
                 } else {
                     dest_path.to_vec()
+                };
+                let e = match tree.item(&p) {
+                    Some(Item::Entry(e)) => e,
+                    Some(Item::Image(e)) => {
+                        let entry = image_entry(tree, e, &p, &target, opts, uid_gid, &mut pending);
+                        layer.insert(target, entry);
+                        continue;
+                    }
+                    _ => return Err(format!("{}: not found", lossy(&p))),
                 };
                 if opts.add {
                     if let Some(path) = archive_path(e) {
@@ -283,7 +374,35 @@ pub fn plan(
         }
     }
     add_parents(&mut layer, image, uid_gid);
-    Ok(layer)
+    Ok(PlannedCopy { layer, pending })
+}
+
+/// The entry for a file, symlink or directory of another stage or image:
+/// its mode is kept (or `--chmod`), its owner is root (or `--chown`), as
+/// Docker does. Files still inside a base layer are noted in `pending`.
+fn image_entry(
+    tree: Tree<'_>,
+    e: &LayerEntry,
+    src: &[u8],
+    target: &[u8],
+    opts: &CopyOptions,
+    (uid, gid): (u64, u64),
+    pending: &mut Vec<(Vec<u8>, Vec<u8>)>,
+) -> LayerEntry {
+    let mut out = e.clone();
+    out.uid = uid;
+    out.gid = gid;
+    if !matches!(out.content, Content::Symlink(_)) {
+        if let Some(m) = opts.chmod {
+            out.mode = m;
+        }
+    }
+    if let Tree::Image(fs, _) = tree {
+        if fs.origins.contains_key(src) {
+            pending.push((target.to_vec(), src.to_vec()));
+        }
+    }
+    out
 }
 
 enum ResolvedSrc {

@@ -1,16 +1,54 @@
-//! The image filesystem as the build sees it: the directories earlier layers
-//! of the stage made (metadata only, never file contents),
-//! and user/group lookups through the image's own `/etc/passwd` and
-//! `/etc/group`.
+//! The image filesystem as the build sees it: what the base image's layers
+//! and the stage's own layers hold, as metadata (never unpacked to disk).
+//! Base layers are scanned once (whiteouts and opaque directories applied);
+//! their files' bytes stay in the layer blobs until a `COPY --from` needs
+//! them, when [`ImageFs::extract`] streams each blob once and spools only
+//! the wanted files. User and group lookups read the image's own
+//! `/etc/passwd` and `/etc/group`.
 
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::layer::{Content, Entries, FileSource, LayerEntry};
+
+/// Where the bytes of a file from a base layer live.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The layer blob.
+    pub blob: Arc<Path>,
+    /// For a hard link: the path (in the same layer) holding the bytes.
+    pub link: Option<Vec<u8>>,
+}
 
 /// Paths (no leading slash) → what the image holds there so far.
 #[derive(Clone, Debug, Default)]
 pub struct ImageFs {
     pub nodes: Entries,
+    /// Files whose bytes are in a base layer blob.
+    pub origins: HashMap<Vec<u8>, Origin>,
+    /// Keep every file (a stage another stage copies from), not only
+    /// directories, symlinks and the user databases.
+    pub keep_all: bool,
+}
+
+const SMALL: &[&[u8]] = &[b"etc/passwd", b"etc/group"];
+
+/// Normalizes a tar member name: no `./`, no leading or trailing slash.
+fn norm(raw: &[u8]) -> Vec<u8> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for c in raw.split(|&c| c == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out.join(&b'/')
 }
 
 impl ImageFs {
@@ -18,17 +56,251 @@ impl ImageFs {
         path.is_empty() || self.nodes.get(path).is_some_and(LayerEntry::is_dir)
     }
 
+    fn keeps(&self, p: &[u8], e: &LayerEntry) -> bool {
+        self.keep_all || !matches!(e.content, Content::File { .. }) || SMALL.contains(&p)
+    }
+
+    /// Removes `path` and everything under it.
+    fn remove_tree(&mut self, path: &[u8]) {
+        self.nodes.remove(path);
+        self.origins.remove(path);
+        self.remove_children(path);
+    }
+
+    /// Removes everything strictly under `dir`.
+    fn remove_children(&mut self, dir: &[u8]) {
+        let doomed: Vec<Vec<u8>> = if dir.is_empty() {
+            self.nodes.keys().cloned().collect()
+        } else {
+            let mut start = dir.to_vec();
+            start.push(b'/');
+            self.nodes
+                .range(start.clone()..)
+                .take_while(|(k, _)| k.starts_with(&start))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for k in doomed {
+            self.nodes.remove(&k);
+            self.origins.remove(&k);
+        }
+    }
+
     /// Records a layer's entries (later layers win). Only what later steps
-    /// ask about is kept: directories, and the user and group databases;
-    /// keeping every file of a 200,000-file COPY doubled kiln's memory.
+    /// ask about is kept unless `keep_all`: directories, symlinks and the
+    /// user and group databases; keeping every file of a 200,000-file COPY
+    /// doubled kiln's memory.
     pub fn apply(&mut self, layer: &Entries) {
         for (p, e) in layer {
-            if e.is_dir() || p == b"etc/passwd" || p == b"etc/group" {
+            self.origins.remove(p);
+            if !e.is_dir() {
+                // A file or symlink replaces whatever tree was there.
+                self.remove_children(p);
+            }
+            if self.keeps(p, e) {
                 self.nodes.insert(p.clone(), e.clone());
             } else {
                 self.nodes.remove(p);
             }
         }
+    }
+
+    /// Scans a base image's layer blobs, in order, applying whiteouts.
+    pub fn apply_blob(&mut self, blob: &Path) -> io::Result<()> {
+        let blob: Arc<Path> = Arc::from(blob);
+        let mut ar = tar::Archive::new(crate::store::layer_reader(&blob)?);
+        let mut adds: Vec<(Vec<u8>, LayerEntry, Option<Origin>)> = Vec::new();
+        let mut whiteouts: Vec<Vec<u8>> = Vec::new();
+        let mut opaque: Vec<Vec<u8>> = Vec::new();
+        let mut sizes: HashMap<Vec<u8>, u64> = HashMap::new();
+        for entry in ar.entries()? {
+            let mut entry = entry?;
+            let path = norm(&entry.path_bytes());
+            if path.is_empty() {
+                continue;
+            }
+            let (dir, base) = match path.iter().rposition(|&c| c == b'/') {
+                Some(i) => (path[..i].to_vec(), path[i + 1..].to_vec()),
+                None => (Vec::new(), path.clone()),
+            };
+            if base == b".wh..wh..opq" {
+                opaque.push(dir);
+                continue;
+            }
+            if let Some(name) = base.strip_prefix(b".wh.") {
+                let mut p = dir.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(name);
+                whiteouts.push(p);
+                continue;
+            }
+            let h = entry.header();
+            let mode = h.mode()? & 0o7777;
+            let (uid, gid) = (h.uid().unwrap_or(0), h.gid().unwrap_or(0));
+            let et = h.entry_type();
+            let link = || -> io::Result<Vec<u8>> {
+                Ok(entry
+                    .link_name_bytes()
+                    .map(|l| l.into_owned())
+                    .unwrap_or_default())
+            };
+            let (e, origin) = if et.is_dir() {
+                (LayerEntry::dir(mode, uid, gid), None)
+            } else if et.is_symlink() {
+                let target = link()?;
+                (
+                    LayerEntry {
+                        content: Content::Symlink(target),
+                        mode: 0o777,
+                        uid,
+                        gid,
+                    },
+                    None,
+                )
+            } else if et.is_hard_link() {
+                let target = norm(&link()?);
+                let size = sizes.get(&target).copied().unwrap_or(0);
+                let origin = Origin {
+                    blob: blob.clone(),
+                    link: Some(target),
+                };
+                (placeholder(size, mode, uid, gid), Some(origin))
+            } else if et.is_file() || et == tar::EntryType::Continuous {
+                let size = entry.size();
+                sizes.insert(path.clone(), size);
+                if SMALL.contains(&path.as_slice()) && size <= 16 << 20 {
+                    let mut b = Vec::with_capacity(size as usize);
+                    entry.read_to_end(&mut b)?;
+                    let e = LayerEntry::file(FileSource::Bytes(Arc::from(b)), size, mode, uid, gid);
+                    (e, None)
+                } else {
+                    let origin = Origin {
+                        blob: blob.clone(),
+                        link: None,
+                    };
+                    (placeholder(size, mode, uid, gid), Some(origin))
+                }
+            } else {
+                // Devices and FIFOs: nothing a COPY can use.
+                continue;
+            };
+            adds.push((path, e, origin));
+        }
+        for d in opaque {
+            self.remove_children(&d);
+        }
+        for w in whiteouts {
+            self.remove_tree(&w);
+        }
+        for (p, e, origin) in adds {
+            if !e.is_dir() {
+                self.remove_children(&p);
+            }
+            self.origins.remove(&p);
+            if self.keeps(&p, &e) {
+                if let Some(o) = origin {
+                    self.origins.insert(p.clone(), o);
+                }
+                self.nodes.insert(p, e);
+            } else {
+                self.nodes.remove(&p);
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows symlinks in `path` (all components) as the image would,
+    /// never leaving the image root.
+    pub fn resolve(&self, path: &[u8]) -> Vec<u8> {
+        let mut todo: Vec<Vec<u8>> = path
+            .split(|&c| c == b'/')
+            .filter(|c| !c.is_empty())
+            .map(<[u8]>::to_vec)
+            .rev()
+            .collect();
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut hops = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_slice() {
+                b"." => continue,
+                b".." => {
+                    out.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            out.push(c);
+            let cur = out.join(&b'/');
+            if let Some(LayerEntry {
+                content: Content::Symlink(target),
+                ..
+            }) = self.nodes.get(&cur)
+            {
+                hops += 1;
+                if hops > 40 {
+                    break;
+                }
+                out.pop();
+                if target.starts_with(b"/") {
+                    out.clear();
+                }
+                todo.extend(
+                    target
+                        .split(|&c| c == b'/')
+                        .filter(|c| !c.is_empty())
+                        .map(<[u8]>::to_vec)
+                        .rev(),
+                );
+            }
+        }
+        out.join(&b'/')
+    }
+
+    /// Reads the files `wanted` (image paths) out of their base layer blobs
+    /// into `spool`, one pass over each blob; returns path → spooled file.
+    pub fn extract(
+        &self,
+        wanted: &[Vec<u8>],
+        spool: &Path,
+    ) -> io::Result<HashMap<Vec<u8>, PathBuf>> {
+        // The path whose bytes each wanted file has (hard links → their target).
+        let mut by_blob: BTreeMap<Arc<Path>, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut data_path: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+        for w in wanted {
+            let Some(o) = self.origins.get(w) else {
+                continue;
+            };
+            let src = o.link.clone().unwrap_or_else(|| w.clone());
+            by_blob.entry(o.blob.clone()).or_default().push(src.clone());
+            data_path.insert(w.clone(), src);
+        }
+        fs::create_dir_all(spool)?;
+        let mut spooled: HashMap<Vec<u8>, PathBuf> = HashMap::new();
+        for (n, (blob, paths)) in by_blob.into_iter().enumerate() {
+            let want: std::collections::HashSet<Vec<u8>> = paths.into_iter().collect();
+            let mut ar = tar::Archive::new(crate::store::layer_reader(&blob)?);
+            for (i, entry) in ar.entries()?.enumerate() {
+                let mut entry = entry?;
+                let et = entry.header().entry_type();
+                if !(et.is_file() || et == tar::EntryType::Continuous) {
+                    continue;
+                }
+                let path = norm(&entry.path_bytes());
+                if !want.contains(&path) {
+                    continue;
+                }
+                let file = spool.join(format!("from-{n}-{i}"));
+                let mut out = File::create(&file)?;
+                io::copy(&mut entry, &mut out)?;
+                spooled.insert(path, file);
+            }
+        }
+        Ok(data_path
+            .into_iter()
+            .filter_map(|(w, src)| spooled.get(&src).map(|f| (w, f.clone())))
+            .collect())
     }
 
     /// The bytes of a small file in the image (for /etc/passwd and /etc/group).
@@ -37,13 +309,13 @@ impl ImageFs {
             Content::File {
                 source: FileSource::Bytes(b),
                 ..
-            } => Some(b.to_vec()),
+            } if !self.origins.contains_key(path) => Some(b.to_vec()),
             Content::File {
                 source: FileSource::Path(p),
                 ..
             } => {
                 let mut out = Vec::new();
-                std::fs::File::open(p)
+                File::open(p)
                     .ok()?
                     .take(16 << 20)
                     .read_to_end(&mut out)
@@ -67,6 +339,11 @@ impl ImageFs {
     }
 }
 
+/// A file whose bytes are still in a base layer (see [`ImageFs::origins`]).
+fn placeholder(size: u64, mode: u32, uid: u64, gid: u64) -> LayerEntry {
+    LayerEntry::file(FileSource::Bytes(Arc::from(&[][..])), size, mode, uid, gid)
+}
+
 /// Finds `name` in a colon-separated database; returns the numeric field at
 /// `idx` and the one after it, if numeric.
 fn lookup(text: &[u8], name: &str, idx: usize) -> Option<(u64, Option<u64>)> {
@@ -85,7 +362,6 @@ fn lookup(text: &[u8], name: &str, idx: usize) -> Option<(u64, Option<u64>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn users_and_groups_resolve_from_the_image() {
@@ -104,5 +380,76 @@ mod tests {
         assert_eq!(fs.lookup_user("app"), Some((1000, 1001)));
         assert_eq!(fs.lookup_user("nobody"), None);
         assert_eq!(fs.lookup_group("staff"), Some(50));
+    }
+
+    fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            if let Some(target) = data.strip_prefix(b"->") {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                h.set_mode(0o777);
+                b.append_link(&mut h, name, std::str::from_utf8(target).unwrap())
+                    .unwrap();
+            } else if name.ends_with('/') {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                h.set_mode(0o755);
+                b.append_data(&mut h, name, &[][..]).unwrap();
+            } else {
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                b.append_data(&mut h, name, *data).unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_dirs_hide_lower_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let l1 = d.path().join("l1");
+        let l2 = d.path().join("l2");
+        fs::write(
+            &l1,
+            tar_of(&[
+                ("a/", b""),
+                ("a/gone", b"1"),
+                ("a/kept", b"2"),
+                ("o/", b""),
+                ("o/old", b"3"),
+                ("bin", b"->usr/bin"),
+            ]),
+        )
+        .unwrap();
+        fs::write(
+            &l2,
+            tar_of(&[
+                ("a/.wh.gone", b""),
+                ("o/.wh..wh..opq", b""),
+                ("o/new", b"4"),
+            ]),
+        )
+        .unwrap();
+        let mut fs_ = ImageFs {
+            keep_all: true,
+            ..Default::default()
+        };
+        fs_.apply_blob(&l1).unwrap();
+        fs_.apply_blob(&l2).unwrap();
+        let names: Vec<String> = fs_
+            .nodes
+            .keys()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect();
+        assert_eq!(names, ["a", "a/kept", "bin", "o", "o/new"]);
+        assert_eq!(fs_.resolve(b"bin/x"), b"usr/bin/x");
+        let spool = d.path().join("spool");
+        let got = fs_
+            .extract(&[b"a/kept".to_vec(), b"o/new".to_vec()], &spool)
+            .unwrap();
+        assert_eq!(fs::read(&got[&b"a/kept".to_vec()]).unwrap(), b"2");
+        assert_eq!(fs::read(&got[&b"o/new".to_vec()]).unwrap(), b"4");
     }
 }

@@ -8,6 +8,7 @@ mod stage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -22,6 +23,7 @@ use crate::image::{
 };
 use crate::layer::{self, Compression, LayerInfo};
 use crate::progress::Progress;
+use crate::store::{BaseImage, Stores};
 
 pub use copy::{detect_archive, ArchiveKind};
 pub use stage::StageError;
@@ -41,6 +43,11 @@ pub struct BuildOptions {
     /// The hash cache file for kiln-v1, if any.
     pub hash_cache: Option<PathBuf>,
     pub progress: Progress,
+    /// Where `FROM` and `COPY --from` look for images, in order.
+    pub stores: Stores,
+    /// Images built earlier in the same run (`--all`), by qualified name;
+    /// they win over the stores.
+    pub parents: Arc<BTreeMap<String, BaseImage>>,
 }
 
 /// What a build produced.
@@ -120,6 +127,17 @@ pub fn default_tag(image_dir: &Path) -> String {
 
 /// Builds the image in `image_dir`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
+    build_into(image_dir, opts, None).map(|(r, _)| r)
+}
+
+/// Builds the image in `image_dir`; with `shared_blobs`, layer blobs go
+/// into that `blobs/sha256` directory (and stay there), and the image is
+/// also returned as a [`BaseImage`] that later builds of the run can use.
+pub fn build_into(
+    image_dir: &Path,
+    opts: &BuildOptions,
+    shared_blobs: Option<&Path>,
+) -> Result<(BuildResult, BaseImage), Error> {
     let cache = opts.hash_cache.as_deref().map(HashCache::load);
     let (ctx, context_hash) = context::collect_and_hash(
         image_dir,
@@ -160,7 +178,10 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
             path: opts.output.clone(),
             source,
         })?;
-    let blobs = work.path().join("blobs/sha256");
+    let blobs = match shared_blobs {
+        Some(b) => b.to_path_buf(),
+        None => work.path().join("blobs/sha256"),
+    };
     let spool = work.path().join("spool");
 
     let planned = stage::run(&df, &ctx, opts, &spool).map_err(|e| match e {
@@ -195,7 +216,7 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
             });
     let step = opts.progress.step("writing layers", bytes, files);
     let (level, ts) = (opts.compression, opts.timestamp);
-    let mut streaming = if opts.format.streams() {
+    let mut streaming = if opts.format.streams() && shared_blobs.is_none() {
         Some(archive::Streaming::create(&opts.output, ts)?)
     } else {
         None
@@ -220,23 +241,29 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
     step.finish();
 
     let mut config: ImageConfig = planned.config;
+    let mut diff_ids = std::mem::take(&mut config.rootfs.diff_ids);
+    diff_ids.extend(infos.iter().map(|l| l.diff_id.to_string()));
     config.rootfs = RootFs {
         kind: "layers".into(),
-        diff_ids: infos.iter().map(|l| l.diff_id.to_string()).collect(),
+        diff_ids,
     };
     let config_bytes = canonical_json(&config);
     let config_desc = write_blob(&blobs, MEDIA_CONFIG, &config_bytes)?;
-    let layers: Vec<image::Descriptor> = infos
-        .iter()
-        .map(|l| {
-            let mut d = descriptor(&l.media_type, &l.digest, l.size);
-            if let Some(c) = &l.compressor {
-                d.annotations
-                    .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
-            }
-            d
-        })
-        .collect();
+    // Base layers pass through: same descriptors, same blob files.
+    let mut extra = BTreeMap::new();
+    let mut layers: Vec<image::Descriptor> = Vec::new();
+    for (d, path) in &planned.base {
+        extra.insert(d.digest.clone(), path.clone());
+        layers.push(d.clone());
+    }
+    layers.extend(infos.iter().map(|l| {
+        let mut d = descriptor(&l.media_type, &l.digest, l.size);
+        if let Some(c) = &l.compressor {
+            d.annotations
+                .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
+        }
+        d
+    }));
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(MEDIA_MANIFEST.into()),
@@ -247,6 +274,7 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
     let manifest_desc = write_blob(&blobs, MEDIA_MANIFEST, &canonical_json(&manifest))?;
     let files = ImageFiles {
         blobs: blobs.clone(),
+        extra,
         manifest: manifest_desc.clone(),
         config: config_desc.clone(),
         layers,
@@ -263,16 +291,28 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
     }
     step.inc(total, files.layers.len() as u64);
     step.finish();
-    Ok(BuildResult {
+    let as_base = BaseImage {
+        reference: opts.tags.first().cloned().unwrap_or_default(),
+        manifest_digest: manifest_desc.digest.clone(),
+        layers: files
+            .layers
+            .iter()
+            .map(|d| (d.clone(), files.blob_path(&d.digest)))
+            .collect(),
+        config: config.clone(),
+    };
+    let result = BuildResult {
         context_hash,
         image_id: config_desc.digest,
         manifest_digest: manifest_desc.digest,
         tags: opts.tags.clone(),
-        layers: infos
+        layers: files
+            .layers
             .iter()
-            .map(|l| LayerSummary {
-                digest: l.digest.to_string(),
-                diff_id: l.diff_id.to_string(),
+            .zip(&config.rootfs.diff_ids)
+            .map(|(l, diff_id)| LayerSummary {
+                digest: l.digest.clone(),
+                diff_id: diff_id.clone(),
                 size: l.size,
                 media_type: l.media_type.clone(),
             })
@@ -280,7 +320,8 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "built".into(),
-    })
+    };
+    Ok((result, as_base))
 }
 
 fn write_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> Result<image::Descriptor, Error> {

@@ -1,18 +1,24 @@
-//! Runs one stage's instructions: tracks ARG/ENV scopes, expands words with
-//! Docker's rules, plans a layer for each COPY/ADD and each WORKDIR that
-//! creates a directory, and fills the image config and history.
+//! Runs a Dockerfile's stages: works out which stages the target needs
+//! (its `FROM` chain and every `COPY --from`), resolves each stage's base
+//! (scratch, an earlier stage, a parent built in the same run, or an image
+//! store), then runs the instructions: ARG/ENV scopes, Docker's word
+//! expansion, a layer for each COPY/ADD and each WORKDIR that creates a
+//! directory, and the image config and history merged onto the base's.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 
-use super::copy::{self, ContextView, CopyOptions, Src};
+use super::copy::{self, ContextView, CopyOptions, Src, Tree};
 use super::fs::ImageFs;
 use super::BuildOptions;
 use crate::context::Context;
 use crate::dockerfile::expand::{expand_vars_only, expand_word, split_words, Vars};
 use crate::dockerfile::{CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind};
-use crate::image::{host_platform, rfc3339, Empty, Healthcheck, History, ImageConfig, RunConfig};
-use crate::layer::{Entries, LayerEntry};
+use crate::image::{
+    host_platform, rfc3339, Descriptor, Empty, Healthcheck, History, ImageConfig, RunConfig,
+};
+use crate::layer::{Content, Entries, FileSource, LayerEntry};
+use crate::store::BaseImage;
 
 /// Docker's default PATH, set on images whose base has none (as BuildKit does).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -28,14 +34,57 @@ pub enum StageError {
     Whole(String),
 }
 
-/// The result of running a stage: its layers' entries and its config.
+/// The result of running a stage: the base layers it passes through, its
+/// own layers' entries, its config (whose diff_ids are the base's), and
+/// its filesystem (for stages that others copy from).
+#[derive(Clone)]
 pub struct Planned {
+    pub base: Vec<(Descriptor, PathBuf)>,
     pub layers: Vec<Entries>,
     pub config: ImageConfig,
+    pub fs: ImageFs,
+}
+
+/// One stage of the Dockerfile: instructions `start..end`, `start` its FROM.
+struct StageDef {
+    start: usize,
+    end: usize,
+    name: Option<String>,
+}
+
+/// Earlier stages' results, for `FROM stage` and `COPY --from`.
+struct Earlier<'a> {
+    defs: &'a [StageDef],
+    done: &'a [Option<Planned>],
+}
+
+impl Earlier<'_> {
+    /// The earlier stage a `FROM`/`--from` value names (a name, or for
+    /// `--from` an index).
+    fn find(&self, value: &str, by_index: bool) -> Option<usize> {
+        if by_index {
+            if let Ok(i) = value.parse::<usize>() {
+                return (i < self.done.len()).then_some(i);
+            }
+        }
+        self.defs[..self.done.len()].iter().position(|d| {
+            d.name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(value))
+        })
+    }
 }
 
 struct State<'a> {
-    view: ContextView<'a>,
+    view: &'a ContextView<'a>,
+    earlier: Earlier<'a>,
+    /// Images named by `COPY --from=IMAGE`, loaded once.
+    from_images: HashMap<String, ImageFs>,
+    base: Vec<(Descriptor, PathBuf)>,
+    diff_ids: Vec<String>,
+    os: String,
+    architecture: String,
+    variant: Option<String>,
     opts: &'a BuildOptions,
     escape: char,
     args: Vars,
@@ -109,7 +158,17 @@ fn declare_args(
     Ok(())
 }
 
-/// Runs the target stage of `df`.
+/// The stage a `FROM` value or `--from` flag refers to, if any, for the
+/// dependency analysis (words are expanded with the global ARGs only).
+fn stage_ref(defs: &[StageDef], before: usize, value: &str, by_index: bool) -> Option<usize> {
+    Earlier {
+        defs,
+        done: &vec![None; before],
+    }
+    .find(value, by_index)
+}
+
+/// Runs the target stage of `df` and the stages it needs.
 pub fn run(
     df: &Dockerfile,
     ctx: &Context,
@@ -119,11 +178,20 @@ pub fn run(
     let escape = df.escape;
     // Global scope: ARGs before the first FROM, plus the automatic platform args.
     let mut global = automatic_args();
-    let mut stages: Vec<(usize, Option<String>)> = Vec::new();
+    let mut defs: Vec<StageDef> = Vec::new();
     for (i, ins) in df.instructions.iter().enumerate() {
         match &ins.kind {
-            Kind::From { name, .. } => stages.push((i, name.clone())),
-            Kind::Arg(text) if stages.is_empty() => {
+            Kind::From { name, .. } => {
+                if let Some(last) = defs.last_mut() {
+                    last.end = i;
+                }
+                defs.push(StageDef {
+                    start: i,
+                    end: df.instructions.len(),
+                    name: name.clone(),
+                });
+            }
+            Kind::Arg(text) if defs.is_empty() => {
                 let g = global.clone();
                 declare_args(text, &mut global, &g, &opts.context.args, escape, &g)
                     .map_err(|m| at(ins, m))?;
@@ -131,49 +199,100 @@ pub fn run(
             _ => {}
         }
     }
-    let target = match &opts.target {
-        Some(t) => stages
-            .iter()
-            .position(|(_, n)| n.as_deref() == Some(t.as_str()))
-            .ok_or_else(|| {
-                StageError::Whole(format!(
-                    "--target {t}: no stage is named {t} (FROM ... AS {t})"
+    let target =
+        match &opts.target {
+            Some(t) => {
+                defs.iter()
+                    .position(|d| d.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(t)))
+                    .ok_or_else(|| {
+                        let names: Vec<&str> =
+                            defs.iter().filter_map(|d| d.name.as_deref()).collect();
+                        StageError::Whole(format!(
+                    "--target {t}: no stage is named {t} (FROM ... AS {t}); the stages are: {}",
+                    if names.is_empty() { "none named".to_string() } else { names.join(", ") }
                 ))
-            })?,
-        None => stages
-            .len()
-            .checked_sub(1)
-            .ok_or_else(|| StageError::Whole("no FROM instruction".into()))?,
-    };
-    let start = stages[target].0;
-    let end = stages
-        .get(target + 1)
-        .map_or(df.instructions.len(), |s| s.0);
+                    })?
+            }
+            None => defs
+                .len()
+                .checked_sub(1)
+                .ok_or_else(|| StageError::Whole("no FROM instruction".into()))?,
+        };
 
-    let mut st = State {
-        view: ContextView::new(ctx),
-        opts,
-        escape,
-        args: Vars::new(),
-        env: vec![("PATH".into(), DEFAULT_PATH.into())],
-        run: RunConfig::default(),
-        shell: vec!["/bin/sh".into(), "-c".into()],
-        workdir: "/".into(),
-        user: String::new(),
-        cmd_set: false,
-        author: None,
-        fs: ImageFs::default(),
-        layers: Vec::new(),
-        history: Vec::new(),
-        created: rfc3339(opts.timestamp),
-        spool,
-    };
-    let from = &df.instructions[start];
-    st.from(from, &global)?;
-    for ins in &df.instructions[start + 1..end] {
-        st.instruction(ins, &global).map_err(|m| at(ins, m))?;
+    // Which stages the target needs, and which of them others copy from.
+    let expand_global = |w: &str| expand_word(w, &global, escape).unwrap_or_else(|_| w.to_string());
+    let mut from_stage: Vec<Option<usize>> = vec![None; defs.len()];
+    let mut copies: Vec<Vec<usize>> = vec![Vec::new(); defs.len()];
+    for (n, d) in defs.iter().enumerate() {
+        if let Kind::From { image, .. } = &df.instructions[d.start].kind {
+            from_stage[n] = stage_ref(&defs, n, &expand_global(image), false);
+        }
+        for ins in &df.instructions[d.start + 1..d.end] {
+            if let Kind::Copy(spec) | Kind::Add(spec) = &ins.kind {
+                for (flag, v) in &spec.flags {
+                    if flag == "from" {
+                        if let Some(j) =
+                            stage_ref(&defs, n, &expand_global(v.as_deref().unwrap_or("")), true)
+                        {
+                            copies[n].push(j);
+                        }
+                    }
+                }
+            }
+        }
     }
-    Ok(st.finish())
+    let mut needed = vec![false; defs.len()];
+    let mut keep_all = vec![false; defs.len()];
+    let mut todo = vec![target];
+    while let Some(n) = todo.pop() {
+        if std::mem::replace(&mut needed[n], true) {
+            continue;
+        }
+        todo.extend(from_stage[n]);
+        for &j in &copies[n] {
+            keep_all[j] = true;
+            todo.push(j);
+        }
+    }
+    for n in (0..defs.len()).rev() {
+        if keep_all[n] {
+            if let Some(j) = from_stage[n] {
+                keep_all[j] = true;
+            }
+        }
+    }
+
+    let view = ContextView::new(ctx);
+    let mut done: Vec<Option<Planned>> = Vec::new();
+    for n in 0..=target {
+        if !needed[n] {
+            done.push(None);
+            continue;
+        }
+        let d = &defs[n];
+        let mut st = State::new(
+            &view,
+            Earlier {
+                defs: &defs,
+                done: &done,
+            },
+            opts,
+            escape,
+            spool,
+        );
+        st.fs.keep_all = keep_all[n];
+        let from = &df.instructions[d.start];
+        let makes_layers = df.instructions[d.start + 1..d.end]
+            .iter()
+            .any(|i| matches!(i.kind, Kind::Copy(_) | Kind::Add(_) | Kind::Workdir(_)));
+        st.from(from, &global, makes_layers || keep_all[n])?;
+        for ins in &df.instructions[d.start + 1..d.end] {
+            st.instruction(ins, &global).map_err(|m| at(ins, m))?;
+        }
+        let planned = st.finish();
+        done.push(Some(planned));
+    }
+    Ok(done.pop().flatten().expect("the target stage was built"))
 }
 
 fn at(ins: &Instr, message: String) -> StageError {
@@ -184,7 +303,7 @@ fn at(ins: &Instr, message: String) -> StageError {
     }
 }
 
-impl State<'_> {
+impl<'a> State<'a> {
     fn vars(&self) -> Vars {
         let mut v = self.args.clone();
         for (k, val) in &self.env {
@@ -197,32 +316,172 @@ impl State<'_> {
         expand_word(word, &self.vars(), self.escape).map_err(|e| e.0)
     }
 
-    fn from(&mut self, ins: &Instr, global: &Vars) -> Result<(), StageError> {
+    fn new(
+        view: &'a ContextView<'a>,
+        earlier: Earlier<'a>,
+        opts: &'a BuildOptions,
+        escape: char,
+        spool: &'a Path,
+    ) -> State<'a> {
+        let p = host_platform();
+        State {
+            view,
+            earlier,
+            from_images: HashMap::new(),
+            base: Vec::new(),
+            diff_ids: Vec::new(),
+            os: p.os,
+            architecture: p.architecture,
+            variant: p.variant,
+            opts,
+            escape,
+            args: Vars::new(),
+            env: vec![("PATH".into(), DEFAULT_PATH.into())],
+            run: RunConfig::default(),
+            shell: vec!["/bin/sh".into(), "-c".into()],
+            workdir: "/".into(),
+            user: String::new(),
+            cmd_set: false,
+            author: None,
+            fs: ImageFs::default(),
+            layers: Vec::new(),
+            history: Vec::new(),
+            created: rfc3339(opts.timestamp),
+            spool,
+        }
+    }
+
+    /// Starts from a base config, as Docker does: its run config, env
+    /// (PATH added if it has none), working dir, user, shell, history,
+    /// platform and diff_ids; ONBUILD triggers are not inherited.
+    fn inherit(&mut self, c: &ImageConfig) {
+        let mut run = c.config.clone();
+        self.env = run
+            .env
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (kv, String::new()),
+            })
+            .collect();
+        if !self.env.iter().any(|(k, _)| k == "PATH") {
+            self.env.push(("PATH".into(), DEFAULT_PATH.into()));
+        }
+        run.on_build = None;
+        self.workdir = run.working_dir.clone().unwrap_or_else(|| "/".into());
+        self.user = run.user.clone().unwrap_or_default();
+        if let Some(sh) = &run.shell {
+            self.shell = sh.clone();
+        }
+        self.run = run;
+        self.author = c.author.clone();
+        self.history = c.history.clone();
+        self.diff_ids = c.rootfs.diff_ids.clone();
+        self.os = c.os.clone();
+        self.architecture = c.architecture.clone();
+        self.variant = c.variant.clone();
+    }
+
+    /// Resolves an image reference: a parent built in this run, else the stores.
+    fn resolve_image(
+        &self,
+        reference: &str,
+        platform: Option<&crate::image::Platform>,
+    ) -> Result<BaseImage, String> {
+        if let Ok(r) = crate::store::Reference::parse(reference) {
+            if let Some(p) = self.opts.parents.get(&r.name()) {
+                return Ok(p.clone());
+            }
+        }
+        self.opts
+            .stores
+            .resolve(reference, platform)
+            .map_err(|e| e.to_string())
+    }
+
+    fn from(&mut self, ins: &Instr, global: &Vars, scan: bool) -> Result<(), StageError> {
         let Kind::From { image, flags, .. } = &ins.kind else {
             unreachable!()
         };
         let image = expand_word(image, global, self.escape).map_err(|e| at(ins, e.0))?;
+        if image.is_empty() {
+            return Err(at(ins, "FROM names no image (an empty ARG?)".into()));
+        }
+        let mut platform = None;
         for (name, value) in flags {
             if name != "platform" {
                 return Err(at(ins, format!("unknown flag --{name}")));
             }
             let v = expand_word(value.as_deref().unwrap_or(""), global, self.escape)
                 .map_err(|e| at(ins, e.0))?;
-            let host = global.get("TARGETPLATFORM").cloned().unwrap_or_default();
-            if v != host && v != format!("{}/{}", host_platform().os, host_platform().architecture)
-            {
-                return Err(at(
+            let p = crate::store::parse_platform(&v).ok_or_else(|| {
+                at(
                     ins,
-                    format!("--platform={v}: kiln builds for the host platform ({host}) only"),
-                ));
-            }
+                    format!("--platform={v}: expected OS/ARCH[/VARIANT], e.g. linux/amd64"),
+                )
+            })?;
+            platform = Some((v, p));
         }
-        if !image.eq_ignore_ascii_case("scratch") {
+        if image.eq_ignore_ascii_case("scratch") {
+            if let Some((v, p)) = &platform {
+                let host = host_platform();
+                if p.os != host.os || p.architecture != host.architecture {
+                    return Err(at(
+                        ins,
+                        format!(
+                            "--platform={v}: FROM scratch builds for the host platform ({}/{}) only",
+                            host.os, host.architecture
+                        ),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        if let Some(n) = self.earlier.find(&image, false) {
+            let Some(prev) = self.earlier.done[n].clone() else {
+                return Err(at(ins, format!("stage {image} was not built")));
+            };
+            let keep_all = self.fs.keep_all;
+            self.inherit(&prev.config);
+            self.history = prev.config.history.clone();
+            self.base = prev.base;
+            self.layers = prev.layers;
+            self.fs = prev.fs;
+            self.fs.keep_all |= keep_all;
+            return Ok(());
+        }
+        let base = self
+            .resolve_image(&image, platform.as_ref().map(|p| &p.1))
+            .map_err(|m| at(ins, m))?;
+        if let Some(t) = base
+            .config
+            .config
+            .on_build
+            .as_ref()
+            .filter(|t| !t.is_empty())
+        {
             return Err(at(
                 ins,
-                format!("base image {image}: kiln builds FROM scratch images only so far; base images from a local store are not supported yet"),
+                format!(
+                    "base image {image} has ONBUILD triggers ({}); kiln does not run them: build from an image without them",
+                    t.join("; ")
+                ),
             ));
         }
+        self.inherit(&base.config);
+        if scan {
+            for (d, path) in &base.layers {
+                self.fs.apply_blob(path).map_err(|e| {
+                    at(
+                        ins,
+                        format!("reading layer {} of base image {image}: {e}", d.digest),
+                    )
+                })?;
+            }
+        }
+        self.base = base.layers;
         Ok(())
     }
 
@@ -350,6 +609,7 @@ impl State<'_> {
                 let (path, _) = copy::resolve_dest(&self.workdir, &w);
                 self.workdir = format!("/{}", String::from_utf8_lossy(&path));
                 self.run.working_dir = Some(self.workdir.clone());
+                let path = self.fs.resolve(&path);
                 if self.fs.is_dir(&path) {
                     self.history_entry(ins, true);
                 } else {
@@ -475,6 +735,7 @@ impl State<'_> {
             add,
             ..Default::default()
         };
+        let mut from: Option<String> = None;
         for (name, value) in &spec.flags {
             let value = value
                 .as_deref()
@@ -486,17 +747,20 @@ impl State<'_> {
                     let mode = u32::from_str_radix(&v, 8)
                         .ok()
                         .filter(|m| *m <= 0o7777)
-                        .ok_or_else(|| format!("--chmod={v}: expected an octal mode between 0 and 7777"))?;
+                        .ok_or_else(|| {
+                            format!("--chmod={v}: expected an octal mode between 0 and 7777")
+                        })?;
                     opts.chmod = Some(mode);
                 }
                 ("link", _) => {}
-                ("from", Some(v)) => {
-                    return Err(format!(
-                        "--from={v}: copying from other stages or images is not supported yet; kiln builds single-stage FROM scratch images so far"
-                    ))
+                ("from", Some(v)) if v.is_empty() => {
+                    return Err("--from needs a stage or image".into())
                 }
+                ("from", Some(v)) => from = Some(v),
                 ("keep-git-dir", _) | ("checksum", _) if add => {
-                    return Err(format!("--{name} applies to remote ADD sources, and kiln never downloads"));
+                    return Err(format!(
+                        "--{name} applies to remote ADD sources, and kiln never downloads"
+                    ));
                 }
                 (n, _) => return Err(format!("unknown flag --{n} for {what}")),
             }
@@ -524,37 +788,103 @@ impl State<'_> {
         }
         let dest = ex(&spec.dest)?;
         let (dest_path, slash) = copy::resolve_dest(&self.workdir, &dest);
-        let spool = self.spool.join(format!("layer-{}", self.layers.len()));
-        let layer = copy::plan(
-            &self.view,
-            &self.fs,
-            &sources,
-            (&dest_path, slash),
-            &opts,
-            &spool,
-        )?;
+        let dest_path = self.fs.resolve(&dest_path);
+        let spool = self
+            .spool
+            .join(format!("layer-{}-{}", self.layers.len(), ins.line));
+        let label = match &from {
+            Some(v) => Some(self.load_copy_source(v)?),
+            None => None,
+        };
+        let src_fs: Option<&ImageFs> = match &from {
+            Some(v) => match self.earlier.find(v, true) {
+                Some(n) => self.earlier.done[n].as_ref().map(|p| &p.fs),
+                None => self.from_images.get(v.as_str()),
+            },
+            None => None,
+        };
+        let tree = match (src_fs, &label) {
+            (Some(fs), Some(l)) => Tree::Image(fs, l),
+            _ => Tree::Context(self.view),
+        };
+        let planned = copy::plan(tree, &self.fs, &sources, (&dest_path, slash), &opts, &spool)?;
+        let mut layer = planned.layer;
+        if let (Some(fs), false) = (src_fs, planned.pending.is_empty()) {
+            let wanted: Vec<Vec<u8>> = planned.pending.iter().map(|p| p.1.clone()).collect();
+            let got = fs.extract(&wanted, &spool).map_err(|e| {
+                format!(
+                    "reading files out of {}: {e}",
+                    label.as_deref().unwrap_or("")
+                )
+            })?;
+            for (target, src) in &planned.pending {
+                let file = got.get(src).ok_or_else(|| {
+                    format!(
+                        "{}: its bytes are not in the layer that lists it; the image is corrupt",
+                        String::from_utf8_lossy(src)
+                    )
+                })?;
+                let size = std::fs::metadata(file).map_err(|e| e.to_string())?.len();
+                if let Some(e) = layer.get_mut(target) {
+                    e.content = Content::File {
+                        source: FileSource::Path(std::sync::Arc::from(file.as_path())),
+                        size,
+                    };
+                }
+            }
+        }
         self.push_layer(ins, layer);
         Ok(())
     }
 
     fn finish(self) -> Planned {
-        let p = host_platform();
         let mut run = self.run;
         run.env = Some(self.env.iter().map(|(k, v)| format!("{k}={v}")).collect());
         let config = ImageConfig {
             created: Some(self.created.clone()),
             author: self.author,
-            architecture: p.architecture,
-            os: p.os,
-            variant: p.variant,
+            architecture: self.architecture,
+            os: self.os,
+            variant: self.variant,
             config: run,
-            rootfs: Default::default(),
+            rootfs: crate::image::RootFs {
+                kind: "layers".into(),
+                diff_ids: self.diff_ids,
+            },
             history: self.history,
         };
         Planned {
+            base: self.base,
             layers: self.layers,
             config,
+            fs: self.fs,
         }
+    }
+
+    /// The filesystem `COPY --from=VALUE` reads: an earlier stage (by name
+    /// or index), else an image from a parent or the stores.
+    fn load_copy_source(&mut self, value: &str) -> Result<String, String> {
+        if let Some(n) = self.earlier.find(value, true) {
+            if self.earlier.done[n].is_none() {
+                return Err(format!("--from={value}: stage {n} was not built (its name is computed from a stage-local ARG, which kiln does not follow)"));
+            }
+            return Ok(format!("stage {value}"));
+        }
+        if !self.from_images.contains_key(value) {
+            let base = self
+                .resolve_image(value, None)
+                .map_err(|m| format!("--from={value}: {m}"))?;
+            let mut fs = ImageFs {
+                keep_all: true,
+                ..Default::default()
+            };
+            for (d, path) in &base.layers {
+                fs.apply_blob(path)
+                    .map_err(|e| format!("--from={value}: reading layer {}: {e}", d.digest))?;
+            }
+            self.from_images.insert(value.to_string(), fs);
+        }
+        Ok(format!("image {value}"))
     }
 }
 

@@ -1,0 +1,117 @@
+//! Image references as Docker reads them: `[registry/]path[:tag][@sha256:…]`,
+//! with Docker Hub's implied `docker.io/library/` prefix, so `debian:12`,
+//! `library/debian:12` and `docker.io/library/debian:12` name one image.
+
+use crate::digest::Digest;
+
+/// A parsed image reference.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reference {
+    /// The repository, fully qualified (`docker.io/library/debian`).
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<Digest>,
+}
+
+fn valid_component(c: &str) -> bool {
+    !c.is_empty()
+        && c.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+impl Reference {
+    /// Parses a reference; the error says what is wrong with it.
+    pub fn parse(s: &str) -> Result<Reference, String> {
+        let (rest, digest) = match s.split_once('@') {
+            Some((r, d)) => (
+                r,
+                Some(Digest::parse(d).ok_or_else(|| {
+                    format!("{s}: {d} is not a valid digest (expected sha256: and 64 lowercase hex digits)")
+                })?),
+            ),
+            None => (s, None),
+        };
+        let last = rest.rfind('/').map_or(0, |i| i + 1);
+        let (repo, tag) = match rest[last..].rfind(':') {
+            Some(i) => (&rest[..last + i], Some(rest[last + i + 1..].to_string())),
+            None => (rest, None),
+        };
+        if let Some(t) = &tag {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !ok {
+                return Err(format!("{s}: invalid tag {t:?}"));
+            }
+        }
+        let mut parts: Vec<&str> = repo.split('/').collect();
+        let domain = (parts.len() > 1
+            && (parts[0].contains('.') || parts[0].contains(':') || parts[0] == "localhost"))
+            .then(|| parts.remove(0));
+        if parts.iter().any(|c| !valid_component(c)) {
+            return Err(format!(
+                "{s}: invalid image name (lowercase letters, digits, '.', '_', '-' and '/' only)"
+            ));
+        }
+        let path = parts.join("/");
+        let repository = match domain {
+            Some(d) => format!("{d}/{path}"),
+            None if parts.len() == 1 => format!("docker.io/library/{path}"),
+            None => format!("docker.io/{path}"),
+        };
+        Ok(Reference {
+            repository,
+            tag,
+            digest,
+        })
+    }
+
+    /// `repository:tag` with `latest` for a missing tag (no digest).
+    pub fn name(&self) -> String {
+        format!(
+            "{}:{}",
+            self.repository,
+            self.tag.as_deref().unwrap_or("latest")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_hub_names_normalize() {
+        for s in [
+            "debian",
+            "debian:latest",
+            "library/debian",
+            "docker.io/library/debian:latest",
+        ] {
+            assert_eq!(
+                Reference::parse(s).unwrap().name(),
+                "docker.io/library/debian:latest"
+            );
+        }
+        assert_eq!(
+            Reference::parse("localhost:5000/a/b:1").unwrap().name(),
+            "localhost:5000/a/b:1"
+        );
+        assert_eq!(
+            Reference::parse("me/x:2").unwrap().name(),
+            "docker.io/me/x:2"
+        );
+    }
+
+    #[test]
+    fn digests_parse_and_bad_ones_are_named() {
+        let d = format!("sha256:{}", "ab".repeat(32));
+        let r = Reference::parse(&format!("reg.example/img@{d}")).unwrap();
+        assert_eq!(r.digest.unwrap().as_str(), d);
+        assert_eq!(r.repository, "reg.example/img");
+        let e = Reference::parse("img@sha256:xyz").unwrap_err();
+        assert!(e.contains("not a valid digest"), "{e}");
+        assert!(Reference::parse("Upper/Case").is_err());
+    }
+}
