@@ -9,6 +9,8 @@ need=()
 for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podman zstd:zstd cc:gcc; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
+# A static busybox for the base image the store interop test builds and runs.
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 # Static libc for the tiny test binary that `docker run` executes.
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || [ -e /usr/lib/aarch64-linux-gnu/libc.a ] || need+=(libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then

@@ -259,3 +259,127 @@ print(json.dumps(info))
     );
     docker_verify(&tag, &s(&v["image_id"]));
 }
+
+#[test]
+fn a_skopeo_docker_archive_is_imported_and_serves_as_a_base_that_runs() {
+    require("skopeo");
+    require("podman");
+    let busybox = Path::new("/bin/busybox");
+    assert!(
+        busybox.exists(),
+        "/bin/busybox is missing: run `bash setup.sh` (it installs busybox-static)"
+    );
+    // A base made from Debian's busybox-static, turned by skopeo into a
+    // legacy docker-archive (manifest.json only), a format kiln never writes.
+    let d = tree(&[
+        (
+            "img/Dockerfile",
+            b"FROM scratch\nCOPY busybox /bin/busybox\nCOPY etc /etc/\n",
+        ),
+        (
+            "img/etc/passwd",
+            b"root:x:0:0:root:/root:/bin/sh\nbb:x:4242:4242::/home/bb:/bin/sh\n",
+        ),
+        ("img/etc/group", b"root:x:0:\nbb:x:4242:\n"),
+    ]);
+    fs::copy(busybox, d.path().join("img/busybox")).unwrap();
+    chmod(&d.path().join("img/busybox"), 0o755);
+    build(d.path(), "base.oci.tar", &["--layer-compression", "gzip"]);
+    let legacy = d.path().join("bb.tar");
+    ok(Command::new("skopeo")
+        .arg("copy")
+        .arg(format!(
+            "oci-archive:{}",
+            d.path().join("base.oci.tar").display()
+        ))
+        .arg(format!(
+            "docker-archive:{}:kiln-interop/busybox:1",
+            legacy.display()
+        )));
+    let members: Vec<String> = tar::Archive::new(fs::File::open(&legacy).unwrap())
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert!(!members.contains(&"index.json".to_string()), "{members:?}");
+    assert!(
+        members.contains(&"manifest.json".to_string()),
+        "{members:?}"
+    );
+
+    let store = d.path().join("store");
+    let out = ok(kiln()
+        .args(["store", "add"])
+        .arg(&legacy)
+        .arg("--store")
+        .arg(&store));
+    let (name, digest) = out.trim().split_once('\t').unwrap();
+    assert_eq!(
+        name, "docker.io/kiln-interop/busybox:1",
+        "the name skopeo recorded"
+    );
+    // The layers keep their digests: each is the sha256 of the layer file skopeo wrote.
+    let mut ar = tar::Archive::new(fs::File::open(&legacy).unwrap());
+    let mut files = std::collections::BTreeMap::new();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let p = e.path().unwrap().to_string_lossy().into_owned();
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut b).unwrap();
+        files.insert(p, b);
+    }
+    let dm: serde_json::Value = serde_json::from_slice(&files["manifest.json"]).unwrap();
+    let m: kiln::image::Manifest = serde_json::from_slice(
+        &fs::read(
+            store
+                .join("blobs/sha256")
+                .join(digest.trim_start_matches("sha256:")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let want: Vec<String> = dm[0]["Layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| format!("sha256:{}", sha256_hex(&files[l.as_str().unwrap()])))
+        .collect();
+    let got: Vec<String> = m.layers.iter().map(|l| l.digest.clone()).collect();
+    assert_eq!(got, want);
+
+    // A child FROM the imported image, with a file owned by the base's user.
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM kiln-interop/busybox:1\nCOPY --chown=bb hello.sh /hello.sh\nCMD [\"/bin/busybox\", \"sh\", \"/hello.sh\"]\n",
+    );
+    write(
+        d.path(),
+        "img/hello.sh",
+        b"echo \"hello from busybox, owner $(/bin/busybox stat -c %u /hello.sh)\"\n",
+    );
+    let tag = docker_tag("busybox");
+    let v = build(
+        d.path(),
+        "child.tar",
+        &["-t", &tag, "--store", store.to_str().unwrap()],
+    );
+    let root = tempfile::tempdir().unwrap();
+    ok(podman(root.path())
+        .arg("load")
+        .arg("-i")
+        .arg(d.path().join("child.tar")));
+    let id = ok(podman(root.path()).args(["image", "inspect", "--format", "{{.Id}}", &tag]));
+    assert_eq!(format!("sha256:{}", id.trim()), s(&v["image_id"]));
+    if !docker_available() {
+        eprintln!("SKIPPED (docker run part): no Docker engine answers on this machine");
+        return;
+    }
+    ok(Command::new("docker")
+        .arg("load")
+        .arg("-i")
+        .arg(d.path().join("child.tar")));
+    let said = ok(Command::new("docker").args(["run", "--rm", "--network", "none", &tag]));
+    let _ = run(Command::new("docker").args(["rmi", "-f", &tag]));
+    assert_eq!(said, "hello from busybox, owner 4242\n");
+}

@@ -193,10 +193,13 @@ impl Store {
         Ok(f)
     }
 
-    /// The name of an index entry: containerd's qualified name, else the ref name.
+    /// The name of an index entry for people
+    /// (the ref name as given when it is a full `name:tag`, else containerd's.)
     fn entry_name(d: &Descriptor) -> Option<&String> {
         d.annotations
-            .get(ANNOTATION_CONTAINERD_NAME)
+            .get(ANNOTATION_REF_NAME)
+            .filter(|n| n.contains(':'))
+            .or_else(|| d.annotations.get(ANNOTATION_CONTAINERD_NAME))
             .or_else(|| d.annotations.get(ANNOTATION_REF_NAME))
     }
 

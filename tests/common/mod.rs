@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 /// The kiln binary under test.
 pub fn kiln() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env_remove("SOURCE_DATE_EPOCH");
+    c.env_remove("SOURCE_DATE_EPOCH").env_remove("KILN_STORE");
     c
 }
 
