@@ -508,15 +508,23 @@ fn build_one(
         name: img.name.clone(),
         source: e,
     };
-    let (_, context_hash) = crate::context::collect_and_hash(
+    // Images build side by side: their one-line reports are the progress.
+    opts.progress = crate::progress::Progress::new(crate::progress::Mode::Never);
+    let cache = opts
+        .hash_cache
+        .as_deref()
+        .map(crate::context::HashCache::load);
+    let (ctx, context_hash) = crate::context::collect_and_hash(
         &img.dir,
         &opts.context,
         opts.algorithm,
         opts.mode_policy,
-        None,
-        &crate::progress::Progress::new(crate::progress::Mode::Never),
+        cache.as_ref(),
+        &opts.progress,
     )
     .map_err(|e| berr(e.into()))?;
+    // The context is hashed once: build_into below reuses it.
+    opts.hash_cache = None;
     let digest = cache_digest(&context_hash, &args, &parent_digests);
     let record = record_path(out_dir, &img.name);
     let previous: Option<TreeLine> = std::fs::read(&record)
@@ -543,7 +551,8 @@ fn build_one(
             return Ok((line, base));
         }
     }
-    let (result, base) = build::build_into(&img.dir, &opts, Some(blobs)).map_err(berr)?;
+    let (result, base) =
+        build::build_into(&img.dir, &opts, Some(blobs), Some((ctx, context_hash))).map_err(berr)?;
     let line = TreeLine {
         name: img.name.clone(),
         tag: opts.tags[0].clone(),

@@ -127,26 +127,31 @@ pub fn default_tag(image_dir: &Path) -> String {
 
 /// Builds the image in `image_dir`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
-    build_into(image_dir, opts, None).map(|(r, _)| r)
+    build_into(image_dir, opts, None, None).map(|(r, _)| r)
 }
 
 /// Builds the image in `image_dir`; with `shared_blobs`, layer blobs go
 /// into that `blobs/sha256` directory (and stay there), and the image is
 /// also returned as a [`BaseImage`] that later builds of the run can use.
+/// `collected` is the context and its hash when the caller already has them.
 pub fn build_into(
     image_dir: &Path,
     opts: &BuildOptions,
     shared_blobs: Option<&Path>,
+    collected: Option<(context::Context, String)>,
 ) -> Result<(BuildResult, BaseImage), Error> {
     let cache = opts.hash_cache.as_deref().map(HashCache::load);
-    let (ctx, context_hash) = context::collect_and_hash(
-        image_dir,
-        &opts.context,
-        opts.algorithm,
-        opts.mode_policy,
-        cache.as_ref(),
-        &opts.progress,
-    )?;
+    let (ctx, context_hash) = match collected {
+        Some(c) => c,
+        None => context::collect_and_hash(
+            image_dir,
+            &opts.context,
+            opts.algorithm,
+            opts.mode_policy,
+            cache.as_ref(),
+            &opts.progress,
+        )?,
+    };
     let dockerfile_path = ctx.image_dir.join("Dockerfile");
     let original_line = |line: usize| {
         ctx.line_map
