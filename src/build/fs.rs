@@ -12,6 +12,8 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+// Tar member names are cleaned like paths: no `./`, no leading or trailing slash.
+use crate::dockerfile::ignore::clean as norm;
 use crate::layer::{Content, Entries, FileSource, LayerEntry};
 
 /// Where the bytes of a file from a base layer live.
@@ -35,21 +37,6 @@ pub struct ImageFs {
 }
 
 const SMALL: &[&[u8]] = &[b"etc/passwd", b"etc/group"];
-
-/// Normalizes a tar member name: no `./`, no leading or trailing slash.
-fn norm(raw: &[u8]) -> Vec<u8> {
-    let mut out: Vec<&[u8]> = Vec::new();
-    for c in raw.split(|&c| c == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out.join(&b'/')
-}
 
 impl ImageFs {
     pub fn is_dir(&self, path: &[u8]) -> bool {
