@@ -7,12 +7,12 @@
 //! order, independent ones in parallel; a parent's result feeds its
 //! children straight from the run's own blob directory.
 //!
-//! Each image's cache digest chains its parent's, as taskgraph's
+//! Each image's index digest chains its parent's, as taskgraph's
 //! `cached_tasks` does: sha256 of the lines context hash, the args as
-//! Python's `json.dumps(args, sort_keys=True)`, the builder line, and the
-//! sorted `docker-images.v2/<parent>/<digest>` of its parents. An image
-//! whose output exists with the same digest recorded beside it is up to date
-//! and not rebuilt.
+//! Python's `json.dumps(args, sort_keys=True)`, the builder line
+//! `kiln-builder:<layer format version>`, and its parents' index digests,
+//! sorted. An image whose output exists with the same digest recorded
+//! beside it is up to date and not rebuilt.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -46,7 +46,7 @@ pub struct TreeLine {
     pub tag: String,
     pub context_hash: String,
     pub manifest_digest: String,
-    /// The cache digest (see the module docs).
+    /// The index digest (see the module docs).
     pub digest: String,
     /// `built` or `up to date`.
     pub status: String,
@@ -73,9 +73,13 @@ pub enum Error {
     },
 }
 
-/// The line taskgraph puts in the digest for its image builder; kiln names itself.
+/// The version of kiln's layer format: bumped whenever the same inputs
+/// would give other layer bytes, so older index entries stop matching.
+pub const LAYER_FORMAT_VERSION: u32 = 1;
+
+/// The line taskgraph gives its image builder in the digest; kiln's.
 pub fn builder_line() -> String {
-    format!("image-builder-image:kiln/{}", env!("CARGO_PKG_VERSION"))
+    format!("kiln-builder:{LAYER_FORMAT_VERSION}")
 }
 
 /// `json.dumps(value)` of a string, as Python writes it (ASCII only).
@@ -117,17 +121,15 @@ pub fn python_json(args: &BTreeMap<String, String>) -> String {
     out
 }
 
-/// The cache digest of an image.
-pub fn cache_digest(
+/// The index digest of an image, from its context hash, its args and its
+/// parents' index digests.
+pub fn index_digest(
     context_hash: &str,
     args: &BTreeMap<String, String>,
-    parents: &[(String, String)],
+    parents: &[String],
 ) -> String {
     let mut lines = vec![context_hash.to_string(), python_json(args), builder_line()];
-    let mut deps: Vec<String> = parents
-        .iter()
-        .map(|(name, d)| format!("docker-images.v2/{name}/{d}"))
-        .collect();
+    let mut deps = parents.to_vec();
     deps.sort();
     lines.extend(deps);
     hex::encode(Sha256::digest(lines.join("\n").as_bytes()))
@@ -495,7 +497,7 @@ fn build_one(
             .args
             .insert("DOCKER_IMAGE_PARENT".into(), v.clone());
         args.insert("DOCKER_IMAGE_PARENT".into(), v);
-        parent_digests.push((p.clone(), digest.clone()));
+        parent_digests.push(digest.clone());
     }
     opts.parents = parents.clone();
     opts.tags = vec![tree_tag(img)];
@@ -525,7 +527,7 @@ fn build_one(
     .map_err(|e| berr(e.into()))?;
     // The context is hashed once: build_into below reuses it.
     opts.hash_cache = None;
-    let digest = cache_digest(&context_hash, &args, &parent_digests);
+    let digest = index_digest(&context_hash, &args, &parent_digests);
     let record = record_path(out_dir, &img.name);
     let previous: Option<TreeLine> = std::fs::read(&record)
         .ok()
@@ -603,6 +605,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("parent zz"));
+    }
+
+    #[test]
+    fn index_digest_is_the_sha256_of_the_documented_lines() {
+        let mut a = BTreeMap::new();
+        a.insert("X".to_string(), "1".to_string());
+        let parents = vec!["bb".to_string(), "aa".to_string()];
+        let text = "ctx\n{\"X\": \"1\"}\nkiln-builder:1\naa\nbb";
+        assert_eq!(
+            index_digest("ctx", &a, &parents),
+            hex::encode(Sha256::digest(text))
+        );
     }
 
     #[test]

@@ -405,6 +405,22 @@ fn multi_stage_copies_only_what_it_names_and_builds_only_needed_stages() {
     ));
     assert!(err.contains("the stages are: builder, unused"), "{err}");
 
+    // FROM an earlier stage continues it: its base, its layers, its config.
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/base:2 AS builder\nCOPY src/ /work/\nFROM builder AS final\nCOPY secret.txt /s\n",
+    );
+    build_json(d.path(), "f.tar", &["--store", st]);
+    let b = manifest(&d.path().join("b.tar"));
+    let f = manifest(&d.path().join("f.tar"));
+    assert_eq!(f.layers.len(), 3 + 1 + 1);
+    assert_eq!(f.layers[..4], b.layers[..4]);
+    assert_eq!(
+        config(&d.path().join("f.tar")).config.user.as_deref(),
+        Some("worker")
+    );
+
     write(
         d.path(),
         "img/Dockerfile",
