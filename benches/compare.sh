@@ -86,7 +86,7 @@ for kind in $trees; do
   sleep 3
   "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache" > /dev/null
   measure "$kind" "kiln hash kiln-v1 --hash-cache (unchanged)" "$runs" "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache"
-  measure "$kind" "kiln build (docker-archive, zstd -3 layers)" "$runs" "$kiln" build --topsrcdir "$d" "$img" --layer-compression zstd --compression-level 3 -o "$work/out.tar"
+  measure "$kind" "kiln build (docker-archive, zstd -3 layers)" "$runs" "$kiln" build --no-index --topsrcdir "$d" "$img" --layer-compression zstd --compression-level 3 -o "$work/out.tar"
   measure "$kind" "taskgraph generate_context_hash" "$runs" "$py" -c "from taskgraph.util.docker import generate_context_hash as g; print(g('$d', 'taskcluster/docker/$kind', {}))"
   measure "$kind" "find | sort | xargs sha256sum | sha256sum" "$runs" sh -c 'find tree -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum'
   measure "$kind" "tar cf - | zstd -T0 -3 (floor)" "$runs" sh -c "tar cf - tree | zstd -T0 -3 -q > '$work/floor.tar.zst'"

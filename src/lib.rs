@@ -14,6 +14,7 @@ pub mod context;
 pub mod digest;
 pub mod dockerfile;
 pub mod image;
+pub mod index;
 pub mod layer;
 pub mod store;
 pub mod tree;

@@ -71,6 +71,11 @@ enum Command {
     /// Manage a local image store (an OCI layout of named base images).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Print an image's index digest and routes without building (takes build's flags).
+    Routes(Box<BuildArgs>),
+    /// Inspect the local index.
+    #[command(subcommand)]
+    Index(IndexCommand),
     /// Show an image's digests, layers and config.
     Inspect {
         /// An OCI layout directory, OCI archive, docker-archive or image.tar.zst.
@@ -111,6 +116,30 @@ enum StoreCommand {
     Gc {
         #[command(flatten)]
         store: StoreArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// List entries (route, manifest digest), optionally only routes matching PATTERN (`*` wildcards).
+    Ls {
+        pattern: Option<String>,
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one route's entry.
+    Show {
+        route: String,
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
+    },
+    /// Remove the entries whose routes match PATTERN.
+    Rm {
+        pattern: String,
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
     },
 }
 
@@ -210,6 +239,54 @@ struct BuildArgs {
     /// if present, then $XDG_CACHE_HOME/kiln/store (~/.cache/kiln/store). Nothing is ever pulled.
     #[arg(long = "store", value_name = "DIR")]
     stores: Vec<PathBuf>,
+    #[command(flatten)]
+    index: IndexArgs,
+}
+
+#[derive(Args, Clone)]
+struct IndexArgs {
+    /// The local index (default $XDG_CACHE_HOME/kiln/index); its images live in the user store.
+    #[arg(long, value_name = "DIR")]
+    index: Option<PathBuf>,
+    /// Route prefix: {prefix}.cache.level-{level}.docker-images.v2.{name}.hash.{digest}.
+    #[arg(long, value_name = "PREFIX", default_value = kiln::index::DEFAULT_PREFIX)]
+    index_prefix: String,
+    /// Taskcluster level (1-3): lookups try levels 3 down to it; writes go to it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    level: u8,
+    /// Build even when the index has the image (the result is indexed again).
+    #[arg(long)]
+    no_cache: bool,
+    /// Neither look the image up nor index it (no copy is kept in the user store).
+    #[arg(long)]
+    no_index: bool,
+}
+
+impl IndexArgs {
+    fn options(&self, name: &str) -> kiln::index::IndexOptions {
+        kiln::index::IndexOptions {
+            index: kiln::index::LocalIndex::new(
+                self.index
+                    .clone()
+                    .unwrap_or_else(kiln::index::LocalIndex::default_dir),
+            ),
+            routes: kiln::index::RouteOptions {
+                prefix: self.index_prefix.clone(),
+                level: self.level,
+            },
+            store: kiln::store::Store::new(kiln::store::Stores::user_store(), "user cache"),
+            lookup: !self.no_cache,
+            name: name.to_string(),
+        }
+    }
+}
+
+/// The image name of a directory (its last component).
+fn image_name(dir: &Path) -> String {
+    std::path::absolute(dir)
+        .ok()
+        .and_then(|a| a.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "image".into())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -393,6 +470,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Build(b) => return build(*b, progress),
         Command::Store(cmd) => store(cmd)?,
+        Command::Routes(b) => return routes(*b, progress),
+        Command::Index(cmd) => index(cmd)?,
         Command::Inspect { image, json } => {
             let r = kiln::store::ImageReader::open(&image)?;
             let s = r.summary()?;
@@ -448,6 +527,131 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
 }
 
 fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
+    let opts = build_options(&b, progress)?;
+    if b.all {
+        return build_all(&b, opts);
+    }
+    if !b.more.is_empty() {
+        bail!("several image directories given: add --all to build them all (with --out-dir)");
+    }
+    let (r, indexed) = if b.index.no_index {
+        (kiln::build(&b.ctx.image_dir, &opts)?, None)
+    } else {
+        let io = b.index.options(&image_name(&b.ctx.image_dir));
+        let c = kiln::index::build_cached(&b.ctx.image_dir, &opts, &io, None)?;
+        (c.result, Some((c.index_digest, c.route)))
+    };
+    if let Some(df) = &b.digest_file {
+        std::fs::write(df, format!("{}\n", r.manifest_digest))
+            .with_context(|| format!("writing {}", df.display()))?;
+    }
+    if b.ctx.json {
+        let mut v = serde_json::to_value(&r)?;
+        if let Some((digest, route)) = &indexed {
+            v["index_digest"] = serde_json::json!(digest);
+            v["route"] = serde_json::json!(route);
+        }
+        print_json(&v)?;
+    } else {
+        println!("context hash:    {}", r.context_hash);
+        if let Some((digest, route)) = &indexed {
+            println!("index digest:    {digest}");
+            println!("route:           {route}");
+        }
+        println!("image id:        {}", r.image_id);
+        println!("manifest digest: {}", r.manifest_digest);
+        println!("tags:            {}", r.tags.join(", "));
+        let size: u64 = r.layers.iter().map(|l| l.size).sum();
+        println!(
+            "{}: {} {} ({} layers, {} bytes of layers)",
+            r.status,
+            r.format,
+            r.output.display(),
+            r.layers.len(),
+            size
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn routes(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
+    let opts = build_options(&b, progress)?;
+    let io = b.index.options(&image_name(&b.ctx.image_dir));
+    let (ctx, hash) = kiln::context::collect_and_hash(
+        &b.ctx.image_dir,
+        &opts.context,
+        opts.algorithm,
+        opts.mode_policy,
+        None,
+        &opts.progress,
+    )?;
+    let parents = kiln::build::base_digests(&ctx, &opts)?;
+    let builder = kiln::index::builder_line(&opts);
+    let digest = kiln::index::index_digest(&hash, &opts.context.args, &builder, &parents);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let lookup = io.routes.lookup(&io.name, &digest);
+    let write = io.routes.write(&io.name, &digest, now);
+    if b.ctx.json {
+        let hits: Vec<Option<kiln::index::Entry>> =
+            lookup.iter().map(|r| io.index.get(r)).collect();
+        print_json(&serde_json::json!({
+            "context_hash": hash, "index_digest": digest, "builder": builder,
+            "parents": parents, "lookup": lookup, "hits": hits, "write": write,
+        }))?;
+    } else {
+        println!("context hash: {hash}");
+        println!("index digest: {digest}");
+        for r in &lookup {
+            let hit = match io.index.get(r) {
+                Some(e) => format!("hit {}", e.manifest_digest),
+                None => "miss".into(),
+            };
+            println!("lookup {r} ({hit})");
+        }
+        for r in &write {
+            println!("write  {r}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn index(cmd: IndexCommand) -> Result<()> {
+    let open = |d: Option<PathBuf>| {
+        kiln::index::LocalIndex::new(d.unwrap_or_else(kiln::index::LocalIndex::default_dir))
+    };
+    match cmd {
+        IndexCommand::Ls {
+            pattern,
+            index,
+            json,
+        } => {
+            let list = open(index).list(pattern.as_deref())?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for e in list {
+                    println!("{}\t{}", e.route, e.manifest_digest);
+                }
+            }
+        }
+        IndexCommand::Show { route, index } => {
+            let idx = open(index);
+            let e = idx.get(&route).ok_or_else(|| {
+                anyhow!("{route}: no such route in the index {}", idx.dir.display())
+            })?;
+            print_json(&e)?;
+        }
+        IndexCommand::Rm { pattern, index } => {
+            let n = open(index).remove(&pattern)?;
+            println!("removed {n} route(s)");
+        }
+    }
+    Ok(())
+}
+
+fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<BuildOptions> {
     let context = context_options(&b.ctx)?;
     let output = b.output.clone().unwrap_or_else(|| {
         let abs = std::path::absolute(&b.ctx.image_dir).unwrap_or_else(|_| b.ctx.image_dir.clone());
@@ -522,35 +726,7 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
         parents: Default::default(),
         progress,
     };
-    if b.all {
-        return build_all(&b, opts);
-    }
-    if !b.more.is_empty() {
-        bail!("several image directories given: add --all to build them all (with --out-dir)");
-    }
-    let r = kiln::build(&b.ctx.image_dir, &opts)?;
-    if let Some(df) = &b.digest_file {
-        std::fs::write(df, format!("{}\n", r.manifest_digest))
-            .with_context(|| format!("writing {}", df.display()))?;
-    }
-    if b.ctx.json {
-        print_json(&r)?;
-    } else {
-        println!("context hash:    {}", r.context_hash);
-        println!("image id:        {}", r.image_id);
-        println!("manifest digest: {}", r.manifest_digest);
-        println!("tags:            {}", r.tags.join(", "));
-        let size: u64 = r.layers.iter().map(|l| l.size).sum();
-        println!(
-            "{}: {} {} ({} layers, {} bytes of layers)",
-            r.status,
-            r.format,
-            r.output.display(),
-            r.layers.len(),
-            size
-        );
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(opts)
 }
 
 fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
@@ -565,7 +741,14 @@ fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
     inputs.extend(b.more.iter().cloned());
     let images = kiln::tree::discover(&inputs, &opts.context.topsrcdir)?;
     let json = b.ctx.json;
-    let lines = kiln::tree::build_all(&images, &opts, &out_dir, &|l| {
+    let mut io = b.index.options("");
+    // --no-index: a throwaway index and store, so nothing is kept.
+    let scratch = tempfile::tempdir().context("creating a temporary index")?;
+    if b.index.no_index {
+        io.index = kiln::index::LocalIndex::new(scratch.path().join("index"));
+        io.store = kiln::store::Store::new(scratch.path().join("store"), "this run");
+    }
+    let lines = kiln::tree::build_all(&images, &opts, &io, &out_dir, &|l| {
         if !json {
             println!(
                 "{}\t{}\t{}\t{}\t{:.2}s",

@@ -7,12 +7,9 @@
 //! order, independent ones in parallel; a parent's result feeds its
 //! children straight from the run's own blob directory.
 //!
-//! Each image's index digest chains its parent's, as taskgraph's
-//! `cached_tasks` does: sha256 of the lines context hash, the args as
-//! Python's `json.dumps(args, sort_keys=True)`, the builder line
-//! `kiln-builder:<layer format version>`, and its parents' index digests,
-//! sorted. An image whose output exists with the same digest recorded
-//! beside it is up to date and not rebuilt.
+//! Each image goes through the index ([`crate::index`]): its index digest
+//! chains its parent's, so an unchanged image is exported from the user
+//! store (`up to date`) and a changed parent rebuilds its children.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,11 +18,11 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::archive::Format;
 use crate::build::{self, BuildOptions};
-use crate::store::{BaseImage, ImageReader, Reference, Store};
+use crate::index::{self, IndexOptions};
+use crate::store::{BaseImage, Reference};
 
 /// One image of the tree.
 #[derive(Clone, Debug)]
@@ -64,78 +61,10 @@ pub enum Error {
     #[error("image {name}: {source}")]
     Build {
         name: String,
-        source: Box<build::Error>,
-    },
-    #[error("image {name}: {source}")]
-    Store {
-        name: String,
-        source: crate::store::Error,
+        source: Box<index::Error>,
     },
 }
 
-/// The version of kiln's layer format: bumped whenever the same inputs
-/// would give other layer bytes, so older index entries stop matching.
-pub const LAYER_FORMAT_VERSION: u32 = 1;
-
-/// The line taskgraph gives its image builder in the digest; kiln's.
-pub fn builder_line() -> String {
-    format!("kiln-builder:{LAYER_FORMAT_VERSION}")
-}
-
-/// `json.dumps(value)` of a string, as Python writes it (ASCII only).
-fn py_str(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 || (c as u32) > 0x7e => {
-                let mut buf = [0u16; 2];
-                for u in c.encode_utf16(&mut buf) {
-                    out.push_str(&format!("\\u{u:04x}"));
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// `json.dumps(args, sort_keys=True)` as Python writes it.
-pub fn python_json(args: &BTreeMap<String, String>) -> String {
-    let mut out = String::from("{");
-    for (i, (k, v)) in args.iter().enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        py_str(k, &mut out);
-        out.push_str(": ");
-        py_str(v, &mut out);
-    }
-    out.push('}');
-    out
-}
-
-/// The index digest of an image, from its context hash, its args and its
-/// parents' index digests.
-pub fn index_digest(
-    context_hash: &str,
-    args: &BTreeMap<String, String>,
-    parents: &[String],
-) -> String {
-    let mut lines = vec![context_hash.to_string(), python_json(args), builder_line()];
-    let mut deps = parents.to_vec();
-    deps.sort();
-    lines.extend(deps);
-    hex::encode(Sha256::digest(lines.join("\n").as_bytes()))
-}
-
-/// kind.yml's image declarations, if the repository has one.
 /// kind.yml's path and its tasks by name.
 type KindYml = (PathBuf, BTreeMap<String, TaskDecl>);
 
@@ -408,6 +337,7 @@ fn tree_tag(img: &TreeImage) -> String {
 pub fn build_all(
     images: &[TreeImage],
     template: &BuildOptions,
+    index: &IndexOptions,
     out_dir: &Path,
     report: &(dyn Fn(&TreeLine) + Sync),
 ) -> Result<Vec<TreeLine>, Error> {
@@ -416,29 +346,15 @@ pub fn build_all(
         path: out_dir.to_path_buf(),
         message: format!("creating the output directory: {e}"),
     })?;
-    let work = tempfile::Builder::new()
-        .prefix(".kiln-tree-")
-        .tempdir_in(out_dir)
-        .map_err(|e| Error::Input {
-            path: out_dir.to_path_buf(),
-            message: format!("creating a work directory: {e}"),
-        })?;
-    // The run's own blobs: built layers, and images loaded from up-to-date outputs.
-    let scratch = Store::new(work.path().join("store"), "this run");
-    let blobs = work.path().join("store/blobs/sha256");
-    std::fs::create_dir_all(&blobs).map_err(|e| Error::Input {
-        path: blobs.clone(),
-        message: e.to_string(),
-    })?;
-    // name → (context hash, cache digest, the image for its children)
-    let mut done: BTreeMap<String, (String, String, BaseImage)> = BTreeMap::new();
+    // name → the image, for its children
+    let mut done: BTreeMap<String, BaseImage> = BTreeMap::new();
     let mut lines: Vec<TreeLine> = Vec::new();
     for level in order {
         // Children find a parent as `$DOCKER_IMAGE_PARENT` (name:context-hash),
         // by its tag, or by its bare name.
         let mut parents = BTreeMap::new();
         for line in &lines {
-            let img = &done[&line.name].2;
+            let img = &done[&line.name];
             for r in [
                 format!("{}:{}", line.name, line.context_hash),
                 line.tag.clone(),
@@ -450,129 +366,63 @@ pub fn build_all(
             }
         }
         let parents = Arc::new(parents);
+        let hashes: BTreeMap<&str, &str> = lines
+            .iter()
+            .map(|l| (l.name.as_str(), l.context_hash.as_str()))
+            .collect();
         let results: Vec<Result<(TreeLine, BaseImage), Error>> = level
             .par_iter()
-            .map(|&i| {
-                build_one(
-                    &images[i], template, out_dir, &done, &parents, &scratch, &blobs,
-                )
-            })
+            .map(|&i| build_one(&images[i], template, index, out_dir, &hashes, &parents))
             .collect();
         for (r, &i) in results.into_iter().zip(&level) {
             let (line, img) = r?;
             report(&line);
-            done.insert(
-                images[i].name.clone(),
-                (line.context_hash.clone(), line.digest.clone(), img),
-            );
+            done.insert(images[i].name.clone(), img);
             lines.push(line);
         }
     }
     Ok(lines)
 }
 
-/// The record kept beside an output: what it was built from.
-fn record_path(out_dir: &Path, name: &str) -> PathBuf {
-    out_dir.join(format!("{name}.kiln.json"))
-}
-
 fn build_one(
     img: &TreeImage,
     template: &BuildOptions,
+    index: &IndexOptions,
     out_dir: &Path,
-    done: &BTreeMap<String, (String, String, BaseImage)>,
+    hashes: &BTreeMap<&str, &str>,
     parents: &Arc<BTreeMap<String, BaseImage>>,
-    scratch: &Store,
-    blobs: &Path,
 ) -> Result<(TreeLine, BaseImage), Error> {
     let start = Instant::now();
     let mut opts = template.clone();
     opts.context.args.extend(img.args.clone());
-    let mut args = img.args.clone();
-    let mut parent_digests = Vec::new();
     if let Some(p) = &img.parent {
-        let (hash, digest, _) = &done[p];
-        let v = format!("{p}:{hash}");
-        opts.context
-            .args
-            .insert("DOCKER_IMAGE_PARENT".into(), v.clone());
-        args.insert("DOCKER_IMAGE_PARENT".into(), v);
-        parent_digests.push(digest.clone());
+        let v = format!("{p}:{}", hashes[p.as_str()]);
+        opts.context.args.insert("DOCKER_IMAGE_PARENT".into(), v);
     }
     opts.parents = parents.clone();
     opts.tags = vec![tree_tag(img)];
     opts.output = out_dir.join(output_name(&img.name, opts.format));
-    let berr = |e: build::Error| Error::Build {
-        name: img.name.clone(),
-        source: Box::new(e),
-    };
-    let serr = |e: crate::store::Error| Error::Store {
-        name: img.name.clone(),
-        source: e,
-    };
     // Images build side by side: their one-line reports are the progress.
     opts.progress = crate::progress::Progress::new(crate::progress::Mode::Never);
-    let cache = opts
-        .hash_cache
-        .as_deref()
-        .map(crate::context::HashCache::load);
-    let (ctx, context_hash) = crate::context::collect_and_hash(
-        &img.dir,
-        &opts.context,
-        opts.algorithm,
-        opts.mode_policy,
-        cache.as_ref(),
-        &opts.progress,
-    )
-    .map_err(|e| berr(e.into()))?;
-    // The context is hashed once: build_into below reuses it.
-    opts.hash_cache = None;
-    let digest = index_digest(&context_hash, &args, &parent_digests);
-    let record = record_path(out_dir, &img.name);
-    let previous: Option<TreeLine> = std::fs::read(&record)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(prev) = previous.filter(|p| p.digest == digest && opts.output.exists()) {
-        // Up to date: load the existing output for the children (verified).
-        let reader = ImageReader::open(&opts.output).map_err(serr)?;
-        let added = scratch
-            .add(&reader, &[format!("{}:{}", img.name, context_hash)])
-            .map_err(serr)?;
-        let (desc, _) = reader.manifest_descriptor().map_err(serr)?;
-        if added.first().map(|a| &a.digest) != Some(&desc.digest)
-            || desc.digest != prev.manifest_digest
-        {
-            // Fall through to a rebuild below if the output changed under us.
-        } else {
-            let base = scratch.load(&desc, &img.name, None).map_err(serr)?;
-            let line = TreeLine {
-                status: "up to date".into(),
-                seconds: start.elapsed().as_secs_f64(),
-                ..prev
-            };
-            return Ok((line, base));
-        }
-    }
-    let (result, base) =
-        build::build_into(&img.dir, &opts, Some(blobs), Some((ctx, context_hash))).map_err(berr)?;
+    let io = IndexOptions {
+        name: img.name.clone(),
+        ..index.clone()
+    };
+    let c = index::build_cached(&img.dir, &opts, &io, None).map_err(|e| Error::Build {
+        name: img.name.clone(),
+        source: Box::new(e),
+    })?;
     let line = TreeLine {
         name: img.name.clone(),
         tag: opts.tags[0].clone(),
-        context_hash: result.context_hash,
-        manifest_digest: result.manifest_digest,
-        digest,
-        status: "built".into(),
+        context_hash: c.result.context_hash,
+        manifest_digest: c.result.manifest_digest,
+        digest: c.index_digest,
+        status: c.result.status,
         seconds: start.elapsed().as_secs_f64(),
         output: opts.output.clone(),
     };
-    let tmp = record.with_extension("json.tmp");
-    let write = std::fs::write(&tmp, serde_json::to_vec_pretty(&line).unwrap_or_default())
-        .and_then(|_| std::fs::rename(&tmp, &record));
-    write.map_err(|e| Error::Input {
-        path: record.clone(),
-        message: format!("writing the build record: {e}"),
-    })?;
-    Ok((line, base))
+    Ok((line, c.image))
 }
 
 #[cfg(test)]
@@ -605,27 +455,5 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("parent zz"));
-    }
-
-    #[test]
-    fn index_digest_is_the_sha256_of_the_documented_lines() {
-        let mut a = BTreeMap::new();
-        a.insert("X".to_string(), "1".to_string());
-        let parents = vec!["bb".to_string(), "aa".to_string()];
-        let text = "ctx\n{\"X\": \"1\"}\nkiln-builder:1\naa\nbb";
-        assert_eq!(
-            index_digest("ctx", &a, &parents),
-            hex::encode(Sha256::digest(text))
-        );
-    }
-
-    #[test]
-    fn args_json_matches_python() {
-        let mut a = BTreeMap::new();
-        a.insert("B".to_string(), "x\"y é".to_string());
-        a.insert("A".to_string(), "1".to_string());
-        // python3 -c 'import json; print(json.dumps({"B": "x\"y é", "A": "1"}, sort_keys=True))'
-        assert_eq!(python_json(&a), r#"{"A": "1", "B": "x\"y \u00e9"}"#);
-        assert_eq!(python_json(&BTreeMap::new()), "{}");
     }
 }

@@ -44,6 +44,11 @@ fn readme_example_builds_with_pinned_digests() {
         assert_eq!(
             v["manifest_digest"],
             "sha256:57ae97a853ab4a40cdfda8e640499c60fffe7a3e68e2b31fb8b9194b52b44697"
+        ); // The index digest: context hash, args, kiln-builder line (layer
+           // format 1, no layer compression, mtime 0, git modes, linux/amd64).
+        assert_eq!(
+            v["index_digest"],
+            "d326c62f426454296e1360aade6b6e153a638e8213c3ef386d71879c1289a8e0"
         );
     }
 }

@@ -125,6 +125,87 @@ pub fn default_tag(image_dir: &Path) -> String {
     }
 }
 
+/// Parses the context's (rewritten) Dockerfile; errors name the line of the original.
+pub fn parse_dockerfile(ctx: &context::Context) -> Result<dockerfile::Dockerfile, Error> {
+    let original_line = |line: usize| {
+        ctx.line_map
+            .get(line.wrapping_sub(1))
+            .copied()
+            .unwrap_or(line)
+    };
+    dockerfile::parse(ctx.dockerfile_text()).map_err(|e| {
+        let dockerfile::Error::Syntax {
+            line,
+            column,
+            message,
+        } = e;
+        Error::Dockerfile {
+            dockerfile: ctx.image_dir.join("Dockerfile"),
+            source: dockerfile::Error::Syntax {
+                line: original_line(line),
+                column,
+                message,
+            },
+        }
+    })
+}
+
+/// The digests of the images a build takes from outside its Dockerfile
+/// (FROM and COPY --from images the target needs): a parent built in the
+/// same run gives its index digest, a store image its manifest digest.
+/// Nothing is read beyond the stores' index files.
+pub fn base_digests(ctx: &context::Context, opts: &BuildOptions) -> Result<Vec<String>, Error> {
+    let df = parse_dockerfile(ctx)?;
+    let dockerfile = ctx.image_dir.join("Dockerfile");
+    let refs = stage::external_refs(&df, opts).map_err(|e| match e {
+        StageError::At {
+            line,
+            text,
+            message,
+        } => Error::Instruction {
+            dockerfile: dockerfile.clone(),
+            line: ctx
+                .line_map
+                .get(line.wrapping_sub(1))
+                .copied()
+                .unwrap_or(line),
+            text,
+            message,
+        },
+        StageError::Whole(message) => Error::Stage {
+            dockerfile: dockerfile.clone(),
+            message,
+        },
+    })?;
+    let mut out = Vec::new();
+    for (line, text, r) in refs {
+        let parent = crate::store::Reference::parse(&r)
+            .ok()
+            .and_then(|p| opts.parents.get(&p.name()));
+        let digest = match parent {
+            Some(p) => p
+                .index_digest
+                .clone()
+                .unwrap_or_else(|| p.manifest_digest.clone()),
+            None => {
+                let (_, d) = opts.stores.find(&r).map_err(|e| Error::Instruction {
+                    dockerfile: dockerfile.clone(),
+                    line: ctx
+                        .line_map
+                        .get(line.wrapping_sub(1))
+                        .copied()
+                        .unwrap_or(line),
+                    text,
+                    message: e.to_string(),
+                })?;
+                d.digest
+            }
+        };
+        out.push(digest);
+    }
+    Ok(out)
+}
+
 /// Builds the image in `image_dir`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
     build_into(image_dir, opts, None, None).map(|(r, _)| r)
@@ -159,21 +240,7 @@ pub fn build_into(
             .copied()
             .unwrap_or(line)
     };
-    let df = dockerfile::parse(ctx.dockerfile_text()).map_err(|e| {
-        let dockerfile::Error::Syntax {
-            line,
-            column,
-            message,
-        } = e;
-        Error::Dockerfile {
-            dockerfile: dockerfile_path.clone(),
-            source: dockerfile::Error::Syntax {
-                line: original_line(line),
-                column,
-                message,
-            },
-        }
-    })?;
+    let df = parse_dockerfile(&ctx)?;
 
     let work_parent = archive::parent_dir(&opts.output);
     let work = tempfile::Builder::new()
@@ -305,6 +372,7 @@ pub fn build_into(
             .map(|d| (d.clone(), files.blob_path(&d.digest)))
             .collect(),
         config: config.clone(),
+        index_digest: None,
     };
     let result = BuildResult {
         context_hash,

@@ -168,13 +168,17 @@ fn stage_ref(defs: &[StageDef], before: usize, value: &str, by_index: bool) -> O
     .find(value, by_index)
 }
 
-/// Runs the target stage of `df` and the stages it needs.
-pub fn run(
-    df: &Dockerfile,
-    ctx: &Context,
-    opts: &BuildOptions,
-    spool: &Path,
-) -> Result<Planned, StageError> {
+/// The Dockerfile's stages, the target, which stages it needs and which
+/// of them others copy from (they keep every file in their filesystem).
+struct Analysis {
+    global: Vars,
+    defs: Vec<StageDef>,
+    target: usize,
+    needed: Vec<bool>,
+    keep_all: Vec<bool>,
+}
+
+fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageError> {
     let escape = df.escape;
     // Global scope: ARGs before the first FROM, plus the automatic platform args.
     let mut global = automatic_args();
@@ -261,7 +265,71 @@ pub fn run(
             }
         }
     }
+    Ok(Analysis {
+        global,
+        defs,
+        target,
+        needed,
+        keep_all,
+    })
+}
 
+/// The image references (expanded with the global ARGs) that the stages the
+/// target needs take from outside the Dockerfile: `FROM IMAGE` and
+/// `COPY --from=IMAGE`; not scratch, not stages.
+/// Each comes with the line and text of the instruction naming it.
+pub fn external_refs(
+    df: &Dockerfile,
+    opts: &BuildOptions,
+) -> Result<Vec<(usize, String, String)>, StageError> {
+    let a = analyze(df, opts)?;
+    let ex = |w: &str| expand_word(w, &a.global, df.escape).unwrap_or_else(|_| w.to_string());
+    let mut out = Vec::new();
+    for (n, d) in a.defs.iter().enumerate() {
+        if !a.needed[n] {
+            continue;
+        }
+        if let Kind::From { image, .. } = &df.instructions[d.start].kind {
+            let image = ex(image);
+            if !image.eq_ignore_ascii_case("scratch")
+                && stage_ref(&a.defs, n, &image, false).is_none()
+            {
+                let ins = &df.instructions[d.start];
+                out.push((ins.line, ins.text.clone(), image));
+            }
+        }
+        for ins in &df.instructions[d.start + 1..d.end] {
+            if let Kind::Copy(spec) | Kind::Add(spec) = &ins.kind {
+                for (flag, v) in &spec.flags {
+                    let v = ex(v.as_deref().unwrap_or(""));
+                    if flag == "from" && !v.is_empty() && stage_ref(&a.defs, n, &v, true).is_none()
+                    {
+                        out.push((ins.line, ins.text.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    out.retain(|(_, _, r)| seen.insert(r.clone()));
+    Ok(out)
+}
+
+/// Runs the target stage of `df` and the stages it needs.
+pub fn run(
+    df: &Dockerfile,
+    ctx: &Context,
+    opts: &BuildOptions,
+    spool: &Path,
+) -> Result<Planned, StageError> {
+    let Analysis {
+        global,
+        defs,
+        target,
+        needed,
+        keep_all,
+    } = analyze(df, opts)?;
+    let escape = df.escape;
     let view = ContextView::new(ctx);
     let mut done: Vec<Option<Planned>> = Vec::new();
     for n in 0..=target {

@@ -47,6 +47,9 @@ pub struct BaseImage {
     pub config: ImageConfig,
     /// Each layer's descriptor (OCI media types) and its verified blob file.
     pub layers: Vec<(Descriptor, PathBuf)>,
+    /// For an image kiln built in this run or found in its index: its index
+    /// digest, which children chain into theirs.
+    pub index_digest: Option<String>,
 }
 
 /// Blob files already verified by this process (path, size).
@@ -133,8 +136,70 @@ impl Store {
         }
     }
 
-    fn blobs(&self) -> PathBuf {
+    /// The `blobs/sha256` directory.
+    pub fn blobs(&self) -> PathBuf {
         self.dir.join("blobs/sha256")
+    }
+
+    /// Creates the layout (if needed) so blobs can be written into it.
+    pub fn create(&self) -> Result<(), Error> {
+        drop(self.lock()?);
+        Ok(())
+    }
+
+    /// Puts a (verified) blob file into the store, if it is not there yet:
+    /// a hard link where the filesystem allows, else a copy.
+    pub fn put_blob_file(&self, digest: &Digest, src: &Path) -> Result<(), Error> {
+        let target = self.blob_path(digest);
+        if target.exists() || src == target {
+            return Ok(());
+        }
+        let tmp = self.blobs().join(format!(
+            ".kiln-link-{}-{}",
+            std::process::id(),
+            digest.hex()
+        ));
+        let _ = fs::remove_file(&tmp);
+        if fs::hard_link(src, &tmp).is_err() {
+            fs::copy(src, &tmp).map_err(self.io(&target))?;
+        }
+        fs::rename(&tmp, &target).map_err(self.io(&target))
+    }
+
+    /// Names an image whose blobs are already in the store.
+    pub fn tag(&self, desc: &Descriptor, names: &[String]) -> Result<(), Error> {
+        let _lock = self.lock()?;
+        let mut index = self.index()?;
+        Self::name_entries(&mut index, desc, names, &self.dir)?;
+        self.write_index(&index)
+    }
+
+    /// Points `names` at `desc` in `index`, replacing what they named.
+    fn name_entries(
+        index: &mut Index,
+        desc: &Descriptor,
+        names: &[String],
+        dir: &Path,
+    ) -> Result<(), Error> {
+        for tag in names {
+            let r = Reference::parse(tag).map_err(|message| Error::Invalid {
+                path: dir.to_path_buf(),
+                message,
+            })?;
+            let name = r.name();
+            index.manifests.retain(|e| !Self::entry_matches(e, &name));
+            let mut d = desc.clone();
+            d.annotations.clear();
+            d.annotations
+                .insert(ANNOTATION_CONTAINERD_NAME.into(), name.clone());
+            d.annotations
+                .insert(ANNOTATION_REF_NAME.into(), tag.clone());
+            index.manifests.push(d);
+        }
+        index
+            .manifests
+            .sort_by(|a, b| Self::entry_name(a).cmp(&Self::entry_name(b)));
+        Ok(())
     }
 
     /// The file of a blob (not verified).
@@ -315,6 +380,11 @@ impl Store {
         Ok(p)
     }
 
+    /// Reads a manifest blob (verified).
+    pub fn read_manifest(&self, d: &Descriptor) -> Result<Manifest, Error> {
+        self.json(d, "manifest")
+    }
+
     fn read_verified(&self, d: &Descriptor) -> Result<Vec<u8>, Error> {
         let p = self.verify(d)?;
         fs::read(&p).map_err(self.io(&p))
@@ -416,6 +486,7 @@ impl Store {
             manifest_digest: d.digest.clone(),
             config,
             layers,
+            index_digest: None,
         })
     }
 
@@ -463,30 +534,14 @@ impl Store {
                 })?;
                 t.persist(&target).map_err(|e| self.io(&target)(e.error))?;
             }
-            for tag in tags {
-                let r = Reference::parse(&tag).map_err(|message| Error::Invalid {
-                    path: self.dir.clone(),
-                    message,
-                })?;
-                let name = r.name();
-                index.manifests.retain(|e| !Self::entry_matches(e, &name));
-                let mut d = desc.clone();
-                d.annotations
-                    .insert(ANNOTATION_CONTAINERD_NAME.into(), name.clone());
-                d.annotations
-                    .insert(ANNOTATION_REF_NAME.into(), tag.clone());
-                index.manifests.push(d);
-                added.push(Listed {
-                    name: tag,
-                    digest: desc.digest.clone(),
-                    media_type: desc.media_type.clone(),
-                    size: 0,
-                });
-            }
+            Self::name_entries(&mut index, &desc, &tags, &self.dir)?;
+            added.extend(tags.into_iter().map(|tag| Listed {
+                name: tag,
+                digest: desc.digest.clone(),
+                media_type: desc.media_type.clone(),
+                size: 0,
+            }));
         }
-        index
-            .manifests
-            .sort_by(|a, b| Self::entry_name(a).cmp(&Self::entry_name(b)));
         self.write_index(&index)?;
         Ok(added)
     }
@@ -611,10 +666,16 @@ impl Stores {
         reference: &str,
         platform: Option<&Platform>,
     ) -> Result<BaseImage, Error> {
+        let (s, d) = self.find(reference)?;
+        s.load(&d, reference, platform)
+    }
+
+    /// The first store holding a reference, and its descriptor there (nothing verified yet).
+    pub fn find(&self, reference: &str) -> Result<(&Store, Descriptor), Error> {
         let r = Reference::parse(reference).map_err(|message| Error::NotFound { message })?;
         for s in &self.list {
             if let Some(d) = s.find(&r)? {
-                return s.load(&d, reference, platform);
+                return Ok((s, d));
             }
         }
         let what = match &r.digest {

@@ -9,8 +9,19 @@ use std::process::{Command, Output};
 
 /// The kiln binary under test.
 pub fn kiln() -> Command {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
     let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.env_remove("SOURCE_DATE_EPOCH").env_remove("KILN_STORE");
+    // Each command gets a user cache of its own (index, store, hash cache):
+    // tests that share one set XDG_CACHE_HOME themselves.
+    let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "cache-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    c.env_remove("SOURCE_DATE_EPOCH")
+        .env_remove("KILN_STORE")
+        .env("XDG_CACHE_HOME", cache);
     c
 }
 

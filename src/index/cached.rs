@@ -1,0 +1,198 @@
+//! A build that consults the index first: on a hit the image comes out of
+//! the user store (verified, nothing rebuilt); on a miss it is built with
+//! its blobs written straight into the user store, named there, and filed
+//! under its routes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{builder_line, index_digest, Entry, Error, LocalIndex, RouteOptions};
+use crate::archive::{self, ImageFiles};
+use crate::build::{self, BuildOptions, BuildResult, LayerSummary};
+use crate::context::{self, Context, HashCache};
+use crate::store::{BaseImage, Reference, Store};
+
+/// Where the index and its images live, and how to use them.
+#[derive(Clone, Debug)]
+pub struct IndexOptions {
+    pub index: LocalIndex,
+    pub routes: RouteOptions,
+    /// The store holding indexed images (the user store).
+    pub store: Store,
+    /// Whether to look up before building (`--no-cache` turns it off).
+    pub lookup: bool,
+    /// The image (task) name in routes.
+    pub name: String,
+}
+
+/// What a cached build did.
+#[derive(Clone, Debug)]
+pub struct Cached {
+    pub result: BuildResult,
+    pub image: BaseImage,
+    pub index_digest: String,
+    /// The route that hit, or the hash route written.
+    pub route: String,
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Builds `image_dir` unless the index already has it; either way writes
+/// `opts.output`. `collected` is the context and hash if the caller has them.
+pub fn build_cached(
+    image_dir: &Path,
+    opts: &BuildOptions,
+    io: &IndexOptions,
+    collected: Option<(Context, String)>,
+) -> Result<Cached, Error> {
+    let (ctx, context_hash) = match collected {
+        Some(c) => c,
+        None => {
+            let cache = opts.hash_cache.as_deref().map(HashCache::load);
+            context::collect_and_hash(
+                image_dir,
+                &opts.context,
+                opts.algorithm,
+                opts.mode_policy,
+                cache.as_ref(),
+                &opts.progress,
+            )
+            .map_err(build::Error::from)?
+        }
+    };
+    let parents = build::base_digests(&ctx, opts)?;
+    let digest = index_digest(
+        &context_hash,
+        &opts.context.args,
+        &builder_line(opts),
+        &parents,
+    );
+    let store_name = format!("kiln.local/index/{}:{digest}", io.name);
+    if io.lookup {
+        for route in io.routes.lookup(&io.name, &digest) {
+            let Some(entry) = io.index.get(&route) else {
+                continue;
+            };
+            if entry.index_digest != digest {
+                continue;
+            }
+            if let Some(hit) = export(opts, io, &entry, &context_hash, &digest)? {
+                return Ok(Cached { route, ..hit });
+            }
+        }
+    }
+    io.store.create()?;
+    let mut opts = opts.clone();
+    opts.hash_cache = None;
+    let (result, mut image) = build::build_into(
+        image_dir,
+        &opts,
+        Some(&io.store.blobs()),
+        Some((ctx, context_hash)),
+    )?;
+    let desc = crate::image::descriptor(
+        crate::image::MEDIA_MANIFEST,
+        &crate::digest::Digest::parse(&result.manifest_digest).expect("kiln writes valid digests"),
+        std::fs::metadata(
+            io.store
+                .blobs()
+                .join(result.manifest_digest.trim_start_matches("sha256:")),
+        )
+        .map_err(|source| crate::store::Error::Io {
+            path: io.store.dir.clone(),
+            source,
+        })?
+        .len(),
+    );
+    // Base layers that came from other stores join the image in ours.
+    for (d, path) in &image.layers {
+        if let Some(digest) = crate::digest::Digest::parse(&d.digest) {
+            io.store.put_blob_file(&digest, path)?;
+        }
+    }
+    io.store.tag(&desc, &[store_name])?;
+    let routes = io.routes.write(&io.name, &digest, now());
+    for route in &routes {
+        io.index.put(&Entry {
+            route: route.clone(),
+            name: io.name.clone(),
+            index_digest: digest.clone(),
+            context_hash: result.context_hash.clone(),
+            manifest_digest: result.manifest_digest.clone(),
+            filed: now(),
+        })?;
+    }
+    image.index_digest = Some(digest.clone());
+    Ok(Cached {
+        result,
+        image,
+        index_digest: digest,
+        route: routes[0].clone(),
+    })
+}
+
+/// Writes the indexed image to the output, if the store still holds it.
+fn export(
+    opts: &BuildOptions,
+    io: &IndexOptions,
+    entry: &Entry,
+    context_hash: &str,
+    digest: &str,
+) -> Result<Option<Cached>, Error> {
+    let Ok(r) = Reference::parse(&format!(
+        "kiln.local/index/{}@{}",
+        io.name, entry.manifest_digest
+    )) else {
+        return Ok(None);
+    };
+    let Some(mut desc) = io.store.find(&r)? else {
+        // The store lost it (store rm + gc): build again.
+        return Ok(None);
+    };
+    desc.annotations.clear();
+    let mut image = io.store.load(&desc, &io.name, None)?;
+    let manifest = io.store.read_manifest(&desc)?;
+    let files = ImageFiles {
+        blobs: io.store.blobs(),
+        extra: BTreeMap::new(),
+        manifest: desc.clone(),
+        config: manifest.config.clone(),
+        layers: manifest.layers.clone(),
+        tags: opts.tags.clone(),
+        mtime: opts.timestamp,
+    };
+    archive::writer_for(opts.format)
+        .write(&files, &opts.output)
+        .map_err(build::Error::from)?;
+    image.index_digest = Some(digest.to_string());
+    let result = BuildResult {
+        context_hash: context_hash.to_string(),
+        image_id: manifest.config.digest.clone(),
+        manifest_digest: desc.digest.clone(),
+        tags: opts.tags.clone(),
+        layers: manifest
+            .layers
+            .iter()
+            .zip(&image.config.rootfs.diff_ids)
+            .map(|(l, diff_id)| LayerSummary {
+                digest: l.digest.clone(),
+                diff_id: diff_id.clone(),
+                size: l.size,
+                media_type: l.media_type.clone(),
+            })
+            .collect(),
+        output: opts.output.clone(),
+        format: opts.format.name().to_string(),
+        status: "up to date".into(),
+    };
+    Ok(Some(Cached {
+        result,
+        image,
+        index_digest: digest.to_string(),
+        route: entry.route.clone(),
+    }))
+}
