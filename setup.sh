@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podman zstd:zstd cc:gcc; do
+for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podman zstd:zstd cc:gcc \
+  docker-registry:docker-registry htpasswd:apache2-utils; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 # A static busybox for the base image the store interop test builds and runs.

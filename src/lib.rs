@@ -34,3 +34,4 @@ pub fn checkout_root(start: &std::path::Path) -> Option<std::path::PathBuf> {
 }
 pub mod prefetch;
 pub mod progress;
+pub mod registry;

@@ -71,6 +71,37 @@ enum Command {
     /// Manage a local image store (an OCI layout of named base images).
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Push an image (OCI layout, OCI archive, docker-archive, image.tar.zst) to a registry.
+    Push {
+        image: PathBuf,
+        /// REGISTRY/REPOSITORY[:TAG] (without a tag: by digest only).
+        #[arg(long, value_name = "REF")]
+        to: String,
+        /// Repositories of the same registry to mount missing blobs from (repeatable).
+        #[arg(long, value_name = "REPO")]
+        mount_from: Vec<String>,
+        #[command(flatten)]
+        net: NetArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image from a registry into a store (every blob verified), and optionally write it out.
+    Pull {
+        /// REGISTRY/REPOSITORY[:TAG|@sha256:...]
+        reference: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Name it NAME:TAG in the store (repeatable; default: the reference).
+        #[arg(long = "name", value_name = "NAME:TAG")]
+        names: Vec<String>,
+        /// Also write the image here (format from the extension, as for build).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        net: NetArgs,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an image's index digest and routes without building (takes build's flags).
     Routes(Box<BuildArgs>),
     /// Inspect the local index.
@@ -260,11 +291,53 @@ struct IndexArgs {
     /// Neither look the image up nor index it (no copy is kept in the user store).
     #[arg(long)]
     no_index: bool,
+    /// Keep the index in a registry too (REGISTRY/PREFIX): routes are tags hash-<digest>, latest
+    /// and pushdate-<YYYYMMDDHHMMSS> on PREFIX/<level>/<name>; looked up before building, pushed after.
+    #[arg(long, value_name = "REGISTRY/PREFIX")]
+    index_registry: Option<String>,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[derive(Args, Clone)]
+struct NetArgs {
+    /// Speak plain HTTP to the registry (loopback test registries).
+    #[arg(long)]
+    insecure: bool,
+    /// Upload blobs larger than this in chunks of this many bytes (0: always one request).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    chunk_size: u64,
+}
+
+/// Splits `REGISTRY/PREFIX` of --index-registry.
+fn registry_index(spec: &str, net: &NetArgs) -> Result<kiln::index::RegistryIndex> {
+    let (host, prefix) = spec
+        .split_once('/')
+        .filter(|(h, p)| !h.is_empty() && !p.is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "--index-registry {spec}: expected REGISTRY/PREFIX, e.g. 127.0.0.1:5000/kiln-index"
+            )
+        })?;
+    Ok(kiln::index::RegistryIndex {
+        client: std::sync::Arc::new(kiln::registry::Client::new(host, net.insecure)),
+        prefix: prefix.trim_end_matches('/').to_string(),
+        push: kiln::registry::PushOptions {
+            chunk: net.chunk_size,
+            mount_from: Vec::new(),
+        },
+        pushed: Default::default(),
+    })
 }
 
 impl IndexArgs {
-    fn options(&self, name: &str) -> kiln::index::IndexOptions {
-        kiln::index::IndexOptions {
+    fn options(&self, name: &str) -> Result<kiln::index::IndexOptions> {
+        let registry = match &self.index_registry {
+            Some(spec) => Some(registry_index(spec, &self.net)?),
+            None => None,
+        };
+        Ok(kiln::index::IndexOptions {
+            registry,
             index: kiln::index::LocalIndex::new(
                 self.index
                     .clone()
@@ -277,7 +350,7 @@ impl IndexArgs {
             store: kiln::store::Store::new(kiln::store::Stores::user_store(), "user cache"),
             lookup: !self.no_cache,
             name: name.to_string(),
-        }
+        })
     }
 }
 
@@ -471,6 +544,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Build(b) => return build(*b, progress),
         Command::Store(cmd) => store(cmd)?,
         Command::Routes(b) => return routes(*b, progress),
+        Command::Push {
+            image,
+            to,
+            mount_from,
+            net,
+            json,
+        } => push(&image, &to, mount_from, &net, json)?,
+        Command::Pull {
+            reference,
+            store,
+            names,
+            output,
+            net,
+            json,
+        } => pull(&reference, &store, names, output, &net, json)?,
         Command::Index(cmd) => index(cmd)?,
         Command::Inspect { image, json } => {
             let r = kiln::store::ImageReader::open(&image)?;
@@ -537,7 +625,7 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
     let (r, indexed) = if b.index.no_index {
         (kiln::build(&b.ctx.image_dir, &opts)?, None)
     } else {
-        let io = b.index.options(&image_name(&b.ctx.image_dir));
+        let io = b.index.options(&image_name(&b.ctx.image_dir))?;
         let c = kiln::index::build_cached(&b.ctx.image_dir, &opts, &io, None)?;
         (c.result, Some((c.index_digest, c.route)))
     };
@@ -576,7 +664,7 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
 
 fn routes(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
     let opts = build_options(&b, progress)?;
-    let io = b.index.options(&image_name(&b.ctx.image_dir));
+    let io = b.index.options(&image_name(&b.ctx.image_dir))?;
     let (ctx, hash) = kiln::context::collect_and_hash(
         &b.ctx.image_dir,
         &opts.context,
@@ -615,6 +703,88 @@ fn routes(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bool) -> Result<()> {
+    let (host, repo, reference) = kiln::registry::split_reference(to)?;
+    if reference
+        .as_deref()
+        .is_some_and(|r| r.starts_with("sha256:"))
+    {
+        bail!("--to {to}: push to a tag or to a bare repository, not to a digest");
+    }
+    let client = kiln::registry::Client::new(&host, net.insecure);
+    let reader = kiln::store::ImageReader::open(image)?;
+    let (desc, _) = reader.manifest_descriptor()?;
+    let opts = kiln::registry::PushOptions {
+        chunk: net.chunk_size,
+        mount_from,
+    };
+    let tags: Vec<String> = reference.into_iter().collect();
+    let report = kiln::registry::push(&client, &reader, &desc, &repo, &tags, &opts)
+        .with_context(|| format!("pushing {} to {to}", image.display()))?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!("manifest digest: {}", report.manifest_digest);
+        println!(
+            "pushed {host}/{repo}{}: {} blob(s) uploaded ({} bytes), {} already there, {} mounted",
+            tags.first().map(|t| format!(":{t}")).unwrap_or_default(),
+            report.uploaded,
+            report.bytes_uploaded,
+            report.present,
+            report.mounted
+        );
+    }
+    Ok(())
+}
+
+fn pull(
+    reference: &str,
+    store: &StoreArg,
+    names: Vec<String>,
+    output: Option<PathBuf>,
+    net: &NetArgs,
+    json: bool,
+) -> Result<()> {
+    let (host, repo, r) = kiln::registry::split_reference(reference)?;
+    let r = r.unwrap_or_else(|| "latest".to_string());
+    let client = kiln::registry::Client::new(&host, net.insecure);
+    let s = store.store();
+    let names = if names.is_empty() {
+        vec![if r.starts_with("sha256:") {
+            format!("{host}/{repo}:pulled")
+        } else {
+            format!("{host}/{repo}:{r}")
+        }]
+    } else {
+        names
+    };
+    let desc = kiln::registry::pull(&client, &repo, &r, &s, &names, &Default::default())
+        .with_context(|| format!("pulling {reference}"))?
+        .ok_or_else(|| anyhow!("{reference}: the registry has no such image"))?;
+    if let Some(out) = &output {
+        let manifest = s.read_manifest(&desc)?;
+        let files = kiln::archive::ImageFiles {
+            blobs: s.blobs(),
+            extra: Default::default(),
+            manifest: desc.clone(),
+            config: manifest.config.clone(),
+            layers: manifest.layers.clone(),
+            tags: names.clone(),
+            mtime: 0,
+        };
+        kiln::archive::writer_for(Format::from_path(out)).write(&files, out)?;
+    }
+    if json {
+        print_json(
+            &serde_json::json!({ "manifest_digest": desc.digest, "names": names, "store": s.dir, "output": output }),
+        )?;
+    } else {
+        println!("manifest digest: {}", desc.digest);
+        println!("stored as {} in {}", names.join(", "), s.dir.display());
+    }
+    Ok(())
 }
 
 fn index(cmd: IndexCommand) -> Result<()> {
@@ -741,7 +911,7 @@ fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
     inputs.extend(b.more.iter().cloned());
     let images = kiln::tree::discover(&inputs, &opts.context.topsrcdir)?;
     let json = b.ctx.json;
-    let mut io = b.index.options("");
+    let mut io = b.index.options("")?;
     // --no-index: a throwaway index and store, so nothing is kept.
     let scratch = tempfile::tempdir().context("creating a temporary index")?;
     if b.index.no_index {

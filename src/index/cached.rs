@@ -1,10 +1,12 @@
 //! A build that consults the index first: on a hit the image comes out of
-//! the user store (verified, nothing rebuilt); on a miss it is built with
-//! its blobs written straight into the user store, named there, and filed
-//! under its routes.
+//! the user store (verified, nothing rebuilt); with a registry index, a hit
+//! there is pulled into the user store first. On a miss the image is built
+//! with its blobs written straight into the user store, named there, filed
+//! under its routes, and pushed to the registry index if there is one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use super::{builder_line, index_digest, Entry, Error, LocalIndex, RouteOptions};
 use crate::archive::{self, ImageFiles};
@@ -23,6 +25,32 @@ pub struct IndexOptions {
     pub lookup: bool,
     /// The image (task) name in routes.
     pub name: String,
+    /// The shared index in a registry, if any.
+    pub registry: Option<RegistryIndex>,
+}
+
+/// An index kept in a registry: a route is a tag (`hash-<digest>`,
+/// `latest`, `pushdate-<YYYYMMDDHHMMSS>`) on repository `<prefix>/<level>/<name>`.
+#[derive(Clone)]
+pub struct RegistryIndex {
+    pub client: Arc<crate::registry::Client>,
+    /// The repository path prefix inside the registry.
+    pub prefix: String,
+    pub push: crate::registry::PushOptions,
+    /// Repositories this process pushed to (blobs are mounted from them).
+    pub pushed: Arc<Mutex<Vec<String>>>,
+}
+
+impl std::fmt::Debug for RegistryIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryIndex({}/{})", self.client.host, self.prefix)
+    }
+}
+
+impl RegistryIndex {
+    pub fn repository(&self, level: u8, name: &str) -> String {
+        format!("{}/{level}/{name}", self.prefix)
+    }
 }
 
 /// What a cached build did.
@@ -85,6 +113,37 @@ pub fn build_cached(
             }
         }
     }
+    if let Some(reg) = io.registry.as_ref().filter(|_| io.lookup) {
+        for level in (io.routes.level..=3).rev() {
+            let repo = reg.repository(level, &io.name);
+            let tag = format!("hash-{digest}");
+            let pulled = crate::registry::pull(
+                &reg.client,
+                &repo,
+                &tag,
+                &io.store,
+                std::slice::from_ref(&store_name),
+                &Default::default(),
+            )?;
+            let Some(desc) = pulled else { continue };
+            let route = io.routes.lookup(&io.name, &digest)[(3 - level) as usize].clone();
+            let entry = Entry {
+                route: route.clone(),
+                name: io.name.clone(),
+                index_digest: digest.clone(),
+                context_hash: context_hash.clone(),
+                manifest_digest: desc.digest.clone(),
+                filed: now(),
+            };
+            io.index.put(&entry)?;
+            if let Some(hit) = export(opts, io, &entry, &context_hash, &digest)? {
+                return Ok(Cached {
+                    route: format!("{}/{repo}:{tag}", reg.client.host),
+                    ..hit
+                });
+            }
+        }
+    }
     io.store.create()?;
     let mut opts = opts.clone();
     opts.hash_cache = None;
@@ -127,6 +186,21 @@ pub fn build_cached(
         })?;
     }
     image.index_digest = Some(digest.clone());
+    if let Some(reg) = &io.registry {
+        let repo = reg.repository(io.routes.level, &io.name);
+        let pushdate = routes[2].rsplit('.').next().unwrap_or_default().to_string();
+        let tags = [
+            format!("hash-{digest}"),
+            "latest".to_string(),
+            format!("pushdate-{pushdate}"),
+        ];
+        let reader = crate::store::ImageReader::open(&io.store.dir)?;
+        let mut push = reg.push.clone();
+        push.mount_from
+            .extend(reg.pushed.lock().unwrap().iter().cloned());
+        crate::registry::push(&reg.client, &reader, &desc, &repo, &tags, &push)?;
+        reg.pushed.lock().unwrap().push(repo);
+    }
     Ok(Cached {
         result,
         image,

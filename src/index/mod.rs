@@ -18,7 +18,7 @@
 
 mod cached;
 
-pub use cached::{build_cached, Cached, IndexOptions};
+pub use cached::{build_cached, Cached, IndexOptions, RegistryIndex};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -204,6 +204,8 @@ pub enum Error {
     Build(Box<crate::build::Error>),
     #[error("{0}")]
     Store(#[from] crate::store::Error),
+    #[error("registry index: {0}")]
+    Registry(#[from] crate::registry::Error),
 }
 
 impl From<crate::build::Error> for Error {

@@ -313,6 +313,35 @@ impl ImageReader {
         Ok(())
     }
 
+    /// Where a blob's bytes are on disk: (file, offset, length); None for
+    /// a manifest kiln derived (legacy docker-archives), which is in memory.
+    pub fn blob_location(&self, d: &Descriptor) -> Result<Option<(PathBuf, u64, u64)>, Error> {
+        let digest = self.parse_digest(d)?;
+        if self
+            .legacy
+            .as_ref()
+            .is_some_and(|l| l.descriptor.digest == d.digest)
+        {
+            return Ok(None);
+        }
+        let name = self.blob_member(&digest);
+        let missing = || Error::Missing {
+            path: self.path.clone(),
+            what: format!("blob {digest}"),
+        };
+        match &self.backing {
+            Backing::Dir(dir) => {
+                let p = dir.join(&name);
+                let len = fs::metadata(&p).map_err(|_| missing())?.len();
+                Ok(Some((p, 0, len)))
+            }
+            Backing::Tar { file, members, .. } => {
+                let &(off, len) = members.get(&name).ok_or_else(missing)?;
+                Ok(Some((file.clone(), off, len)))
+            }
+        }
+    }
+
     /// Reads a blob and verifies its digest and size.
     pub fn read_blob(&self, d: &Descriptor) -> Result<Vec<u8>, Error> {
         let mut out = Vec::new();

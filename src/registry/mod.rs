@@ -1,0 +1,620 @@
+//! A small client of the OCI distribution API, on ureq: blob existence
+//! checks (HEAD) so unchanged blobs are never sent again, monolithic and
+//! chunked uploads, cross-repository mounts, manifests pushed by tag and by
+//! digest, verified pulls (a registry that serves other bytes than the
+//! digest names is an error, never accepted), basic and bearer-token auth
+//! from docker's or podman's auth files, plain HTTP with `insecure` for
+//! loopback registries, and retries with backoff on 5xx and connection
+//! errors.
+
+pub mod auth;
+mod transfer;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ureq::http;
+
+use crate::digest::{Digest, HashingWriter};
+use crate::image::Descriptor;
+
+pub use transfer::{pull, push, PullOptions, PushOptions, PushReport};
+
+/// Registry errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{method} {url}: the registry answered {status}: {body}")]
+    Http {
+        method: String,
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("{method} {url}: {message}")]
+    Transport {
+        method: String,
+        url: String,
+        message: String,
+    },
+    #[error("{what}: the registry served sha256 {got} ({size} bytes) for {want}; refusing it")]
+    Digest {
+        what: String,
+        want: String,
+        got: String,
+        size: u64,
+    },
+    #[error("{url}: the registry asks for credentials; add them to $REGISTRY_AUTH_FILE or ~/.docker/config.json (docker login / podman login)")]
+    NeedsAuth { url: String },
+    #[error("{0}")]
+    Reference(String),
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Store(#[from] crate::store::Error),
+}
+
+/// What a request sends.
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    Empty,
+    Bytes(&'a [u8]),
+    /// `len` bytes of a file from `offset` (a blob inside an archive, too).
+    File {
+        path: &'a Path,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Payload<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Empty => 0,
+            Payload::Bytes(b) => b.len() as u64,
+            Payload::File { len, .. } => *len,
+        }
+    }
+}
+
+/// Counts of what a client did, for reports and tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub blobs_uploaded: AtomicU64,
+    pub blobs_present: AtomicU64,
+    pub blobs_mounted: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+}
+
+/// A client of one registry host.
+pub struct Client {
+    agent: ureq::Agent,
+    pub host: String,
+    scheme: &'static str,
+    creds: Option<auth::Credentials>,
+    /// Bearer tokens by scope.
+    tokens: Mutex<HashMap<String, String>>,
+    pub stats: Stats,
+    /// Retries after the first attempt, and the first backoff.
+    retries: u32,
+    backoff: Duration,
+}
+
+pub const MEDIA_DOCKER_MANIFEST: &str = crate::image::MEDIA_DOCKER_MANIFEST;
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Splits `host[:port]/repo/path[:tag|@digest]` into host, repository, and tag or digest.
+pub fn split_reference(s: &str) -> Result<(String, String, Option<String>), Error> {
+    let bad = |why: &str| {
+        Error::Reference(format!(
+            "{s}: {why}; expected REGISTRY/REPOSITORY[:TAG|@sha256:...], e.g. 127.0.0.1:5000/kiln/base:1"
+        ))
+    };
+    let (host, rest) = s.split_once('/').ok_or_else(|| bad("no registry host"))?;
+    if !(host.contains('.') || host.contains(':') || host == "localhost") {
+        return Err(bad("the first part is not a registry host"));
+    }
+    let r = crate::store::Reference::parse(s).map_err(Error::Reference)?;
+    let repo = r
+        .repository
+        .strip_prefix(&format!("{host}/"))
+        .ok_or_else(|| bad("unexpected host"))?
+        .to_string();
+    let _ = rest;
+    let reference = match (r.digest, r.tag) {
+        (Some(d), _) => Some(d.to_string()),
+        (None, Some(t)) => Some(t),
+        (None, None) => None,
+    };
+    Ok((host.to_string(), repo, reference))
+}
+
+impl Client {
+    /// A client for `host`; `insecure` speaks plain HTTP.
+    pub fn new(host: &str, insecure: bool) -> Client {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(30)))
+            .timeout_recv_response(Some(Duration::from_secs(300)))
+            .build();
+        Client {
+            agent: config.into(),
+            host: host.to_string(),
+            scheme: if insecure { "http" } else { "https" },
+            creds: auth::credentials(host),
+            tokens: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            retries: 4,
+            backoff: Duration::from_millis(200),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}://{}{path}", self.scheme, self.host)
+    }
+
+    /// An upload location as an absolute URL.
+    fn absolute(&self, location: &str) -> String {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            location.to_string()
+        } else {
+            self.url(location)
+        }
+    }
+
+    fn body(payload: &Payload<'_>) -> io::Result<ureq::SendBody<'static>> {
+        Ok(match payload {
+            Payload::Empty => ureq::SendBody::from_owned_reader(io::empty()),
+            Payload::Bytes(b) => ureq::SendBody::from_owned_reader(io::Cursor::new(b.to_vec())),
+            Payload::File { path, offset, len } => {
+                let mut f = File::open(path)?;
+                f.seek(SeekFrom::Start(*offset))?;
+                ureq::SendBody::from_owned_reader(io::BufReader::with_capacity(
+                    1 << 20,
+                    f.take(*len),
+                ))
+            }
+        })
+    }
+
+    fn once(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, String)],
+        payload: &Payload<'_>,
+        authorization: Option<&str>,
+    ) -> Result<http::Response<ureq::Body>, Error> {
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut b = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            b = b.header(*k, v);
+        }
+        if let Some(a) = authorization {
+            b = b.header("Authorization", a);
+        }
+        if !matches!(method, "GET" | "HEAD") {
+            b = b.header("Content-Length", payload.len().to_string());
+        }
+        let terr = |message: String| Error::Transport {
+            method: method.to_string(),
+            url: url.to_string(),
+            message,
+        };
+        let body = Self::body(payload).map_err(|e| terr(e.to_string()))?;
+        let req = b.body(body).map_err(|e| terr(e.to_string()))?;
+        self.agent.run(req).map_err(|e| terr(e.to_string()))
+    }
+
+    /// Sends a request: answers a 401 with basic or bearer credentials, and
+    /// retries with backoff on connection errors and 5xx answers.
+    pub fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, String)],
+        payload: &Payload<'_>,
+    ) -> Result<http::Response<ureq::Body>, Error> {
+        let mut authorization = self.cached_authorization();
+        let mut authed = false;
+        let mut attempt = 0;
+        loop {
+            let r = self.once(method, url, headers, payload, authorization.as_deref());
+            match r {
+                Ok(resp) if resp.status() == 401 && !authed => {
+                    authed = true;
+                    let challenge = resp
+                        .headers()
+                        .get("WWW-Authenticate")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    authorization = Some(self.authorize(url, &challenge)?);
+                }
+                Ok(resp) if resp.status() == 401 => {
+                    return Err(Error::NeedsAuth {
+                        url: url.to_string(),
+                    })
+                }
+                Ok(resp) if resp.status().is_server_error() && attempt < self.retries => {
+                    attempt += 1;
+                    std::thread::sleep(self.backoff * 2u32.pow(attempt - 1));
+                }
+                Err(Error::Transport { .. }) if attempt < self.retries => {
+                    attempt += 1;
+                    std::thread::sleep(self.backoff * 2u32.pow(attempt - 1));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn cached_authorization(&self) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap();
+        if let Some(t) = tokens.get("*") {
+            return Some(t.clone());
+        }
+        None
+    }
+
+    /// Works out the Authorization header a 401 challenge asks for.
+    fn authorize(&self, url: &str, challenge: &str) -> Result<String, Error> {
+        if let Some(params) = auth::bearer_challenge(challenge) {
+            let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+            let realm = get("realm").ok_or_else(|| Error::NeedsAuth {
+                url: url.to_string(),
+            })?;
+            let mut token_url = realm.clone();
+            let mut sep = if realm.contains('?') { '&' } else { '?' };
+            for k in ["service", "scope"] {
+                if let Some(v) = get(k) {
+                    token_url.push(sep);
+                    token_url.push_str(&format!("{k}={}", encode(&v)));
+                    sep = '&';
+                }
+            }
+            let mut req = self.agent.get(&token_url);
+            if let Some(c) = &self.creds {
+                req = req.header("Authorization", &c.basic());
+            }
+            let mut resp = req.call().map_err(|e| Error::Transport {
+                method: "GET".into(),
+                url: realm.clone(),
+                message: e.to_string(),
+            })?;
+            if !resp.status().is_success() {
+                return Err(Error::NeedsAuth {
+                    url: url.to_string(),
+                });
+            }
+            let text = resp
+                .body_mut()
+                .with_config()
+                .limit(1 << 20)
+                .read_to_string()
+                .map_err(|e| Error::Transport {
+                    method: "GET".into(),
+                    url: realm.clone(),
+                    message: format!("token answer: {e}"),
+                })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Transport {
+                    method: "GET".into(),
+                    url: realm.clone(),
+                    message: format!("token answer: {e}"),
+                })?;
+            let token = v
+                .get("token")
+                .or_else(|| v.get("access_token"))
+                .and_then(|t| t.as_str())
+                .ok_or_else(|| Error::NeedsAuth {
+                    url: url.to_string(),
+                })?;
+            let value = format!("Bearer {token}");
+            self.tokens
+                .lock()
+                .unwrap()
+                .insert(get("scope").unwrap_or_default(), value.clone());
+            return Ok(value);
+        }
+        match &self.creds {
+            Some(c)
+                if challenge.to_ascii_lowercase().starts_with("basic") || challenge.is_empty() =>
+            {
+                let v = c.basic();
+                self.tokens.lock().unwrap().insert("*".into(), v.clone());
+                Ok(v)
+            }
+            _ => Err(Error::NeedsAuth {
+                url: url.to_string(),
+            }),
+        }
+    }
+
+    fn fail(method: &str, url: &str, mut resp: http::Response<ureq::Body>) -> Error {
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(4096)
+            .read_to_string()
+            .unwrap_or_default();
+        Error::Http {
+            method: method.to_string(),
+            url: url.to_string(),
+            status,
+            body: body.trim().to_string(),
+        }
+    }
+
+    /// Whether the repository holds a blob.
+    pub fn blob_exists(&self, repo: &str, digest: &str) -> Result<bool, Error> {
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"));
+        let resp = self.send("HEAD", &url, &[], &Payload::Empty)?;
+        match resp.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(Self::fail("HEAD", &url, resp)),
+        }
+    }
+
+    fn location(
+        &self,
+        method: &str,
+        url: &str,
+        resp: &http::Response<ureq::Body>,
+    ) -> Result<String, Error> {
+        resp.headers()
+            .get("Location")
+            .and_then(|v| v.to_str().ok())
+            .map(|l| self.absolute(l))
+            .ok_or_else(|| Error::Transport {
+                method: method.into(),
+                url: url.into(),
+                message: "no Location in the answer".into(),
+            })
+    }
+
+    /// Starts an upload, trying a cross-repository mount from `from` first.
+    /// `Ok(None)`: the blob was mounted; else the upload location.
+    pub fn start_upload(
+        &self,
+        repo: &str,
+        digest: &str,
+        from: Option<&str>,
+    ) -> Result<Option<String>, Error> {
+        let mut url = self.url(&format!("/v2/{repo}/blobs/uploads/"));
+        if let Some(f) = from {
+            url.push_str(&format!("?mount={digest}&from={f}"));
+        }
+        let resp = self.send("POST", &url, &[], &Payload::Empty)?;
+        match resp.status().as_u16() {
+            201 if from.is_some() => Ok(None),
+            202 => Ok(Some(self.location("POST", &url, &resp)?)),
+            _ => Err(Self::fail("POST", &url, resp)),
+        }
+    }
+
+    /// Uploads a blob at `location`: one PUT if it fits in `chunk` bytes
+    /// (or `chunk` is 0), else PATCHes of `chunk` bytes and a closing PUT.
+    pub fn upload(
+        &self,
+        location: &str,
+        digest: &str,
+        src: &Payload<'_>,
+        chunk: u64,
+    ) -> Result<(), Error> {
+        let size = src.len();
+        let with_digest = |loc: &str| {
+            let sep = if loc.contains('?') { '&' } else { '?' };
+            format!("{loc}{sep}digest={digest}")
+        };
+        let octet = ("Content-Type", "application/octet-stream".to_string());
+        if chunk == 0 || size <= chunk {
+            let url = with_digest(location);
+            let resp = self.send("PUT", &url, &[octet], src)?;
+            if resp.status().as_u16() != 201 {
+                return Err(Self::fail("PUT", &url, resp));
+            }
+        } else {
+            let mut loc = location.to_string();
+            let mut start = 0u64;
+            while start < size {
+                let len = chunk.min(size - start);
+                let part = match src {
+                    Payload::File { path, offset, .. } => Payload::File {
+                        path,
+                        offset: offset + start,
+                        len,
+                    },
+                    Payload::Bytes(b) => Payload::Bytes(&b[start as usize..(start + len) as usize]),
+                    Payload::Empty => Payload::Empty,
+                };
+                let range = format!("{start}-{}", start + len - 1);
+                let resp = self.send(
+                    "PATCH",
+                    &loc,
+                    &[octet.clone(), ("Content-Range", range)],
+                    &part,
+                )?;
+                if resp.status().as_u16() != 202 {
+                    return Err(Self::fail("PATCH", &loc, resp));
+                }
+                loc = self.location("PATCH", &loc, &resp)?;
+                start += len;
+            }
+            let url = with_digest(&loc);
+            let resp = self.send("PUT", &url, &[octet], &Payload::Empty)?;
+            if resp.status().as_u16() != 201 {
+                return Err(Self::fail("PUT", &url, resp));
+            }
+        }
+        self.stats.blobs_uploaded.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes_uploaded.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Pushes a manifest under a tag or its digest; checks the digest the registry computed.
+    pub fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"));
+        let resp = self.send(
+            "PUT",
+            &url,
+            &[("Content-Type", media_type.to_string())],
+            &Payload::Bytes(bytes),
+        )?;
+        if resp.status().as_u16() != 201 {
+            return Err(Self::fail("PUT", &url, resp));
+        }
+        let want = Digest::of(bytes);
+        if let Some(got) = resp
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            if got != want.as_str() {
+                return Err(Error::Digest {
+                    what: format!("manifest {repo}:{reference}"),
+                    want: want.to_string(),
+                    got: got.to_string(),
+                    size: bytes.len() as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches a manifest by tag or digest: (bytes, media type, digest), or
+    /// None if the registry does not have it. The bytes are checked against
+    /// a digest reference and the registry's `Docker-Content-Digest`.
+    pub fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+    ) -> Result<Option<(Vec<u8>, String, Digest)>, Error> {
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"));
+        let mut resp = self.send(
+            "GET",
+            &url,
+            &[("Accept", ACCEPT.to_string())],
+            &Payload::Empty,
+        )?;
+        match resp.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(Self::fail("GET", &url, resp)),
+        }
+        let media_type = resp
+            .headers()
+            .get("Content-Type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let header = resp
+            .headers()
+            .get("Docker-Content-Digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let bytes = resp
+            .body_mut()
+            .with_config()
+            .limit(16 << 20)
+            .read_to_vec()
+            .map_err(|e| Error::Transport {
+                method: "GET".into(),
+                url: url.clone(),
+                message: e.to_string(),
+            })?;
+        let got = Digest::of(&bytes);
+        let want = if reference.starts_with("sha256:") {
+            Some(reference.to_string())
+        } else {
+            header
+        };
+        if let Some(w) = want.filter(|w| w.as_str() != got.as_str()) {
+            return Err(Error::Digest {
+                what: format!("manifest {repo}:{reference}"),
+                want: w,
+                got: got.to_string(),
+                size: bytes.len() as u64,
+            });
+        }
+        Ok(Some((bytes, media_type, got)))
+    }
+
+    /// Streams a blob into `w`, verifying its digest and size at the end
+    /// (whatever was written must be discarded on an error).
+    pub fn get_blob(&self, repo: &str, d: &Descriptor, w: &mut dyn Write) -> Result<(), Error> {
+        let url = self.url(&format!("/v2/{repo}/blobs/{}", d.digest));
+        let mut resp = self.send("GET", &url, &[], &Payload::Empty)?;
+        if resp.status().as_u16() != 200 {
+            return Err(Self::fail("GET", &url, resp));
+        }
+        let mut hw = HashingWriter::new(w);
+        io::copy(&mut resp.body_mut().as_reader(), &mut hw).map_err(|e| Error::Transport {
+            method: "GET".into(),
+            url: url.clone(),
+            message: e.to_string(),
+        })?;
+        let (got, size, _) = hw.finish();
+        if got.as_str() != d.digest || size != d.size {
+            return Err(Error::Digest {
+                what: format!("blob {} of {repo}", d.digest),
+                want: d.digest.clone(),
+                got: got.to_string(),
+                size,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_references_split() {
+        let (h, r, t) = split_reference("127.0.0.1:5000/kiln/base:1").unwrap();
+        assert_eq!(
+            (h.as_str(), r.as_str(), t.as_deref()),
+            ("127.0.0.1:5000", "kiln/base", Some("1"))
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        let (_, r, t) = split_reference(&format!("localhost/x@{d}")).unwrap();
+        assert_eq!((r.as_str(), t), ("x", Some(d)));
+        assert!(split_reference("kiln/base:1").is_err());
+    }
+
+    #[test]
+    fn query_values_are_encoded() {
+        assert_eq!(
+            encode("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
+    }
+}

@@ -1,0 +1,404 @@
+//! kiln against a real registry: Debian's `docker-registry` (the CNCF
+//! distribution registry), started per test on 127.0.0.1 with a free port,
+//! temporary storage and config, and killed by PID at the end.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+struct Registry {
+    child: Child,
+    addr: String,
+    dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry; `htpasswd` (user, password) turns on basic auth.
+    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_on(free_port(), htpasswd)
+    }
+
+    fn start_on(port: u16, htpasswd: Option<(&str, &str)>) -> Registry {
+        require("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = htpasswd {
+            require("htpasswd");
+            let out = ok(Command::new("htpasswd").args(["-Bbn", user, password]));
+            fs::write(dir.path().join("htpasswd"), out).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
+        fs::write(dir.path().join("config.yml"), config).unwrap();
+        let log = fs::File::create(dir.path().join("log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let r = Registry { child, addr, dir };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(&r.addr).is_ok() {
+                return r;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the registry did not start:\n{}", r.log());
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// How many requests of `method` to paths containing `path` the access log shows.
+    fn count(&self, method: &str, path: &str) -> usize {
+        let needle = format!("\"{method} /v2/{path}");
+        self.log().lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// The file the registry keeps a blob in.
+    fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn s(v: &serde_json::Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// An image with three layers (one over 4 KiB), as an OCI archive.
+fn image(d: &Path) -> serde_json::Value {
+    write(
+        d,
+        "img/Dockerfile",
+        b"FROM scratch\nCOPY a /a\nCOPY big /big\nCOPY c /c\nENV X=1\n",
+    );
+    write(d, "img/a", b"a");
+    // Incompressible bytes, so the compressed layer is large too.
+    let mut x: u64 = 42;
+    let big: Vec<u8> = (0..20_000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    write(d, "img/big", &big);
+    write(d, "img/c", b"c");
+    json(&ok(&mut build_cmd(
+        d,
+        "img.oci.tar",
+        &["--json", "--no-index"],
+    )))
+}
+
+fn push(reg: &Registry, image: &Path, to: &str, extra: &[&str]) -> serde_json::Value {
+    json(&ok(kiln()
+        .arg("push")
+        .arg(image)
+        .arg("--to")
+        .arg(format!("{}/{to}", reg.addr))
+        .args(["--insecure", "--json"])
+        .args(extra)))
+}
+
+fn pull_cmd(reg: &Registry, from: &str, store: &Path) -> Command {
+    let mut c = kiln();
+    c.arg("pull")
+        .arg(format!("{}/{from}", reg.addr))
+        .args(["--insecure", "--json", "--store"])
+        .arg(store);
+    c
+}
+
+#[test]
+fn push_then_pull_keeps_every_digest_and_a_second_push_sends_no_blob() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    let img = d.path().join("img.oci.tar");
+    let first = push(&reg, &img, "kiln/t:1", &[]);
+    assert_eq!(first["manifest_digest"], built["manifest_digest"]);
+    assert_eq!(
+        (first["uploaded"].as_u64(), first["present"].as_u64()),
+        (Some(4), Some(0))
+    );
+    let uploads = reg.count("PUT", "kiln/t/blobs/uploads/");
+    assert_eq!(uploads, 4, "config and three layers:\n{}", reg.log());
+
+    let second = push(&reg, &img, "kiln/t:1", &[]);
+    assert_eq!(
+        (second["uploaded"].as_u64(), second["present"].as_u64()),
+        (Some(0), Some(4))
+    );
+    assert_eq!(
+        reg.count("PUT", "kiln/t/blobs/uploads/"),
+        uploads,
+        "no blob sent again"
+    );
+    assert_eq!(reg.count("POST", "kiln/t/blobs/uploads/"), 4);
+
+    // skopeo sees the digest kiln printed.
+    require("skopeo");
+    let info = json(&ok(Command::new("skopeo").args([
+        "inspect",
+        "--tls-verify=false",
+        &format!("docker://{}/kiln/t:1", reg.addr),
+    ])));
+    assert_eq!(info["Digest"], built["manifest_digest"]);
+
+    let store = d.path().join("store");
+    let out = d.path().join("pulled.oci.tar");
+    let pulled = json(&ok(pull_cmd(&reg, "kiln/t:1", &store).arg("-o").arg(&out)));
+    assert_eq!(pulled["manifest_digest"], built["manifest_digest"]);
+    let a = kiln::store::ImageReader::open(&img).unwrap();
+    let b = kiln::store::ImageReader::open(&out).unwrap();
+    let (sa, sb) = (a.summary().unwrap(), b.summary().unwrap());
+    assert_eq!(sa.manifest, sb.manifest);
+    for l in &sa.manifest.layers {
+        assert_eq!(a.read_blob(l).unwrap(), b.read_blob(l).unwrap());
+    }
+    // By digest too.
+    let by_digest = json(&ok(&mut pull_cmd(
+        &reg,
+        &format!("kiln/t@{}", s(&built["manifest_digest"])),
+        &d.path().join("store2"),
+    )));
+    assert_eq!(by_digest["manifest_digest"], built["manifest_digest"]);
+}
+
+#[test]
+fn chunked_uploads_and_cross_repository_mounts() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    let img = d.path().join("img.oci.tar");
+    let r = push(&reg, &img, "kiln/chunked:1", &["--chunk-size", "1024"]);
+    assert_eq!(r["uploaded"], 4);
+    assert!(
+        reg.count("PATCH", "kiln/chunked/blobs/uploads/") >= 2,
+        "{}",
+        reg.log()
+    );
+    let pulled = json(&ok(&mut pull_cmd(
+        &reg,
+        "kiln/chunked:1",
+        &d.path().join("s"),
+    )));
+    assert_eq!(pulled["manifest_digest"], built["manifest_digest"]);
+
+    let m = push(
+        &reg,
+        &img,
+        "kiln/mounted:1",
+        &["--mount-from", "kiln/chunked"],
+    );
+    assert_eq!(
+        (m["mounted"].as_u64(), m["uploaded"].as_u64()),
+        (Some(4), Some(0))
+    );
+    assert_eq!(reg.count("PUT", "kiln/mounted/blobs/uploads/"), 0);
+}
+
+#[test]
+fn a_corrupt_blob_served_by_the_registry_is_refused() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    image(d.path());
+    let img = d.path().join("img.oci.tar");
+    push(&reg, &img, "kiln/t:1", &[]);
+    let m = kiln::store::ImageReader::open(&img)
+        .unwrap()
+        .summary()
+        .unwrap()
+        .manifest;
+    let layer = &m.layers[1].digest;
+    let f = reg.blob_file(layer);
+    let mut bytes = fs::read(&f).unwrap();
+    bytes[100] ^= 0xff;
+    fs::write(&f, bytes).unwrap();
+    let store = d.path().join("store");
+    let err = fails(&mut pull_cmd(&reg, "kiln/t:1", &store));
+    assert!(err.contains(&format!("blob {layer} of kiln/t")), "{err}");
+    assert!(err.contains("refusing it"), "{err}");
+    assert!(!store
+        .join("blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"))
+        .exists());
+    let names = fs::read_to_string(store.join("index.json")).unwrap_or_default();
+    assert!(
+        !names.contains("kiln/t"),
+        "nothing is named after a failed pull: {names}"
+    );
+}
+
+#[test]
+fn basic_auth_comes_from_the_auth_file_and_is_never_printed() {
+    let reg = Registry::start(Some(("alice", "s3cret-pw")));
+    let d = tempfile::tempdir().unwrap();
+    image(d.path());
+    let img = d.path().join("img.oci.tar");
+    let mut c = kiln();
+    c.arg("push")
+        .arg(&img)
+        .arg("--to")
+        .arg(format!("{}/kiln/t:1", reg.addr))
+        .arg("--insecure")
+        .env("REGISTRY_AUTH_FILE", d.path().join("none.json"))
+        .env("HOME", d.path());
+    let err = fails(&mut c);
+    assert!(err.contains("the registry asks for credentials"), "{err}");
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:s3cret-pw");
+    let file = d.path().join("auth.json");
+    fs::write(
+        &file,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr),
+    )
+    .unwrap();
+    let out = run(kiln()
+        .arg("push")
+        .arg(&img)
+        .arg("--to")
+        .arg(format!("{}/kiln/t:1", reg.addr))
+        .arg("--insecure")
+        .env("REGISTRY_AUTH_FILE", &file));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("s3cret") && !text.contains(&auth), "{text}");
+}
+
+#[test]
+fn two_machines_share_builds_through_the_registry_index() {
+    let reg = Registry::start(None);
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM kiln/base:1\nCOPY f /f\n"),
+        ("img/f", b"shared"),
+    ]);
+    let build = |cache: &str, out: &str| {
+        let mut c = build_cmd(
+            d.path(),
+            out,
+            &[
+                "--json",
+                "--store",
+                repo().join("vendor-images").to_str().unwrap(),
+                "--insecure",
+                "--index-registry",
+                &format!("{}/kiln-index", reg.addr),
+            ],
+        );
+        c.env("XDG_CACHE_HOME", d.path().join(cache));
+        json(&ok(&mut c))
+    };
+    let a = build("machine-a", "a.tar");
+    assert_eq!(s(&a["status"]), "built");
+    let b = build("machine-b", "b.tar");
+    assert_eq!(s(&b["status"]), "up to date", "{b}");
+    assert_eq!(a["manifest_digest"], b["manifest_digest"]);
+    assert_eq!(
+        s(&b["route"]),
+        format!(
+            "{}/kiln-index/3/img:hash-{}",
+            reg.addr,
+            s(&a["index_digest"])
+        )
+    );
+    assert_eq!(
+        fs::read(d.path().join("a.tar")).unwrap(),
+        fs::read(d.path().join("b.tar")).unwrap()
+    );
+    // Machine B built nothing and pushed nothing.
+    assert_eq!(
+        reg.count("PUT", "kiln-index/3/img/manifests/"),
+        3 + 1,
+        "{}",
+        reg.log()
+    );
+    // The routes are tags.
+    let tags = ok(Command::new("skopeo").args([
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://{}/kiln-index/3/img", reg.addr),
+    ]));
+    let tags: Vec<String> = json(&tags)["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(s)
+        .collect();
+    assert!(
+        tags.contains(&format!("hash-{}", s(&a["index_digest"]))),
+        "{tags:?}"
+    );
+    assert!(tags.contains(&"latest".to_string()), "{tags:?}");
+    assert!(tags.iter().any(|t| t.starts_with("pushdate-")), "{tags:?}");
+}
+
+#[test]
+fn connection_errors_are_retried_with_backoff() {
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    let port = free_port();
+    // kiln starts before the registry does: its first attempts are refused.
+    let child = kiln()
+        .arg("push")
+        .arg(d.path().join("img.oci.tar"))
+        .arg("--to")
+        .arg(format!("127.0.0.1:{port}/kiln/late:1"))
+        .args(["--insecure", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let reg = Registry::start_on(port, None);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        reg.log()
+    );
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["manifest_digest"], built["manifest_digest"]);
+}
