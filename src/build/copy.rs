@@ -456,6 +456,13 @@ fn entry_for(
                 if e.resolves_to_file {
                     return file(Arc::from(path.as_path()));
                 }
+                if e.escapes {
+                    return Err(format!(
+                        "{}: is a symlink to {} outside the build context; kiln never follows links out of it",
+                        lossy(name),
+                        target.display()
+                    ));
+                }
                 return Err(format!(
                     "{}: is a symlink to {} which is not a regular file; name the target instead",
                     lossy(name),

@@ -272,6 +272,15 @@ pub fn build_into(
             message,
         },
     })?;
+    // What each file looked like when it was collected (and hashed).
+    let watch: Vec<(Arc<Path>, u64, i64)> = ctx
+        .entries
+        .values()
+        .filter_map(|e| match (&e.source, e.mtime_ns) {
+            (context::Source::File(p), Some(m)) => Some((p.clone(), e.size, m)),
+            _ => None,
+        })
+        .collect();
     // The layers hold what they need (shared paths); the context's own
     // metadata for every file is dead weight while they are written.
     drop(ctx);
@@ -311,6 +320,7 @@ pub fn build_into(
             .collect::<Result<_, _>>()?,
     };
     step.finish();
+    unchanged(&watch)?;
 
     let mut config: ImageConfig = planned.config;
     let mut diff_ids = std::mem::take(&mut config.rootfs.diff_ids);
@@ -395,6 +405,27 @@ pub fn build_into(
         status: "built".into(),
     };
     Ok((result, as_base))
+}
+
+/// Checks that no context file changed (size or mtime) since it was
+/// collected: the layers were read after the hash was computed.
+fn unchanged(watch: &[(Arc<Path>, u64, i64)]) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    watch.par_iter().try_for_each(|(p, size, mtime)| {
+        let now = std::fs::symlink_metadata(p).ok();
+        let same = now.as_ref().is_some_and(|m| {
+            m.len() == *size && m.mtime() * 1_000_000_000 + m.mtime_nsec() == *mtime
+        });
+        if same {
+            Ok(())
+        } else {
+            Err(Error::Context(context::Error::Changed {
+                path: p.to_path_buf(),
+                expected: *size,
+                got: now.map_or(0, |m| m.len()),
+            }))
+        }
+    })
 }
 
 fn write_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> Result<image::Descriptor, Error> {

@@ -64,8 +64,16 @@ pub struct Entry {
     pub resolves_to_file: bool,
     /// For a symlink: whether it resolves to a directory.
     pub resolves_to_dir: bool,
+    /// For a symlink: whether it resolves outside the source tree
+    /// (topsrcdir; the image directory if it is not under topsrcdir).
+    /// kiln never follows it.
+    pub escapes: bool,
     /// The content's sha256, when the walk already computed it.
     pub digest: Option<[u8; 32]>,
+    /// A regular file's mtime (ns) when it was collected: the build checks
+    /// it again after writing the layers, so a file changed under the build
+    /// can never give a layer other than what was hashed.
+    pub mtime_ns: Option<i64>,
 }
 
 /// A collected build context.
@@ -117,7 +125,13 @@ impl Context {
             dockerfile: Arc::from(&b""[..]),
             line_map: Vec::new(),
         };
-        walk_into(&image_dir, b"", &mut ctx, walker)?;
+        // Links may point anywhere in the source tree, never out of it.
+        let root = if image_dir.starts_with(&topsrcdir) {
+            topsrcdir.clone()
+        } else {
+            image_dir.clone()
+        };
+        walk_into(&image_dir, b"", &mut ctx, walker, &root)?;
 
         let raw = fs::read(&dockerfile_path).map_err(|e| Error::io(&dockerfile_path, e))?;
         let text = String::from_utf8(raw).map_err(|_| Error::DockerfileNotUtf8 {
@@ -163,7 +177,7 @@ impl Context {
                 }
                 for f in RUN_TASK_FILES {
                     let src = dir.join(f);
-                    let entry = file_entry(&src)?;
+                    let entry = file_entry(&src, dir)?;
                     ctx.entries
                         .insert(format!("run-task/{f}").into_bytes(), entry);
                 }
@@ -180,7 +194,9 @@ impl Context {
             size: ctx.dockerfile.len() as u64,
             resolves_to_file: false,
             resolves_to_dir: false,
+            escapes: false,
             digest: None,
+            mtime_ns: None,
         };
         ctx.entries.insert(b"Dockerfile".to_vec(), df);
         Ok(ctx)
@@ -218,6 +234,11 @@ fn include(
         return Err(at("extra include path outside topsrcdir"));
     };
     let fs_path = ctx.topsrcdir.join(&rel);
+    if escapes(&ctx.topsrcdir, &fs_path) {
+        return Err(at(
+            "extra include path leads outside topsrcdir through a symlink",
+        ));
+    }
     if fs::metadata(&fs_path).is_err() {
         if fs::symlink_metadata(&fs_path).is_ok() {
             return Err(at("extra include path is a broken symlink"));
@@ -236,9 +257,9 @@ fn include(
         if !prefix.ends_with(b"/") {
             prefix.push(b'/');
         }
-        walk_into(&fs_path, &prefix, ctx, walker)?;
+        walk_into(&fs_path, &prefix, ctx, walker, &ctx.topsrcdir.clone())?;
     } else {
-        let entry = file_entry(&fs_path)?;
+        let entry = file_entry(&fs_path, &ctx.topsrcdir)?;
         ctx.entries.insert(archive_base, entry);
     }
     Ok(())
@@ -246,8 +267,14 @@ fn include(
 
 /// Walks `dir` (not following symlinks, skipping `__pycache__`), adding every
 /// non-directory under `prefix`.
-fn walk_into(dir: &Path, prefix: &[u8], ctx: &mut Context, w: &Walker<'_>) -> Result<(), Error> {
-    let walked = walk(dir, prefix, w)?;
+fn walk_into(
+    dir: &Path,
+    prefix: &[u8],
+    ctx: &mut Context,
+    w: &Walker<'_>,
+    root: &Path,
+) -> Result<(), Error> {
+    let walked = walk(dir, prefix, w, root)?;
     // The walk emits archive-path order, so building the map is one pass.
     if ctx.entries.is_empty() {
         ctx.entries = walked.entries.into_iter().collect();
@@ -259,15 +286,20 @@ fn walk_into(dir: &Path, prefix: &[u8], ctx: &mut Context, w: &Walker<'_>) -> Re
 }
 
 /// Describes one non-directory path of the source tree.
-pub fn file_entry(path: &Path) -> Result<Entry, Error> {
+/// A symlink resolving outside `root` is recorded as such and never followed.
+pub fn file_entry(path: &Path, root: &Path) -> Result<Entry, Error> {
     let lmd = fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
     let ft = lmd.file_type();
     if ft.is_symlink() {
         let target = fs::read_link(path).map_err(|e| Error::io(path, e))?;
-        let (mode, size, is_file, is_dir) = match fs::metadata(path) {
+        let (mut mode, size, mut is_file, is_dir) = match fs::metadata(path) {
             Ok(md) => (md.mode() & 0o7777, md.len(), md.is_file(), md.is_dir()),
             Err(_) => (0o777, 0, false, false),
         };
+        let escapes = is_file && escapes(root, path);
+        if escapes {
+            (is_file, mode) = (false, 0o777);
+        }
         return Ok(Entry {
             source: Source::Symlink {
                 path: path.to_path_buf(),
@@ -277,7 +309,9 @@ pub fn file_entry(path: &Path) -> Result<Entry, Error> {
             size: if is_file { size } else { 0 },
             resolves_to_file: is_file,
             resolves_to_dir: is_dir,
+            escapes,
             digest: None,
+            mtime_ns: None,
         });
     }
     if ft.is_file() {
@@ -287,7 +321,9 @@ pub fn file_entry(path: &Path) -> Result<Entry, Error> {
             size: lmd.len(),
             resolves_to_file: false,
             resolves_to_dir: false,
+            escapes: false,
             digest: None,
+            mtime_ns: Some(lmd.mtime() * 1_000_000_000 + lmd.mtime_nsec()),
         });
     }
     let kind = if ft.is_fifo() {
@@ -303,6 +339,41 @@ pub fn file_entry(path: &Path) -> Result<Entry, Error> {
         path: path.to_path_buf(),
         kind,
     })
+}
+
+/// Whether `path` (a path under `root`), followed through every symlink,
+/// leaves `root`. The kernel resolves it beneath `root`'s descriptor
+/// (`openat2` with `RESOLVE_BENEATH`), so no string check decides; an
+/// absolute link that the kernel refuses is accepted only if its real path
+/// is under `root`'s real path.
+pub fn escapes(root: &Path, path: &Path) -> bool {
+    use rustix::fs::{OFlags, ResolveFlags};
+    let Ok(rel) = path.strip_prefix(root) else {
+        return true;
+    };
+    let real_outside = || match (fs::canonicalize(path), fs::canonicalize(root)) {
+        (Ok(p), Ok(r)) => !p.starts_with(r),
+        _ => false,
+    };
+    let Ok(fd) = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) else {
+        return real_outside();
+    };
+    match rustix::fs::openat2(
+        &fd,
+        rel,
+        OFlags::PATH | OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(_) => false,
+        Err(rustix::io::Errno::XDEV) | Err(rustix::io::Errno::NOSYS) => real_outside(),
+        // Missing targets and loops are reported where the link is used.
+        Err(_) => false,
+    }
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Error> {

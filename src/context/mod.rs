@@ -136,8 +136,10 @@ pub enum Error {
     SpecialFile { path: PathBuf, kind: &'static str },
     #[error("{}: cannot add file with setuid or setgid set (taskgraph refuses it too); clear the bit with chmod", path.display())]
     Setuid { path: PathBuf },
-    #[error("{}: broken symlink (taskgraph follows symlinks, so the target must exist)", path.display())]
+    #[error("{}: broken symlink or symlink loop (taskgraph follows symlinks, so the target must exist)", path.display())]
     BrokenSymlink { path: PathBuf },
+    #[error("{}: symlink to {} leads outside the source tree; kiln never follows links out of it (taskgraph would: this is a deliberate difference); remove the link or point it inside", path.display(), target.display())]
+    Escapes { path: PathBuf, target: PathBuf },
     #[error("{}: the file changed while kiln read it ({expected} bytes expected, {got} read); the tree changed under the build, run it again on a quiet tree", path.display())]
     Changed {
         path: PathBuf,

@@ -42,6 +42,12 @@ pub fn write_context_tar_with<W: Write>(
             Source::Bytes(_) => continue,
             Source::File(p) => p,
             Source::Symlink { path, .. } if entry.resolves_to_file => path,
+            Source::Symlink { path, target } if entry.escapes => {
+                return Err(Error::Escapes {
+                    path: path.clone(),
+                    target: target.clone(),
+                })
+            }
             Source::Symlink { path, .. } => {
                 return Err(Error::BrokenSymlink { path: path.clone() })
             }

@@ -91,17 +91,23 @@ pub fn hash_reader(
 }
 
 /// Walks the directory `path` into archive names under `prefix` (ending in `/` or empty).
-pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>) -> Result<Walked, Error> {
+pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<Walked, Error> {
     let fd = rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
     .map_err(|e| io(path, e))?;
-    walk_dir(fd, path, prefix, w)
+    walk_dir(fd, path, prefix, w, root)
 }
 
-fn walk_dir(fd: OwnedFd, dir: &Path, prefix: &[u8], w: &Walker<'_>) -> Result<Walked, Error> {
+fn walk_dir(
+    fd: OwnedFd,
+    dir: &Path,
+    prefix: &[u8],
+    w: &Walker<'_>,
+    root: &Path,
+) -> Result<Walked, Error> {
     let mut listing = Vec::new();
     {
         let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| io(dir, e))?;
@@ -161,12 +167,12 @@ fn walk_dir(fd: OwnedFd, dir: &Path, prefix: &[u8], w: &Walker<'_>) -> Result<Wa
                     let st = rustix::fs::fstat(&sub).map_err(|e| io(&path, e))?;
                     out.dirs.push((archive.clone(), st.st_mode & 0o7777));
                     archive.push(b'/');
-                    let nested = walk_dir(sub, &path, &archive, w)?;
+                    let nested = walk_dir(sub, &path, &archive, w, root)?;
                     out.entries = nested.entries;
                     out.dirs.extend(nested.dirs);
                 }
                 FileType::RegularFile => out.entries.push((archive, regular(&fd, &name, path, w)?)),
-                _ => out.entries.push((archive, file_entry(&path)?)),
+                _ => out.entries.push((archive, file_entry(&path, root)?)),
             }
             Ok(out)
         })
@@ -187,7 +193,9 @@ fn regular(dirfd: &OwnedFd, name: &[u8], path: PathBuf, w: &Walker<'_>) -> Resul
         size: st.st_size as u64,
         resolves_to_file: false,
         resolves_to_dir: false,
+        escapes: false,
         digest,
+        mtime_ns: Some(stamp(st).mtime_ns),
     };
     if !w.hash {
         let st = statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;

@@ -1,0 +1,300 @@
+//! Hostile input: links and paths that try to leave the source tree,
+//! special files, symlink loops, odd names, huge sparse files, files that
+//! change under the build. Every refusal names the file or line, and
+//! nothing is written outside the output path.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// `kiln hash` of `img/` in `d` with the given algorithm.
+fn hash_cmd(d: &Path, algorithm: &str) -> Command {
+    let mut c = kiln();
+    c.arg("hash")
+        .arg(d.join("img"))
+        .arg("--topsrcdir")
+        .arg(d)
+        .args(["--algorithm", algorithm]);
+    c
+}
+
+/// Files in `d` other than `keep` (relative paths), recursively.
+fn stray_files(d: &Path, keep: &[&str]) -> Vec<String> {
+    walkdir::WalkDir::new(d)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| {
+            e.path()
+                .strip_prefix(d)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|p| {
+            !p.is_empty()
+                && !keep
+                    .iter()
+                    .any(|k| p == k || p.starts_with(&format!("{k}/")))
+        })
+        .collect()
+}
+
+#[test]
+fn links_out_of_the_source_tree_are_never_followed() {
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY link /x\n"),
+        ("src/ok.txt", b"ok"),
+    ]);
+    let t = d.path();
+    symlink("/etc/passwd", t.join("img/link")).unwrap();
+    let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    assert!(
+        err.contains("Dockerfile:2: COPY link /x: link: is a symlink to /etc/passwd outside the build context"),
+        "{err}"
+    );
+    assert_eq!(stray_files(t, &["img", "src"]), Vec::<String>::new());
+    // The taskgraph hash would follow it: kiln refuses, naming the link.
+    let err = fails(&mut hash_cmd(t, "taskgraph"));
+    assert!(
+        err.contains("img/link: symlink to /etc/passwd leads outside the source tree"),
+        "{err}"
+    );
+    // kiln-v1 hashes the link itself; a COPY of its directory stores the link, not the file.
+    ok(&mut hash_cmd(t, "kiln-v1"));
+    write(t, "img/Dockerfile", b"FROM scratch\nCOPY . /c/\n");
+    ok(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    let l = layers(&t.join("o.tar")).pop().unwrap();
+    let link = l.iter().find(|i| i.path == "c/link").unwrap();
+    assert_eq!(
+        (link.kind, link.link.as_str(), link.data.len()),
+        ('2', "/etc/passwd", 0)
+    );
+    let passwd = fs::read("/etc/passwd").unwrap();
+    assert!(l.iter().all(|i| i.data != passwd));
+
+    // A link inside the source tree is fine, from the image dir too.
+    fs::remove_file(t.join("img/link")).unwrap();
+    symlink("../src/ok.txt", t.join("img/link")).unwrap();
+    write(t, "img/Dockerfile", b"FROM scratch\nCOPY link /x\n");
+    ok(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    ok(&mut hash_cmd(t, "taskgraph"));
+}
+
+#[test]
+fn includes_that_leave_topsrcdir_are_refused_with_their_line() {
+    let d = tree(&[(
+        "img/Dockerfile",
+        b"FROM scratch\n# %include src/out/hostname\n",
+    )]);
+    let t = d.path();
+    fs::create_dir_all(t.join("src")).unwrap();
+    symlink("/etc", t.join("src/out")).unwrap();
+    for algorithm in ["kiln-v1", "taskgraph"] {
+        let err = fails(&mut hash_cmd(t, algorithm));
+        assert!(
+            err.contains("Dockerfile:2: extra include path leads outside topsrcdir through a symlink: src/out/hostname"),
+            "{algorithm}: {err}"
+        );
+    }
+    write(
+        t,
+        "img/Dockerfile",
+        b"FROM scratch\n# %include /etc/hostname\n",
+    );
+    let err = fails(&mut hash_cmd(t, "kiln-v1"));
+    assert!(
+        err.contains("Dockerfile:2: extra include path cannot be absolute: /etc/hostname"),
+        "{err}"
+    );
+    write(
+        t,
+        "img/Dockerfile",
+        b"FROM scratch\n\n# %include ../../etc/hostname\n",
+    );
+    let err = fails(&mut hash_cmd(t, "kiln-v1"));
+    assert!(
+        err.contains("Dockerfile:3: extra include path outside topsrcdir"),
+        "{err}"
+    );
+    write(
+        t,
+        "img/Dockerfile",
+        b"FROM scratch\nCOPY ../../etc/hostname /x\n",
+    );
+    let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    assert!(err.contains("Dockerfile:2: COPY ../../etc/hostname /x: ../../etc/hostname: source path is outside the build context"), "{err}");
+    assert!(!t.join("o.tar").exists());
+}
+
+#[test]
+fn fifos_sockets_and_loops_are_errors_not_hangs() {
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY . /c/\n")]);
+    let t = d.path();
+    let fifo = t.join("img/fifo");
+    ok(Command::new("mkfifo").arg(&fifo));
+    let run_with_timeout = |mut c: Command| {
+        let child = c
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let out = child.wait_with_output().unwrap();
+        assert!(start.elapsed() < Duration::from_secs(20), "kiln hung");
+        out
+    };
+    for algorithm in ["kiln-v1", "taskgraph"] {
+        let out = run_with_timeout(hash_cmd(t, algorithm));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("img/fifo: is a FIFO; only regular files, directories and symlinks"),
+            "{err}"
+        );
+    }
+    fs::remove_file(&fifo).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(t.join("img/sock")).unwrap();
+    let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    assert!(err.contains("img/sock: is a socket"), "{err}");
+    fs::remove_file(t.join("img/sock")).unwrap();
+
+    symlink("loop-b", t.join("img/loop-a")).unwrap();
+    symlink("loop-a", t.join("img/loop-b")).unwrap();
+    // Stored as the links they are.
+    ok(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    let l = layers(&t.join("o.tar")).pop().unwrap();
+    assert!(l
+        .iter()
+        .any(|i| i.path == "c/loop-a" && i.kind == '2' && i.link == "loop-b"));
+    let err = fails(&mut hash_cmd(t, "taskgraph"));
+    assert!(
+        err.contains("loop-a: broken symlink or symlink loop"),
+        "{err}"
+    );
+    write(t, "img/Dockerfile", b"FROM scratch\nCOPY loop-a /x\n");
+    let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    assert!(
+        err.contains("loop-a: is a symlink to loop-b which is not a regular file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn odd_names_are_stored_and_hashed_exactly() {
+    use std::os::unix::ffi::OsStrExt;
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY . /c/\n")]);
+    let t = d.path();
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+    fs::write(t.join("img").join(latin1), b"latin-1 name").unwrap();
+    let long = "n".repeat(200);
+    fs::write(t.join("img").join(&long), b"200-byte name").unwrap();
+    let deep = format!(
+        "{}/{}/{}",
+        "d".repeat(100),
+        "e".repeat(100),
+        "f".repeat(100)
+    );
+    write(t, &format!("img/{deep}"), b"path over 255 bytes");
+    ok(&mut hash_cmd(t, "kiln-v1"));
+    ok(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    let l = layers(&t.join("o.tar")).pop().unwrap();
+    let names: Vec<&str> = l.iter().map(|i| i.path.as_str()).collect();
+    assert!(names.contains(&"c/caf\u{fffd}.txt"), "{names:?}");
+    let long_path = format!("c/{long}");
+    assert!(l
+        .iter()
+        .any(|i| i.path == long_path && i.data == b"200-byte name"));
+    let deep_path = format!("c/{deep}");
+    assert!(l
+        .iter()
+        .any(|i| i.path == deep_path && i.data == b"path over 255 bytes"));
+}
+
+#[test]
+fn a_file_over_8_gib_is_stored_with_its_exact_size() {
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY big /big\n")]);
+    let t = d.path();
+    let size: u64 = (8 << 30) + 3;
+    let f = fs::File::create(t.join("img/big")).unwrap();
+    f.set_len(size).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"end", size - 3).unwrap();
+    }
+    let v = json(&ok(&mut build_cmd(
+        t,
+        "big.oci.tar",
+        &["--no-index", "--json", "--layer-compression", "zstd"],
+    )));
+    assert_eq!(v["layers"].as_array().unwrap().len(), 1);
+    // The layer's header carries the exact size (more than the 8 GiB an
+    // octal ustar field holds): read the header, not the 8 GiB.
+    let r = kiln::store::ImageReader::open(&t.join("big.oci.tar")).unwrap();
+    let m = r.summary().unwrap().manifest;
+    let blob = r.read_blob(&m.layers[0]).unwrap();
+    let dec = zstd::stream::read::Decoder::new(&blob[..]).unwrap();
+    let mut ar = tar::Archive::new(dec);
+    let first = ar.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(first.path().unwrap().to_string_lossy(), "big");
+    assert_eq!(first.size(), size);
+}
+
+#[test]
+fn a_file_changed_under_the_build_fails_it() {
+    use std::io::BufRead;
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY files /files/\n")]);
+    let t = d.path();
+    // Enough data that the layer is still being written when the file changes.
+    for i in 0..40 {
+        write(t, &format!("img/files/f{i:02}"), &vec![b'a'; 4 << 20]);
+    }
+    let target = t.join("img/files/f39");
+    let mut child = build_cmd(
+        t,
+        "o.tar",
+        &[
+            "--no-index",
+            "--progress",
+            "plain",
+            "--layer-compression",
+            "gzip",
+            "--compression-level",
+            "9",
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Once the context is hashed, change a file: same size, new bytes.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.contains("hashing context") {
+            fs::write(&target, vec![b'b'; 4 << 20]).unwrap();
+            break;
+        }
+    }
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "the build must notice: {seen}");
+    assert!(
+        seen.contains("f39: the file changed while kiln read it"),
+        "{seen}"
+    );
+    assert!(!t.join("o.tar").exists());
+    assert_eq!(stray_files(t, &["img"]), Vec::<String>::new());
+}
