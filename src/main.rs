@@ -581,7 +581,7 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = tempfile::Builder::new()
-        .prefix(".kiln-out-")
+        .prefix(&kiln::archive::temp_prefix("out"))
         .tempfile_in(dir)
         .with_context(|| format!("writing {}", output.display()))?;
     // gzip header as Python's GzipFile writes it for taskgraph: file name without .gz, fixed mtime.

@@ -298,3 +298,115 @@ fn a_file_changed_under_the_build_fails_it() {
     assert!(!t.join("o.tar").exists());
     assert_eq!(stray_files(t, &["img"]), Vec::<String>::new());
 }
+
+/// Names in `dir` that start with `.kiln-`.
+fn kiln_temps(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".kiln-"))
+        .collect()
+}
+
+#[test]
+fn kill_9_leaves_the_old_output_or_none_and_the_next_run_cleans_up() {
+    use std::io::BufRead;
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY files /files/\n")]);
+    let t = d.path();
+    for i in 0..40 {
+        write(
+            t,
+            &format!("img/files/f{i:02}"),
+            &vec![b'a' + (i % 26) as u8; 4 << 20],
+        );
+    }
+    let out_dir = t.join("out");
+    fs::create_dir_all(&out_dir).unwrap();
+    for (out, extra) in [("o.tar", "docker-archive"), ("o.oci", "oci-dir")] {
+        // An old output at the target, then a build killed while it writes.
+        fs::write(out_dir.join(out), b"old output").ok();
+        if extra == "oci-dir" {
+            let _ = fs::remove_file(out_dir.join(out));
+        }
+        let mut child = kiln()
+            .arg("build")
+            .arg(t.join("img"))
+            .arg("--topsrcdir")
+            .arg(t)
+            .arg("-o")
+            .arg(out_dir.join(out))
+            .args(["--format", extra, "--no-index", "--progress", "plain"])
+            .args(["--layer-compression", "gzip", "--compression-level", "9"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while stderr.read_line(&mut line).unwrap() > 0 && !line.contains("hashing context") {
+            line.clear();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        match extra {
+            "docker-archive" => {
+                assert_eq!(
+                    fs::read(out_dir.join(out)).unwrap(),
+                    b"old output",
+                    "the old output stays"
+                );
+            }
+            _ => assert!(!out_dir.join(out).exists(), "no partial layout"),
+        }
+        assert!(
+            !kiln_temps(&out_dir).is_empty(),
+            "the killed run left its temp files"
+        );
+        // The next run removes what the dead process left, and succeeds.
+        ok(kiln()
+            .arg("build")
+            .arg(t.join("img"))
+            .arg("--topsrcdir")
+            .arg(t)
+            .arg("-o")
+            .arg(out_dir.join(out))
+            .args(["--format", extra, "--no-index"]));
+        assert_eq!(kiln_temps(&out_dir), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_full_disk_is_a_clear_error_and_leaves_no_partial_output() {
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nCOPY big /big\n")]);
+    let t = d.path();
+    // 4 MiB of incompressible bytes; the file-size limit is 1 MiB.
+    let mut x: u64 = 7;
+    let big: Vec<u8> = (0..4 << 20)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (x >> 56) as u8
+        })
+        .collect();
+    write(t, "img/big", &big);
+    let kiln_bin = env!("CARGO_BIN_EXE_kiln");
+    let out = t.join("out/o.tar");
+    fs::create_dir_all(t.join("out")).unwrap();
+    let script = format!(
+        "trap '' XFSZ; ulimit -f 1024; exec '{kiln_bin}' build '{}' --topsrcdir '{}' -o '{}' --no-index",
+        t.join("img").display(),
+        t.display(),
+        out.display()
+    );
+    let err = fails(
+        Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env_remove("KILN_STORE"),
+    );
+    assert!(err.contains("File too large"), "{err}");
+    assert!(err.contains("kiln: error: "), "{err}");
+    assert!(!out.exists());
+    assert_eq!(kiln_temps(&t.join("out")), Vec::<String>::new());
+}

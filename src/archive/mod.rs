@@ -202,7 +202,7 @@ fn bytes(b: Vec<u8>) -> LayerEntry {
 fn write_archive(entries: &Entries, mtime: u64, zstd: bool, out: &Path) -> Result<(), Error> {
     let dir = parent_dir(out);
     let tmp = tempfile::Builder::new()
-        .prefix(".kiln-out-")
+        .prefix(&temp_prefix("out"))
         .tempfile_in(&dir)
         .map_err(io_err(out))?;
     {
@@ -254,7 +254,7 @@ impl Streaming {
     pub fn create(out: &Path, mtime: u64) -> Result<Streaming, Error> {
         let dir = parent_dir(out);
         let tmp = tempfile::Builder::new()
-            .prefix(".kiln-out-")
+            .prefix(&temp_prefix("out"))
             .tempfile_in(&dir)
             .map_err(io_err(out))?;
         let mut s = Streaming {
@@ -421,6 +421,44 @@ pub(crate) fn finish_file(f: &fs::File, out: &Path) -> Result<(), Error> {
     f.sync_all().map_err(io_err(out))
 }
 
+/// The prefix of kiln's temporary files and directories beside outputs:
+/// `.kiln-<kind>-<pid>-`, so a later run can tell whose they are.
+pub fn temp_prefix(kind: &str) -> String {
+    format!(".kiln-{kind}-{}-", std::process::id())
+}
+
+/// Removes temporary outputs that kiln processes which no longer run left
+/// in `dir` (after a `kill -9` or a power cut); never another live
+/// process's. Best effort: failures are ignored.
+pub fn clean_stale(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".kiln-")) else {
+            continue;
+        };
+        let mut parts = rest.splitn(3, '-');
+        let (Some(kind), Some(pid), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if !matches!(kind, "out" | "build" | "old") {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let p = e.path();
+        let _ = if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+    }
+}
+
 /// The directory an output goes into (created if missing).
 pub(crate) fn parent_dir(out: &Path) -> PathBuf {
     let parent = out
@@ -428,6 +466,7 @@ pub(crate) fn parent_dir(out: &Path) -> PathBuf {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let _ = fs::create_dir_all(parent);
+    clean_stale(parent);
     parent.to_path_buf()
 }
 

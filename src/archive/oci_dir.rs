@@ -28,7 +28,7 @@ impl Writer for OciDir {
         }
         let parent = parent_dir(out);
         let stage = tempfile::Builder::new()
-            .prefix(".kiln-out-")
+            .prefix(&super::temp_prefix("out"))
             .tempdir_in(&parent)
             .map_err(io_err(out))?;
         let blobs = stage.path().join("blobs/sha256");
@@ -52,7 +52,7 @@ impl Writer for OciDir {
         let stage = stage.keep();
         if out.exists() {
             let old = tempfile::Builder::new()
-                .prefix(".kiln-old-")
+                .prefix(&super::temp_prefix("old"))
                 .tempdir_in(&parent)
                 .map_err(io_err(out))?;
             let old_path = old.path().join("layout");

@@ -244,7 +244,7 @@ pub fn build_into(
 
     let work_parent = archive::parent_dir(&opts.output);
     let work = tempfile::Builder::new()
-        .prefix(".kiln-build-")
+        .prefix(&archive::temp_prefix("build"))
         .tempdir_in(&work_parent)
         .map_err(|source| Error::Work {
             path: opts.output.clone(),
@@ -308,7 +308,17 @@ pub fn build_into(
         Some(st) => {
             let mut infos = Vec::new();
             for entries in &planned.layers {
-                infos.push(st.add_layer(|f| layer::write_layer_to(entries, ts, level, f, &step))??);
+                let info = st
+                    .add_layer(|f| layer::write_layer_to(entries, ts, level, f, &step))?
+                    .map_err(|e| match e {
+                        // The layer goes straight into the output file.
+                        layer::Error::Write { source, .. } => Error::Archive(archive::Error::Io {
+                            path: opts.output.clone(),
+                            source,
+                        }),
+                        e => Error::Layer(e),
+                    })?;
+                infos.push(info);
             }
             infos
         }

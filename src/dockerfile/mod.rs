@@ -11,7 +11,7 @@ pub use parse::{parse, CommandForm, CopySource, CopySpec, Dockerfile, Health, In
 /// A Dockerfile syntax error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("line {line} column {column}: {message}")]
+    #[error("{}{message}", if *line == 0 { String::new() } else { format!("line {line} column {column}: ") })]
     Syntax {
         line: usize,
         column: usize,

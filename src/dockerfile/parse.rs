@@ -305,7 +305,7 @@ pub fn parse(text: &str) -> Result<Dockerfile, Error> {
         .escape
         .as_ref()
         .map_or('\\', |d| d.value.value);
-    let instructions = df
+    let instructions: Vec<Instr> = df
         .instructions
         .iter()
         .map(|ins| {
@@ -319,6 +319,28 @@ pub fn parse(text: &str) -> Result<Dockerfile, Error> {
             }
         })
         .collect();
+    // Docker quietly runs a broken JSON array as a shell command
+    // (`CMD ["a", "b"` runs `/bin/sh -c '["a", "b"'`); kiln refuses it.
+    for ins in &instructions {
+        let shell = match &ins.kind {
+            Kind::Cmd(CommandForm::Shell(s)) | Kind::Entrypoint(CommandForm::Shell(s)) => Some(s),
+            Kind::Healthcheck(Health::Cmd {
+                command: CommandForm::Shell(s),
+                ..
+            }) => Some(s),
+            _ => None,
+        };
+        if let Some(s) = shell.filter(|s| s.trim_start().starts_with('[')) {
+            return Err(Error::Syntax {
+                line: ins.line,
+                column: ins.column,
+                message: format!(
+                    "{}: {s} looks like a JSON array but is not valid JSON (unterminated, or not double-quoted); write [\"cmd\", \"arg\"] or a plain shell command",
+                    ins.text
+                ),
+            });
+        }
+    }
     Ok(Dockerfile {
         escape,
         instructions,

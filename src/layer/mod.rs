@@ -323,8 +323,10 @@ pub fn write_layer_to(
         let written = writer
             .join()
             .map_err(|_| werr(io::Error::other("the blob writer panicked")))?;
-        let diff_id = result?;
-        Ok((diff_id, written.map_err(werr)?))
+        // The writer's own error (a full disk, say) is the cause of the
+        // tar side's "the blob writer stopped": report it first.
+        let written = written.map_err(werr)?;
+        Ok((result?, written))
     })?;
     let (digest, size, file) = written;
     let info = LayerInfo {

@@ -141,6 +141,10 @@ impl Client {
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(30)))
             .timeout_recv_response(Some(Duration::from_secs(300)))
+            // A stalled body ends; an endless one is cut at its declared size.
+            .timeout_per_read(Some(Duration::from_secs(120)))
+            // Credentials follow a redirect only to the same host.
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .build();
         Client {
             agent: config.into(),
@@ -562,11 +566,29 @@ impl Client {
             return Err(Self::fail("GET", &url, resp));
         }
         let mut hw = HashingWriter::new(w);
-        io::copy(&mut resp.body_mut().as_reader(), &mut hw).map_err(|e| Error::Transport {
-            method: "GET".into(),
-            url: url.clone(),
-            message: e.to_string(),
-        })?;
+        // Never read more than the descriptor's size (plus one byte, to see it is more).
+        let mut body = resp
+            .body_mut()
+            .with_config()
+            .limit(d.size.saturating_add(1))
+            .reader();
+        let copied = io::copy(&mut (&mut body).take(d.size.saturating_add(1)), &mut hw);
+        if let Err(e) = copied {
+            let (got, size, _) = hw.finish();
+            if size > d.size {
+                return Err(Error::Digest {
+                    what: format!("blob {} of {repo} (more bytes than its size)", d.digest),
+                    want: d.digest.clone(),
+                    got: got.to_string(),
+                    size,
+                });
+            }
+            return Err(Error::Transport {
+                method: "GET".into(),
+                url: url.clone(),
+                message: e.to_string(),
+            });
+        }
         let (got, size, _) = hw.finish();
         if got.as_str() != d.digest || size != d.size {
             return Err(Error::Digest {
