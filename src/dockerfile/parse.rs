@@ -89,9 +89,18 @@ pub struct Dockerfile {
     pub instructions: Vec<Instr>,
 }
 
+/// `pos` moved down to the nearest character boundary of `text`.
+fn floor_boundary(text: &str, pos: usize) -> usize {
+    let mut p = pos.min(text.len());
+    while !text.is_char_boundary(p) {
+        p -= 1;
+    }
+    p
+}
+
 /// 1-based line and column of a byte offset.
 pub fn line_col(text: &str, pos: usize) -> (usize, usize) {
-    let before = &text[..pos.min(text.len())];
+    let before = &text[..floor_boundary(text, pos)];
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, col)
@@ -100,7 +109,7 @@ pub fn line_col(text: &str, pos: usize) -> (usize, usize) {
 /// The instruction's text starting at `pos`: its first line plus continuation lines.
 fn instruction_text(text: &str, pos: usize, escape: char) -> String {
     let mut out = String::new();
-    for line in text[pos..].split('\n') {
+    for line in text[floor_boundary(text, pos)..].split('\n') {
         let trimmed = line.trim();
         if let Some(stripped) = trimmed.strip_suffix(escape) {
             out.push_str(stripped.trim_end());
@@ -164,7 +173,7 @@ fn copy_spec(
     src: &[pd::Source<'_>],
     dest: &pd::UnescapedString<'_>,
 ) -> CopySpec {
-    let first_line = text[start..].split('\n').next().unwrap_or("");
+    let first_line = text[floor_boundary(text, start)..].split('\n').next().unwrap_or("");
     let names = heredoc_names(first_line);
     let mut doc = 0;
     let mut json = false;
@@ -291,6 +300,8 @@ fn convert(text: &str, escape: char, ins: &pd::Instruction<'_>) -> (usize, Kind)
 
 /// Parses a Dockerfile's text.
 pub fn parse(text: &str) -> Result<Dockerfile, Error> {
+    // A byte-order mark is not part of the first instruction (Docker drops it too).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let df = pd::parse(text).map_err(|e| {
         let msg = e.to_string();
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
@@ -413,4 +424,14 @@ mod tests {
         assert_eq!((line, column), (2, 1));
         assert!(message.contains("unknown instruction"), "{message}");
     }
+
+    #[test]
+    fn byte_order_marks_never_split_a_character() {
+        // Found by the fuzzer: a BOM at the start and one inside a word.
+        let text = "\u{feff}# comment\nFROM s\u{feff}x\nVOLUME /a\n";
+        let df = parse(text).unwrap();
+        assert_eq!(df.instructions[0].line, 2);
+        assert!(df.instructions[1].text.starts_with("VOLUME"));
+    }
+
 }
