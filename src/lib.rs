@@ -16,6 +16,7 @@ pub mod dockerfile;
 pub mod image;
 pub mod index;
 pub mod layer;
+pub mod limits;
 pub mod store;
 pub mod tree;
 

@@ -410,3 +410,221 @@ fn a_full_disk_is_a_clear_error_and_leaves_no_partial_output() {
     assert!(!out.exists());
     assert_eq!(kiln_temps(&t.join("out")), Vec::<String>::new());
 }
+
+/// A hand-made OCI layout store holding one image `t/evil:1` whose single
+/// (uncompressed) layer is `layer`; returns the store and the layer digest.
+fn evil_store(
+    dir: &Path,
+    layer: &[u8],
+    config_json: Option<&[u8]>,
+) -> (std::path::PathBuf, String) {
+    let store = dir.join("evil-store");
+    let blobs = store.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let hex = sha256_hex(b);
+        fs::write(blobs.join(&hex), b).unwrap();
+        (format!("sha256:{hex}"), b.len())
+    };
+    let (ld, ls) = put(layer);
+    let default_config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{ld}"]}}}}"#
+    );
+    let (cd, cs) = put(config_json.unwrap_or(default_config.as_bytes()));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{ls}}}]}}"#
+    );
+    let (md, ms) = put(manifest.as_bytes());
+    fs::write(
+        store.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    fs::write(
+        store.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"t/evil:1"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    (store, ld)
+}
+
+/// A tar with raw names (the tar crate refuses to write `..` and absolute
+/// paths, so headers are filled by hand).
+fn raw_tar(entries: &[(&str, u8, &str, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, kind, link, data) in entries {
+        let mut h = tar::Header::new_old();
+        {
+            let b = h.as_mut_bytes();
+            b[..name.len()].copy_from_slice(name.as_bytes());
+            b[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        }
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+#[test]
+fn layers_with_absolute_and_climbing_names_stay_inside_the_rootfs() {
+    let d = tree(&[(
+        "img/Dockerfile",
+        b"FROM scratch\nCOPY --from=t/evil:1 / /c/\n",
+    )]);
+    let t = d.path();
+    let layer = raw_tar(&[
+        ("/abs/file", b'0', "", b"abs"),
+        ("../../escape", b'0', "", b"esc"),
+        ("ok/../up", b'0', "", b"up"),
+        ("link", b'2', "/etc/passwd", b""),
+        ("hard", b'1', "../../abs/file", b""),
+    ]);
+    let (store, _) = evil_store(t, &layer, None);
+    ok(&mut build_cmd(
+        t,
+        "o.tar",
+        &["--no-index", "--store", store.to_str().unwrap()],
+    ));
+    let l = layers(&t.join("o.tar")).pop().unwrap();
+    let got: Vec<(String, char, String, Vec<u8>)> = l
+        .iter()
+        .map(|i| (i.path.clone(), i.kind, i.link.clone(), i.data.clone()))
+        .collect();
+    let f = |p: &str, data: &[u8]| (p.to_string(), '0', String::new(), data.to_vec());
+    assert!(got.contains(&f("c/abs/file", b"abs")), "{got:?}");
+    assert!(got.contains(&f("c/escape", b"esc")), "{got:?}");
+    assert!(got.contains(&f("c/up", b"up")), "{got:?}");
+    // The link is kept as a link, never followed: /etc/passwd is not read.
+    assert!(
+        got.contains(&("c/link".into(), '2', "/etc/passwd".into(), vec![])),
+        "{got:?}"
+    );
+    assert!(
+        got.iter()
+            .all(|g| !g.0.contains("..") && !g.0.starts_with('/')),
+        "{got:?}"
+    );
+    assert_eq!(
+        stray_files(t, &["img", "evil-store", "o.tar"]),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn broken_images_in_a_store_are_named_errors() {
+    let d = tree(&[("img/Dockerfile", b"FROM t/evil:1\nCOPY Dockerfile /x\n")]);
+    let t = d.path();
+    let layer = raw_tar(&[("f", b'0', "", b"data")]);
+    let build = |store: &Path| {
+        fails(&mut build_cmd(
+            t,
+            "o.tar",
+            &["--no-index", "--store", store.to_str().unwrap()],
+        ))
+    };
+
+    // Truncated layer blob.
+    let (store, ld) = evil_store(t, &layer, None);
+    let p = store
+        .join("blobs/sha256")
+        .join(ld.trim_start_matches("sha256:"));
+    fs::write(&p, &layer[..1000]).unwrap();
+    let err = build(&store);
+    assert!(
+        err.contains(&format!("blob {ld} does not match its digest or size")),
+        "{err}"
+    );
+    // Missing layer blob.
+    fs::remove_file(&p).unwrap();
+    let err = build(&store);
+    assert!(
+        err.contains(&format!("blob {ld} is missing from the image")),
+        "{err}"
+    );
+    fs::remove_dir_all(&store).unwrap();
+    // A config that is not JSON.
+    let (store, _) = evil_store(t, &layer, Some(b"{not json"));
+    let err = build(&store);
+    assert!(
+        err.contains("config sha256:") && err.contains("is not valid JSON"),
+        "{err}"
+    );
+    fs::remove_dir_all(&store).unwrap();
+    // A config that declares an absurd size is never read into memory.
+    let (store, _) = evil_store(t, &layer, None);
+    let idx = fs::read_to_string(store.join("index.json")).unwrap();
+    let mdigest = idx
+        .split("\"digest\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let mpath = store
+        .join("blobs/sha256")
+        .join(mdigest.trim_start_matches("sha256:"));
+    let m = fs::read_to_string(&mpath).unwrap();
+    let huge = m.replacen("\"size\":", "\"size\":99999999999,\"x\":", 1);
+    let huge_digest = format!("sha256:{}", sha256_hex(huge.as_bytes()));
+    fs::write(
+        store
+            .join("blobs/sha256")
+            .join(huge_digest.trim_start_matches("sha256:")),
+        &huge,
+    )
+    .unwrap();
+    fs::write(
+        store.join("index.json"),
+        idx.replace(&mdigest, &huge_digest).replace(
+            &format!("\"size\":{}", m.len()),
+            &format!("\"size\":{}", huge.len()),
+        ),
+    )
+    .unwrap();
+    let err = build(&store);
+    assert!(
+        err.contains("declares 99999999999 bytes; kiln reads manifests and configs of at most"),
+        "{err}"
+    );
+    assert!(!t.join("o.tar").exists());
+}
+
+#[test]
+fn a_decompression_bomb_given_to_add_is_refused() {
+    use std::io::Write;
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nADD bomb.tar.gz /b/\n")]);
+    let t = d.path();
+    // A tar of one 3 GiB file of zeros, gzip-compressed to about 3 MB.
+    let f = fs::File::create(t.join("img/bomb.tar.gz")).unwrap();
+    let mut gz =
+        flate2::write::GzEncoder::new(std::io::BufWriter::new(f), flate2::Compression::best());
+    let size: u64 = 3 << 30;
+    let mut h = tar::Header::new_gnu();
+    h.set_path("zeros").unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_cksum();
+    gz.write_all(h.as_bytes()).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(size >> 20) {
+        gz.write_all(&zeros).unwrap();
+    }
+    gz.write_all(&[0u8; 1024]).unwrap();
+    gz.finish().unwrap().flush().unwrap();
+    let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
+    assert!(
+        err.contains("bomb.tar.gz: decompresses to more than 1000 times its size"),
+        "{err}"
+    );
+    assert!(!t.join("o.tar").exists());
+    assert_eq!(stray_files(t, &["img"]), Vec::<String>::new());
+}

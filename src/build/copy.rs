@@ -521,13 +521,21 @@ pub enum ArchiveKind {
 }
 
 fn open_decoder(path: &Path, kind: ArchiveKind) -> io::Result<Box<dyn Read>> {
+    use crate::limits::guarded;
     let f = BufReader::new(File::open(path)?);
+    let what = path.display().to_string();
     Ok(match kind {
         ArchiveKind::Tar => Box::new(f),
-        ArchiveKind::Gzip => Box::new(flate2::read::MultiGzDecoder::new(f)),
-        ArchiveKind::Bzip2 => Box::new(bzip2::read::MultiBzDecoder::new(f)),
-        ArchiveKind::Xz => Box::new(xz2::read::XzDecoder::new_multi_decoder(f)),
-        ArchiveKind::Zstd => Box::new(zstd::stream::read::Decoder::new(f)?),
+        ArchiveKind::Gzip => Box::new(guarded(f, &what, |c| {
+            Ok(flate2::read::MultiGzDecoder::new(c))
+        })?),
+        ArchiveKind::Bzip2 => Box::new(guarded(f, &what, |c| {
+            Ok(bzip2::read::MultiBzDecoder::new(c))
+        })?),
+        ArchiveKind::Xz => Box::new(guarded(f, &what, |c| {
+            Ok(xz2::read::XzDecoder::new_multi_decoder(c))
+        })?),
+        ArchiveKind::Zstd => Box::new(guarded(f, &what, zstd::stream::read::Decoder::new)?),
     })
 }
 

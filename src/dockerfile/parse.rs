@@ -173,7 +173,10 @@ fn copy_spec(
     src: &[pd::Source<'_>],
     dest: &pd::UnescapedString<'_>,
 ) -> CopySpec {
-    let first_line = text[floor_boundary(text, start)..].split('\n').next().unwrap_or("");
+    let first_line = text[floor_boundary(text, start)..]
+        .split('\n')
+        .next()
+        .unwrap_or("");
     let names = heredoc_names(first_line);
     let mut doc = 0;
     let mut json = false;
@@ -433,5 +436,4 @@ mod tests {
         assert_eq!(df.instructions[0].line, 2);
         assert!(df.instructions[1].text.starts_with("VOLUME"));
     }
-
 }

@@ -59,14 +59,20 @@ fn verified() -> &'static Mutex<HashSet<(PathBuf, u64)>> {
 }
 
 /// Opens a layer blob decompressed (gzip, zstd or a plain tar, by its magic).
+/// The output is capped by [`crate::limits`]: a decompression bomb is an error.
 pub fn layer_reader(path: &Path) -> io::Result<Box<dyn Read + Send>> {
     let mut head = [0u8; 4];
     let n = File::open(path)?.read(&mut head)?;
     let f = BufReader::with_capacity(1 << 20, File::open(path)?);
+    let what = path.display().to_string();
     Ok(if n >= 2 && head[..2] == [0x1f, 0x8b] {
-        Box::new(flate2::read::MultiGzDecoder::new(f))
+        Box::new(crate::limits::guarded(f, &what, |c| {
+            Ok(flate2::read::MultiGzDecoder::new(c))
+        })?)
     } else if n == 4 && head == [0x28, 0xb5, 0x2f, 0xfd] {
-        Box::new(zstd::stream::read::Decoder::new(f)?)
+        Box::new(crate::limits::guarded(f, &what, |c| {
+            zstd::stream::read::Decoder::new(c)
+        })?)
     } else {
         Box::new(f)
     })
@@ -391,6 +397,17 @@ impl Store {
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, d: &Descriptor, what: &str) -> Result<T, Error> {
+        if d.size > crate::limits::MAX_JSON_BLOB {
+            return Err(Error::Invalid {
+                path: self.dir.clone(),
+                message: format!(
+                    "{what} {} declares {} bytes; kiln reads manifests and configs of at most {} bytes",
+                    d.digest,
+                    d.size,
+                    crate::limits::MAX_JSON_BLOB
+                ),
+            });
+        }
         let bytes = self.read_verified(d)?;
         serde_json::from_slice(&bytes).map_err(|source| Error::Json {
             path: self.dir.clone(),

@@ -110,9 +110,12 @@ impl ImageReader {
                 .tempfile_in(dir)
                 .or_else(|_| tempfile::NamedTempFile::new())
                 .map_err(ioe)?;
-            let mut dec =
-                zstd::stream::read::Decoder::new(BufReader::new(File::open(path).map_err(ioe)?))
-                    .map_err(ioe)?;
+            let mut dec = crate::limits::guarded(
+                BufReader::new(File::open(path).map_err(ioe)?),
+                &path.display().to_string(),
+                zstd::stream::read::Decoder::new,
+            )
+            .map_err(ioe)?;
             io::copy(&mut dec, t.as_file_mut()).map_err(ioe)?;
             let tp = t.into_temp_path();
             (tp.to_path_buf(), Some(tp))
@@ -278,6 +281,19 @@ impl ImageReader {
         format!("blobs/sha256/{}", digest.hex())
     }
 
+    /// Reads a manifest, index or config blob (verified, size-capped).
+    fn read_json_blob(&self, d: &Descriptor) -> Result<Vec<u8>, Error> {
+        if d.size > crate::limits::MAX_JSON_BLOB {
+            return Err(self.invalid(&format!(
+                "{} declares {} bytes; kiln reads manifests and configs of at most {} bytes",
+                d.digest,
+                d.size,
+                crate::limits::MAX_JSON_BLOB
+            )));
+        }
+        self.read_blob(d)
+    }
+
     fn parse_digest(&self, d: &Descriptor) -> Result<Digest, Error> {
         Digest::parse(&d.digest)
             .ok_or_else(|| self.invalid(&format!("invalid digest {:?}", d.digest)))
@@ -412,7 +428,7 @@ impl ImageReader {
     /// index, then each manifest's config and layers).
     pub fn closure(&self, d: &Descriptor) -> Result<Vec<Descriptor>, Error> {
         let mut out = vec![d.clone()];
-        let bytes = self.read_blob(d)?;
+        let bytes = self.read_json_blob(d)?;
         let v: serde_json::Value = self.json(&bytes, &format!("manifest {}", d.digest))?;
         if v.get("manifests").is_some() {
             let index: Index = self.json(&bytes, &format!("index {}", d.digest))?;
@@ -436,8 +452,8 @@ impl ImageReader {
                 desc.digest
             )));
         }
-        let manifest: Manifest = self.json(&self.read_blob(&desc)?, "manifest")?;
-        let config: ImageConfig = self.json(&self.read_blob(&manifest.config)?, "config")?;
+        let manifest: Manifest = self.json(&self.read_json_blob(&desc)?, "manifest")?;
+        let config: ImageConfig = self.json(&self.read_json_blob(&manifest.config)?, "config")?;
         Ok(Summary {
             format: self.format.to_string(),
             manifest_digest: desc.digest,

@@ -1,0 +1,106 @@
+//! Limits on what untrusted images and archives can make kiln do: a cap on
+//! the decompression ratio (a small archive that inflates to terabytes is
+//! refused as a decompression bomb instead of filling the disk or burning
+//! hours), and on the declared size of JSON blobs read into memory.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Decompressed output may exceed this many times the compressed input...
+pub const MAX_RATIO: u64 = 1000;
+/// ...only below this many bytes (small, very compressible files are fine).
+pub const RATIO_FREE_BYTES: u64 = 1 << 30;
+/// Manifests, indexes and configs larger than this are refused.
+pub const MAX_JSON_BLOB: u64 = 16 << 20;
+
+/// Counts the bytes read through it (the compressed side).
+pub struct Counted<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Fails the read once the decompressed output outgrows the ratio cap.
+pub struct BombGuard<R> {
+    inner: R,
+    compressed: Arc<AtomicU64>,
+    out: u64,
+    what: String,
+}
+
+impl<R: Read> Read for BombGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        let input = self.compressed.load(Ordering::Relaxed).max(1);
+        if self.out > RATIO_FREE_BYTES && self.out > input.saturating_mul(MAX_RATIO) {
+            return Err(io::Error::other(format!(
+                "{}: decompresses to more than {MAX_RATIO} times its size ({} bytes from {input}); refusing what looks like a decompression bomb",
+                self.what, self.out
+            )));
+        }
+        Ok(n)
+    }
+}
+
+/// Wraps a compressed reader: `decoder` builds the decompressor over the
+/// counted input; the result is guarded by the ratio cap.
+pub fn guarded<R: Read, D: Read>(
+    compressed: R,
+    what: &str,
+    decoder: impl FnOnce(Counted<R>) -> io::Result<D>,
+) -> io::Result<BombGuard<D>> {
+    let count = Arc::new(AtomicU64::new(0));
+    let inner = decoder(Counted {
+        inner: compressed,
+        count: count.clone(),
+    })?;
+    Ok(BombGuard {
+        inner,
+        compressed: count,
+        out: 0,
+        what: what.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_stream_that_inflates_hugely_is_refused() {
+        // 2 GiB of zeros in a few MB of zstd.
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..2048 {
+            io::Write::write_all(&mut enc, &zeros).unwrap();
+        }
+        let small = enc.finish().unwrap();
+        let mut r = guarded(&small[..], "bomb.zst", |c| {
+            zstd::stream::read::Decoder::new(c)
+        })
+        .unwrap();
+        let err = io::copy(&mut r, &mut io::sink()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("bomb.zst: decompresses to more than 1000 times"),
+            "{err}"
+        );
+        // An ordinary ratio passes.
+        let text: Vec<u8> = (0..3_000_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let z = zstd::encode_all(&text[..], 3).unwrap();
+        let mut r = guarded(&z[..], "ok.zst", |c| zstd::stream::read::Decoder::new(c)).unwrap();
+        assert_eq!(
+            io::copy(&mut r, &mut io::sink()).unwrap(),
+            text.len() as u64
+        );
+    }
+}
