@@ -402,3 +402,206 @@ fn connection_errors_are_retried_with_backoff() {
     let v = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(v["manifest_digest"], built["manifest_digest"]);
 }
+
+/// A deliberately hostile registry on loopback: every request's head is
+/// recorded, and `respond(head)` gives the raw HTTP answer (`None`: an
+/// endless chunked body).
+struct Hostile {
+    addr: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn hostile(respond: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static) -> Hostile {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let respond = std::sync::Arc::new(respond);
+    let h = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (h, respond) = (h.clone(), respond.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut w = stream;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    h.lock().unwrap().push(head.clone());
+                    match respond(&head) {
+                        Some(bytes) => {
+                            if w.write_all(&bytes).is_err() {
+                                return;
+                            }
+                        }
+                        None => {
+                            let _ = w.write_all(
+                                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                            );
+                            let chunk = format!("{:x}\r\n{}\r\n", 65536, "z".repeat(65536));
+                            while w.write_all(chunk.as_bytes()).is_ok() {}
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Hostile { addr, heads }
+}
+
+fn answer(status: &str, headers: &[(&str, String)], body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut out = out.into_bytes();
+    out.extend_from_slice(body);
+    Some(out)
+}
+
+/// A manifest with no layers whose config is `config`.
+fn manifest_for(config: &[u8]) -> Vec<u8> {
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":{}}},"layers":[]}}"#,
+        sha256_hex(config),
+        config.len()
+    )
+    .into_bytes()
+}
+
+const CONFIG: &[u8] =
+    br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+#[test]
+fn hostile_registry_answers_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let pull = |addr: &str| {
+        let mut c = kiln();
+        c.arg("pull")
+            .arg(format!("{addr}/x/y:1"))
+            .args(["--insecure", "--store"])
+            .arg(d.path().join("store"));
+        c
+    };
+    // Bad JSON.
+    let h = hostile(|_| answer("200 OK", &[("Content-Type", OCI_MANIFEST.into())], b"{oops"));
+    let err = fails(&mut pull(&h.addr));
+    assert!(err.contains("x/y:1: the manifest is not JSON"), "{err}");
+    // A manifest whose bytes are not what the registry says they are.
+    let h = hostile(|_| {
+        answer(
+            "200 OK",
+            &[
+                ("Content-Type", OCI_MANIFEST.into()),
+                (
+                    "Docker-Content-Digest",
+                    format!("sha256:{}", "0".repeat(64)),
+                ),
+            ],
+            &manifest_for(CONFIG),
+        )
+    });
+    let err = fails(&mut pull(&h.addr));
+    assert!(
+        err.contains("manifest x/y:1: the registry served sha256:"),
+        "{err}"
+    );
+    assert!(err.contains("refusing it"), "{err}");
+    // An endless body for a 75-byte blob: cut at its size, refused, quickly.
+    let h = hostile(|head| {
+        if head.contains("/manifests/") {
+            answer(
+                "200 OK",
+                &[("Content-Type", OCI_MANIFEST.into())],
+                &manifest_for(CONFIG),
+            )
+        } else {
+            None
+        }
+    });
+    let start = std::time::Instant::now();
+    let err = fails(&mut pull(&h.addr));
+    assert!(start.elapsed() < std::time::Duration::from_secs(30));
+    assert!(err.contains("(more bytes than its size)"), "{err}");
+    assert!(
+        !d.path().join("store/index.json").exists()
+            || !fs::read_to_string(d.path().join("store/index.json"))
+                .unwrap()
+                .contains("x/y")
+    );
+}
+
+#[test]
+fn credentials_never_follow_a_redirect_to_another_host() {
+    let d = tempfile::tempdir().unwrap();
+    // B serves the blob and records what it was sent.
+    let b = hostile(|_| answer("200 OK", &[], CONFIG));
+    let b_addr = b.addr.clone();
+    // A wants credentials, then redirects blob reads to B.
+    let a = hostile(move |head| {
+        if !head
+            .to_ascii_lowercase()
+            .contains("\r\nauthorization: basic")
+        {
+            return answer(
+                "401 Unauthorized",
+                &[("WWW-Authenticate", "Basic realm=\"a\"".into())],
+                b"",
+            );
+        }
+        if head.contains("/manifests/") {
+            answer(
+                "200 OK",
+                &[("Content-Type", OCI_MANIFEST.into())],
+                &manifest_for(CONFIG),
+            )
+        } else {
+            answer(
+                "307 Temporary Redirect",
+                &[("Location", format!("http://{b_addr}/blob"))],
+                b"",
+            )
+        }
+    });
+    use base64::Engine as _;
+    let auth = base64::engine::general_purpose::STANDARD.encode("alice:secret");
+    let file = d.path().join("auth.json");
+    fs::write(
+        &file,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, a.addr),
+    )
+    .unwrap();
+    let out = ok(kiln()
+        .arg("pull")
+        .arg(format!("{}/x/y:1", a.addr))
+        .args(["--insecure", "--store"])
+        .arg(d.path().join("store"))
+        .env("REGISTRY_AUTH_FILE", &file));
+    assert!(out.contains("manifest digest: sha256:"), "{out}");
+    let a_heads = a.heads.lock().unwrap().join("");
+    assert!(
+        a_heads
+            .to_ascii_lowercase()
+            .contains("authorization: basic"),
+        "A got credentials"
+    );
+    let b_heads = b.heads.lock().unwrap().join("");
+    assert!(b_heads.contains("GET /blob"), "{b_heads}");
+    assert!(
+        !b_heads.to_ascii_lowercase().contains("authorization"),
+        "{b_heads}"
+    );
+}

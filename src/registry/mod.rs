@@ -41,7 +41,7 @@ pub enum Error {
         url: String,
         message: String,
     },
-    #[error("{what}: the registry served sha256 {got} ({size} bytes) for {want}; refusing it")]
+    #[error("{what}: the registry served {got} ({size} bytes) for {want}; refusing it")]
     Digest {
         what: String,
         want: String,
@@ -143,8 +143,9 @@ impl Client {
             .timeout_recv_response(Some(Duration::from_secs(300)))
             // A stalled body ends; an endless one is cut at its declared size.
             .timeout_per_read(Some(Duration::from_secs(120)))
-            // Credentials follow a redirect only to the same host.
-            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            // Credentials never follow a redirect (ureq's "same host"
+            // ignores the port; blob redirects go to storage that needs none).
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::Never)
             .build();
         Client {
             agent: config.into(),
@@ -591,8 +592,13 @@ impl Client {
         }
         let (got, size, _) = hw.finish();
         if got.as_str() != d.digest || size != d.size {
+            let more = if size > d.size {
+                " (more bytes than its size)"
+            } else {
+                ""
+            };
             return Err(Error::Digest {
-                what: format!("blob {} of {repo}", d.digest),
+                what: format!("blob {} of {repo}{more}", d.digest),
                 want: d.digest.clone(),
                 got: got.to_string(),
                 size,
