@@ -628,3 +628,54 @@ fn a_decompression_bomb_given_to_add_is_refused() {
     assert!(!t.join("o.tar").exists());
     assert_eq!(stray_files(t, &["img"]), Vec::<String>::new());
 }
+
+#[test]
+fn a_layer_with_a_wrong_media_type_is_refused() {
+    let d = tree(&[("img/Dockerfile", b"FROM t/evil:1\nCOPY Dockerfile /x\n")]);
+    let t = d.path();
+    let layer = raw_tar(&[("f", b'0', "", b"data")]);
+    let (store, ld) = evil_store(t, &layer, None);
+    // Rewrite the manifest with a JSON media type for the layer.
+    let idx = fs::read_to_string(store.join("index.json")).unwrap();
+    let md = idx
+        .split("\"digest\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let mp = store
+        .join("blobs/sha256")
+        .join(md.trim_start_matches("sha256:"));
+    let m = fs::read_to_string(&mp).unwrap();
+    let bad = m.replace("application/vnd.oci.image.layer.v1.tar", "application/json");
+    let bd = format!("sha256:{}", sha256_hex(bad.as_bytes()));
+    fs::write(
+        store
+            .join("blobs/sha256")
+            .join(bd.trim_start_matches("sha256:")),
+        &bad,
+    )
+    .unwrap();
+    fs::write(
+        store.join("index.json"),
+        idx.replace(&md, &bd).replace(
+            &format!("\"size\":{}", m.len()),
+            &format!("\"size\":{}", bad.len()),
+        ),
+    )
+    .unwrap();
+    let err = fails(&mut build_cmd(
+        t,
+        "o.tar",
+        &["--no-index", "--store", store.to_str().unwrap()],
+    ));
+    assert!(
+        err.contains(&format!(
+            "layer {ld} has media type \"application/json\", which is not a layer"
+        )),
+        "{err}"
+    );
+    assert!(!t.join("o.tar").exists());
+}

@@ -493,6 +493,16 @@ impl Store {
         }
         let mut layers = Vec::new();
         for l in &manifest.layers {
+            let oci = oci_layer_type(&l.media_type);
+            if !oci.starts_with("application/vnd.oci.image.layer.") {
+                return Err(Error::Invalid {
+                    path: self.dir.clone(),
+                    message: format!(
+                        "{reference}: layer {} has media type {:?}, which is not a layer (tar, tar+gzip or tar+zstd)",
+                        l.digest, l.media_type
+                    ),
+                });
+            }
             let path = self.verify(l)?;
             let mut desc = l.clone();
             desc.media_type = oci_layer_type(&l.media_type);
