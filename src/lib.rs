@@ -19,6 +19,7 @@ pub mod layer;
 pub mod limits;
 pub mod store;
 pub mod tree;
+pub mod verify;
 
 pub use archive::Format;
 pub use build::{build, default_tag, BuildOptions, BuildResult};

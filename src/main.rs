@@ -102,6 +102,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check an image through and through: every digest and size, each layer's diff_id, media
+    /// types, tar well-formedness, docker-archive metadata. Lists every problem; exit 1 if any.
+    Verify {
+        /// An OCI layout, OCI archive, docker-archive, image.tar.zst, or REGISTRY/REPO:TAG.
+        image: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Print an image's index digest and routes without building (takes build's flags).
     Routes(Box<BuildArgs>),
     /// Inspect the local index.
@@ -544,6 +554,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Build(b) => return build(*b, progress),
         Command::Store(cmd) => store(cmd)?,
         Command::Routes(b) => return routes(*b, progress),
+        Command::Verify { image, json, net } => return verify(&image, json, &net),
         Command::Push {
             image,
             to,
@@ -703,6 +714,63 @@ fn routes(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> 
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Opens an image file, or pulls a registry reference into a temporary store.
+fn open_image(
+    image: &str,
+    net: &NetArgs,
+) -> Result<(kiln::store::ImageReader, Option<tempfile::TempDir>)> {
+    let p = Path::new(image);
+    if p.exists() || kiln::registry::split_reference(image).is_err() {
+        return Ok((kiln::store::ImageReader::open(p)?, None));
+    }
+    let (host, repo, r) = kiln::registry::split_reference(image)?;
+    let tmp = tempfile::tempdir().context("creating a temporary store")?;
+    let store = kiln::store::Store::new(tmp.path().join("store"), "temporary");
+    let client = kiln::registry::Client::new(&host, net.insecure);
+    kiln::registry::pull(
+        &client,
+        &repo,
+        r.as_deref().unwrap_or("latest"),
+        &store,
+        &[format!("{host}/{repo}:pulled")],
+        &Default::default(),
+    )
+    .with_context(|| format!("pulling {image}"))?
+    .ok_or_else(|| anyhow!("{image}: the registry has no such image"))?;
+    Ok((kiln::store::ImageReader::open(&store.dir)?, Some(tmp)))
+}
+
+fn verify(image: &str, json: bool, net: &NetArgs) -> Result<ExitCode> {
+    let (r, _tmp) = open_image(image, net)?;
+    let report = kiln::verify::verify(&r);
+    if json {
+        print_json(&report)?;
+    } else if report.problems.is_empty() {
+        println!(
+            "ok: {image} ({}): {} manifest(s) {}, {} blobs and {} layers verified",
+            report.format,
+            report.manifests.len(),
+            report.manifests.join(", "),
+            report.blobs_checked,
+            report.layers_checked
+        );
+    } else {
+        println!(
+            "{image} ({}): {} problem(s):",
+            report.format,
+            report.problems.len()
+        );
+        for p in &report.problems {
+            println!("  {}: {}", p.blob, p.message);
+        }
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bool) -> Result<()> {

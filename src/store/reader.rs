@@ -329,6 +329,33 @@ impl ImageReader {
         Ok(())
     }
 
+    /// The raw bytes of a blob as a stream (not verified: the caller hashes).
+    pub fn blob_stream(&self, d: &Descriptor) -> Result<Box<dyn Read + '_>, Error> {
+        let digest = self.parse_digest(d)?;
+        if let Some(l) = self
+            .legacy
+            .as_ref()
+            .filter(|l| l.descriptor.digest == d.digest)
+        {
+            return Ok(Box::new(io::Cursor::new(l.manifest.clone())));
+        }
+        let name = self.blob_member(&digest);
+        self.open_member(&name)?.ok_or_else(|| Error::Missing {
+            path: self.path.clone(),
+            what: format!("blob {digest}"),
+        })
+    }
+
+    /// A small member of the archive (`manifest.json`, `repositories`), if present.
+    pub fn member(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.read_member(name)
+    }
+
+    /// Whether the image is a legacy docker-archive (no OCI layout inside).
+    pub fn is_legacy(&self) -> bool {
+        self.legacy.is_some()
+    }
+
     /// Where a blob's bytes are on disk: (file, offset, length); None for
     /// a manifest kiln derived (legacy docker-archives), which is in memory.
     pub fn blob_location(&self, d: &Descriptor) -> Result<Option<(PathBuf, u64, u64)>, Error> {

@@ -1,0 +1,379 @@
+//! `kiln verify`: checks an image through and through and lists every
+//! problem, not just the first: each blob's digest and size, each layer's
+//! diff_id recomputed from its decompressed bytes (gzip, zstd or plain),
+//! media types, the index → manifest → config → layers chain, tar
+//! well-formedness of each layer, and a docker-archive's `manifest.json` and
+//! `repositories` against the OCI layout beside them.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+
+use serde::Serialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::image::{Descriptor, DockerManifestEntry, ImageConfig, Index, Manifest};
+use crate::store::{is_index, ImageReader};
+
+/// One problem, naming the blob (or file) it is about.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    pub blob: String,
+    pub message: String,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Report {
+    pub format: String,
+    pub manifests: Vec<String>,
+    pub blobs_checked: usize,
+    pub layers_checked: usize,
+    pub problems: Vec<Problem>,
+}
+
+/// Reads through a stream, hashing and counting it.
+struct Hashing<R> {
+    inner: R,
+    hash: Sha256,
+    n: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+fn hashing<R: Read>(inner: R) -> Hashing<R> {
+    Hashing {
+        inner,
+        hash: Sha256::new(),
+        n: 0,
+    }
+}
+
+const LAYER_TYPES: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+];
+const CONFIG_TYPES: &[&str] = &[
+    crate::image::MEDIA_CONFIG,
+    crate::image::MEDIA_DOCKER_CONFIG,
+];
+const MANIFEST_TYPES: &[&str] = &[
+    crate::image::MEDIA_MANIFEST,
+    crate::image::MEDIA_DOCKER_MANIFEST,
+];
+
+struct Checker<'a> {
+    r: &'a ImageReader,
+    report: Report,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, blob: &str, message: impl Into<String>) {
+        self.report.problems.push(Problem {
+            blob: blob.to_string(),
+            message: message.into(),
+        });
+    }
+
+    /// Reads a small blob, checking digest and size; None after a problem.
+    fn small(&mut self, d: &Descriptor, what: &str) -> Option<Vec<u8>> {
+        self.report.blobs_checked += 1;
+        if d.size > crate::limits::MAX_JSON_BLOB {
+            self.problem(
+                &d.digest,
+                format!(
+                    "{what} declares {} bytes, more than a {what} can be",
+                    d.size
+                ),
+            );
+            return None;
+        }
+        let mut s = match self.r.blob_stream(d) {
+            Ok(s) => hashing(s),
+            Err(e) => {
+                self.problem(&d.digest, format!("{what}: {e}"));
+                return None;
+            }
+        };
+        let mut bytes = Vec::new();
+        if let Err(e) = (&mut s)
+            .take(crate::limits::MAX_JSON_BLOB + 1)
+            .read_to_end(&mut bytes)
+        {
+            self.problem(&d.digest, format!("{what}: reading: {e}"));
+            return None;
+        }
+        let got = format!("sha256:{}", hex::encode(s.hash.finalize()));
+        let mut ok = true;
+        if got != d.digest {
+            self.problem(
+                &d.digest,
+                format!(
+                    "{what}: content has digest {got}, not the {} that names it",
+                    d.digest
+                ),
+            );
+            ok = false;
+        }
+        if bytes.len() as u64 != d.size {
+            self.problem(
+                &d.digest,
+                format!(
+                    "{what}: {} bytes, but its descriptor says {}",
+                    bytes.len(),
+                    d.size
+                ),
+            );
+            ok = false;
+        }
+        ok.then_some(bytes)
+    }
+
+    fn image(&mut self, d: &Descriptor, depth: usize) {
+        let Some(bytes) = self.small(d, "manifest") else {
+            return;
+        };
+        let v: serde_json::Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => return self.problem(&d.digest, format!("manifest is not valid JSON: {e}")),
+        };
+        if v.get("manifests").is_some() || is_index(d) {
+            match serde_json::from_value::<Index>(v) {
+                Ok(index) if depth < 4 => {
+                    for m in &index.manifests {
+                        self.image(m, depth + 1);
+                    }
+                }
+                Ok(_) => self.problem(&d.digest, "indexes nested too deeply"),
+                Err(e) => self.problem(&d.digest, format!("image index is malformed: {e}")),
+            }
+            return;
+        }
+        let manifest: Manifest = match serde_json::from_value(v) {
+            Ok(m) => m,
+            Err(e) => return self.problem(&d.digest, format!("image manifest is malformed: {e}")),
+        };
+        self.report.manifests.push(d.digest.clone());
+        if !MANIFEST_TYPES.contains(&d.media_type.as_str()) {
+            self.problem(
+                &d.digest,
+                format!("manifest descriptor has media type {:?}", d.media_type),
+            );
+        }
+        if let Some(mt) = &manifest.media_type {
+            if mt != &d.media_type {
+                self.problem(
+                    &d.digest,
+                    format!(
+                        "manifest says mediaType {mt:?} but its descriptor says {:?}",
+                        d.media_type
+                    ),
+                );
+            }
+        }
+        if !CONFIG_TYPES.contains(&manifest.config.media_type.as_str()) {
+            self.problem(
+                &manifest.config.digest,
+                format!("config has media type {:?}", manifest.config.media_type),
+            );
+        }
+        let config: Option<ImageConfig> =
+            self.small(&manifest.config, "config")
+                .and_then(|b| match serde_json::from_slice(&b) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        self.problem(
+                            &manifest.config.digest,
+                            format!("config is not a valid image config: {e}"),
+                        );
+                        None
+                    }
+                });
+        if let Some(c) = &config {
+            if c.rootfs.diff_ids.len() != manifest.layers.len() {
+                self.problem(
+                    &manifest.config.digest,
+                    format!(
+                        "config lists {} diff_ids for {} layers",
+                        c.rootfs.diff_ids.len(),
+                        manifest.layers.len()
+                    ),
+                );
+            }
+        }
+        for (i, l) in manifest.layers.iter().enumerate() {
+            let want = config
+                .as_ref()
+                .and_then(|c| c.rootfs.diff_ids.get(i))
+                .cloned();
+            self.layer(l, want.as_deref());
+        }
+    }
+
+    fn layer(&mut self, d: &Descriptor, diff_id: Option<&str>) {
+        self.report.blobs_checked += 1;
+        self.report.layers_checked += 1;
+        if !LAYER_TYPES.contains(&d.media_type.as_str()) {
+            self.problem(
+                &d.digest,
+                format!("layer has media type {:?}", d.media_type),
+            );
+        }
+        let raw = match self.r.blob_stream(d) {
+            Ok(s) => s,
+            Err(e) => return self.problem(&d.digest, format!("layer: {e}")),
+        };
+        let mut compressed = hashing(raw);
+        let mt = d.media_type.as_str();
+        let result = (|| -> io::Result<(String, u64)> {
+            let decoder: Box<dyn Read + '_> = if mt.ends_with("gzip") {
+                Box::new(flate2::read::MultiGzDecoder::new(&mut compressed))
+            } else if mt.ends_with("zstd") {
+                Box::new(zstd::stream::read::Decoder::new(&mut compressed)?)
+            } else {
+                Box::new(&mut compressed)
+            };
+            let mut plain = hashing(decoder);
+            {
+                let mut ar = tar::Archive::new(&mut plain);
+                for e in ar.entries()? {
+                    let mut e = e?;
+                    io::copy(&mut e, &mut io::sink())?;
+                }
+            }
+            io::copy(&mut plain, &mut io::sink())?;
+            Ok((
+                format!("sha256:{}", hex::encode(plain.hash.clone().finalize())),
+                plain.n,
+            ))
+        })();
+        // Whatever the decompressor did not read still counts for the blob digest.
+        let _ = io::copy(&mut compressed, &mut io::sink());
+        let got = format!("sha256:{}", hex::encode(compressed.hash.finalize()));
+        if got != d.digest {
+            self.problem(
+                &d.digest,
+                format!(
+                    "layer content has digest {got}, not the {} that names it",
+                    d.digest
+                ),
+            );
+        }
+        if compressed.n != d.size {
+            self.problem(
+                &d.digest,
+                format!(
+                    "layer is {} bytes, but its descriptor says {}",
+                    compressed.n, d.size
+                ),
+            );
+        }
+        match result {
+            Ok((uncompressed, _)) => {
+                if let Some(want) = diff_id {
+                    if uncompressed != want {
+                        self.problem(&d.digest, format!("layer's uncompressed content has digest {uncompressed}, but the config's diff_id is {want}"));
+                    }
+                }
+            }
+            Err(e) => self.problem(&d.digest, format!("layer is not a well-formed {mt}: {e}")),
+        }
+    }
+
+    /// A docker-archive's `manifest.json` and `repositories` against the layout.
+    fn docker_files(&mut self, tops: &[Descriptor]) {
+        let Ok(Some(mj)) = self.r.member("manifest.json") else {
+            return;
+        };
+        let entries: Vec<DockerManifestEntry> = match serde_json::from_slice(&mj) {
+            Ok(e) => e,
+            Err(e) => return self.problem("manifest.json", format!("not valid JSON: {e}")),
+        };
+        if self.r.is_legacy() {
+            return;
+        }
+        let Some(top) = tops.first() else { return };
+        let Ok(bytes) = self.r.read_blob(top) else {
+            return;
+        };
+        let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+            return;
+        };
+        let path = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+        for e in &entries {
+            if e.config != path(&m.config.digest) {
+                self.problem(
+                    "manifest.json",
+                    format!(
+                        "Config is {} but the manifest's config is {}",
+                        e.config, m.config.digest
+                    ),
+                );
+            }
+            let want: Vec<String> = m.layers.iter().map(|l| path(&l.digest)).collect();
+            if e.layers != want {
+                self.problem("manifest.json", "Layers do not match the manifest's layers");
+            }
+        }
+        if let Ok(Some(repos)) = self.r.member("repositories") {
+            match serde_json::from_slice::<BTreeMap<String, BTreeMap<String, String>>>(&repos) {
+                Ok(map) => {
+                    let top_layer = m.layers.last().map_or(&m.config.digest, |l| &l.digest);
+                    let want = top_layer.trim_start_matches("sha256:");
+                    for (repo, tags) in &map {
+                        for (tag, id) in tags {
+                            if id != want {
+                                self.problem(
+                                    "repositories",
+                                    format!(
+                                        "{repo}:{tag} points at {id}, not the top layer {want}"
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
+                Err(e) => self.problem("repositories", format!("not valid JSON: {e}")),
+            }
+        }
+    }
+}
+
+/// Verifies every image in `r`.
+pub fn verify(r: &ImageReader) -> Report {
+    let mut c = Checker {
+        r,
+        report: Report {
+            format: r.format.to_string(),
+            ..Default::default()
+        },
+    };
+    match r.images() {
+        Ok(images) => {
+            let tops: Vec<Descriptor> = images.iter().map(|(d, _)| d.clone()).collect();
+            if tops.is_empty() {
+                c.problem("index.json", "lists no images");
+            }
+            for d in &tops {
+                c.image(d, 0);
+            }
+            c.docker_files(&tops);
+        }
+        Err(e) => c.problem("index.json", e.to_string()),
+    }
+    c.report
+}
