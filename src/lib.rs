@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod build;
 pub mod context;
+pub mod diff;
 pub mod digest;
 pub mod dockerfile;
 pub mod image;

@@ -112,6 +112,16 @@ enum Command {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// Say exactly how two images differ: digests, config fields, and per layer whether only the
+    /// compression or the content differs, with the entries that differ. Exit 0 same, 1 different, 2 error.
+    Diff {
+        a: String,
+        b: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Print an image's index digest and routes without building (takes build's flags).
     Routes(Box<BuildArgs>),
     /// Inspect the local index.
@@ -239,6 +249,10 @@ struct BuildArgs {
     /// (`parent:`, used as FROM $DOCKER_IMAGE_PARENT) or a FROM naming another image of the tree.
     #[arg(long)]
     all: bool,
+    /// Build twice (the second time with another thread count, directory entries read in reverse
+    /// order, and another temporary directory) and fail with a `kiln diff` report if anything differs.
+    #[arg(long)]
+    check_reproducible: bool,
     /// With --all: where outputs go, as <name>.tar (or the extension --format implies).
     #[arg(long, value_name = "DIR")]
     out_dir: Option<PathBuf>,
@@ -555,6 +569,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Store(cmd) => store(cmd)?,
         Command::Routes(b) => return routes(*b, progress),
         Command::Verify { image, json, net } => return verify(&image, json, &net),
+        Command::Diff { a, b, json, net } => {
+            return Ok(match diff(&a, &b, json, &net) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("kiln: error: {}", error_text(&e));
+                    ExitCode::from(2)
+                }
+            })
+        }
         Command::Push {
             image,
             to,
@@ -640,6 +663,9 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
         let c = kiln::index::build_cached(&b.ctx.image_dir, &opts, &io, None)?;
         (c.result, Some((c.index_digest, c.route)))
     };
+    if b.check_reproducible {
+        check_reproducible(&b, &opts, &r)?;
+    }
     if let Some(df) = &b.digest_file {
         std::fs::write(df, format!("{}\n", r.manifest_digest))
             .with_context(|| format!("writing {}", df.display()))?;
@@ -671,6 +697,49 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Builds again with perturbations and compares the manifest digests.
+fn check_reproducible(b: &BuildArgs, opts: &BuildOptions, first: &kiln::BuildResult) -> Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("kiln-reproducible-")
+        .tempdir_in(std::env::temp_dir())
+        .context("creating a temporary directory for the second build")?;
+    let mut again = opts.clone();
+    again.output = tmp.path().join(
+        opts.output
+            .file_name()
+            .map_or_else(|| "image".into(), |n| n.to_owned()),
+    );
+    again.hash_cache = None;
+    again.progress = kiln::progress::Progress::new(kiln::progress::Mode::Never);
+    let threads = rayon::current_num_threads();
+    let other = if threads > 1 { 1 } else { 3 };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(other)
+        .build()
+        .context("setting up the second build's threads")?;
+    kiln::context::walk::set_reverse_read_order(true);
+    let second = pool.install(|| kiln::build(&b.ctx.image_dir, &again));
+    kiln::context::walk::set_reverse_read_order(false);
+    let second = second?;
+    if second.manifest_digest == first.manifest_digest {
+        eprintln!(
+            "kiln: reproducible: a second build ({other} thread(s) instead of {threads}, directories read in reverse, in {}) gave the same manifest digest {}",
+            tmp.path().display(),
+            second.manifest_digest
+        );
+        return Ok(());
+    }
+    let ra = kiln::store::ImageReader::open(&opts.output)?;
+    let rb = kiln::store::ImageReader::open(&again.output)?;
+    let report = kiln::diff::diff(&ra, &rb)?;
+    eprint!("{}", kiln::diff::render(&report));
+    bail!(
+        "not reproducible: the second build gave {} instead of {} (the report above compares them)",
+        second.manifest_digest,
+        first.manifest_digest
+    )
 }
 
 fn routes(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
@@ -740,6 +809,22 @@ fn open_image(
     .with_context(|| format!("pulling {image}"))?
     .ok_or_else(|| anyhow!("{image}: the registry has no such image"))?;
     Ok((kiln::store::ImageReader::open(&store.dir)?, Some(tmp)))
+}
+
+fn diff(a: &str, b: &str, json: bool, net: &NetArgs) -> Result<ExitCode> {
+    let (ra, _ta) = open_image(a, net)?;
+    let (rb, _tb) = open_image(b, net)?;
+    let report = kiln::diff::diff(&ra, &rb)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print!("{}", kiln::diff::render(&report));
+    }
+    Ok(if report.identical {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn verify(image: &str, json: bool, net: &NetArgs) -> Result<ExitCode> {

@@ -346,6 +346,23 @@ impl ImageReader {
         })
     }
 
+    /// A layer's uncompressed tar stream (by its media type; not verified).
+    pub fn layer_tar(&self, d: &Descriptor) -> Result<Box<dyn Read + '_>, Error> {
+        let raw = io::BufReader::with_capacity(1 << 20, self.blob_stream(d)?);
+        let what = d.digest.clone();
+        let wrap = |e: io::Error| Error::Io {
+            path: PathBuf::from(&what),
+            source: e,
+        };
+        Ok(if d.media_type.ends_with("gzip") {
+            Box::new(flate2::read::MultiGzDecoder::new(raw))
+        } else if d.media_type.ends_with("zstd") {
+            Box::new(zstd::stream::read::Decoder::new(raw).map_err(wrap)?)
+        } else {
+            Box::new(raw)
+        })
+    }
+
     /// A small member of the archive (`manifest.json`, `repositories`), if present.
     pub fn member(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
         self.read_member(name)
