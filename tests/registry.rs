@@ -193,6 +193,16 @@ fn push_then_pull_keeps_every_digest_and_a_second_push_sends_no_blob() {
     for l in &sa.manifest.layers {
         assert_eq!(a.read_blob(l).unwrap(), b.read_blob(l).unwrap());
     }
+    // kiln verify reads the registry reference too.
+    let verified = ok(kiln()
+        .arg("verify")
+        .arg(format!("{}/kiln/t:1", reg.addr))
+        .arg("--insecure"));
+    assert!(verified.starts_with("ok: "), "{verified}");
+    assert!(
+        verified.contains(&s(&built["manifest_digest"])),
+        "{verified}"
+    );
     // By digest too.
     let by_digest = json(&ok(&mut pull_cmd(
         &reg,
@@ -584,12 +594,19 @@ fn credentials_never_follow_a_redirect_to_another_host() {
         format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, a.addr),
     )
     .unwrap();
-    let out = ok(kiln()
+    let o = run(kiln()
         .arg("pull")
         .arg(format!("{}/x/y:1", a.addr))
         .args(["--insecure", "--store"])
         .arg(d.path().join("store"))
         .env("REGISTRY_AUTH_FILE", &file));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{}\nA saw:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        a.heads.lock().unwrap().join("\n")
+    );
     assert!(out.contains("manifest digest: sha256:"), "{out}");
     let a_heads = a.heads.lock().unwrap().join("");
     assert!(

@@ -174,7 +174,8 @@ impl Client {
 
     fn body(payload: &Payload<'_>) -> io::Result<ureq::SendBody<'static>> {
         Ok(match payload {
-            Payload::Empty => ureq::SendBody::from_owned_reader(io::empty()),
+            // No body at all (not an empty chunked one: GET and HEAD carry none).
+            Payload::Empty => ureq::SendBody::none(),
             Payload::Bytes(b) => ureq::SendBody::from_owned_reader(io::Cursor::new(b.to_vec())),
             Payload::File { path, offset, len } => {
                 let mut f = File::open(path)?;
