@@ -125,6 +125,45 @@ pub fn default_tag(image_dir: &Path) -> String {
     }
 }
 
+/// A stage error as a build error naming the original Dockerfile line.
+fn stage_error(ctx: &context::Context, e: StageError) -> Error {
+    let dockerfile = ctx.image_dir.join("Dockerfile");
+    match e {
+        StageError::At {
+            line,
+            text,
+            message,
+        } => Error::Instruction {
+            dockerfile,
+            line: ctx
+                .line_map
+                .get(line.wrapping_sub(1))
+                .copied()
+                .unwrap_or(line),
+            text,
+            message,
+        },
+        StageError::Whole(message) => Error::Stage {
+            dockerfile,
+            message,
+        },
+    }
+}
+
+/// Summaries of an image's layers: each descriptor with its diff_id.
+pub fn layer_summaries(layers: &[image::Descriptor], diff_ids: &[String]) -> Vec<LayerSummary> {
+    layers
+        .iter()
+        .zip(diff_ids)
+        .map(|(l, diff_id)| LayerSummary {
+            digest: l.digest.clone(),
+            diff_id: diff_id.clone(),
+            size: l.size,
+            media_type: l.media_type.clone(),
+        })
+        .collect()
+}
+
 /// Parses the context's (rewritten) Dockerfile; errors name the line of the original.
 pub fn parse_dockerfile(ctx: &context::Context) -> Result<dockerfile::Dockerfile, Error> {
     let original_line = |line: usize| {
@@ -156,27 +195,7 @@ pub fn parse_dockerfile(ctx: &context::Context) -> Result<dockerfile::Dockerfile
 /// Nothing is read beyond the stores' index files.
 pub fn base_digests(ctx: &context::Context, opts: &BuildOptions) -> Result<Vec<String>, Error> {
     let df = parse_dockerfile(ctx)?;
-    let dockerfile = ctx.image_dir.join("Dockerfile");
-    let refs = stage::external_refs(&df, opts).map_err(|e| match e {
-        StageError::At {
-            line,
-            text,
-            message,
-        } => Error::Instruction {
-            dockerfile: dockerfile.clone(),
-            line: ctx
-                .line_map
-                .get(line.wrapping_sub(1))
-                .copied()
-                .unwrap_or(line),
-            text,
-            message,
-        },
-        StageError::Whole(message) => Error::Stage {
-            dockerfile: dockerfile.clone(),
-            message,
-        },
-    })?;
+    let refs = stage::external_refs(&df, opts).map_err(|e| stage_error(ctx, e))?;
     let mut out = Vec::new();
     for (line, text, r) in refs {
         let parent = crate::store::Reference::parse(&r)
@@ -188,15 +207,15 @@ pub fn base_digests(ctx: &context::Context, opts: &BuildOptions) -> Result<Vec<S
                 .clone()
                 .unwrap_or_else(|| p.manifest_digest.clone()),
             None => {
-                let (_, d) = opts.stores.find(&r).map_err(|e| Error::Instruction {
-                    dockerfile: dockerfile.clone(),
-                    line: ctx
-                        .line_map
-                        .get(line.wrapping_sub(1))
-                        .copied()
-                        .unwrap_or(line),
-                    text,
-                    message: e.to_string(),
+                let (_, d) = opts.stores.find(&r).map_err(|e| {
+                    stage_error(
+                        ctx,
+                        StageError::At {
+                            line,
+                            text,
+                            message: e.to_string(),
+                        },
+                    )
                 })?;
                 d.digest
             }
@@ -233,13 +252,6 @@ pub fn build_into(
             &opts.progress,
         )?,
     };
-    let dockerfile_path = ctx.image_dir.join("Dockerfile");
-    let original_line = |line: usize| {
-        ctx.line_map
-            .get(line.wrapping_sub(1))
-            .copied()
-            .unwrap_or(line)
-    };
     let df = parse_dockerfile(&ctx)?;
 
     let work_parent = archive::parent_dir(&opts.output);
@@ -256,22 +268,7 @@ pub fn build_into(
     };
     let spool = work.path().join("spool");
 
-    let planned = stage::run(&df, &ctx, opts, &spool).map_err(|e| match e {
-        StageError::At {
-            line,
-            text,
-            message,
-        } => Error::Instruction {
-            dockerfile: dockerfile_path.clone(),
-            line: original_line(line),
-            text,
-            message,
-        },
-        StageError::Whole(message) => Error::Stage {
-            dockerfile: dockerfile_path.clone(),
-            message,
-        },
-    })?;
+    let planned = stage::run(&df, &ctx, opts, &spool).map_err(|e| stage_error(&ctx, e))?;
     // What each file looked like when it was collected (and hashed).
     let watch: Vec<(Arc<Path>, u64, i64)> = ctx
         .entries
@@ -399,17 +396,7 @@ pub fn build_into(
         image_id: config_desc.digest,
         manifest_digest: manifest_desc.digest,
         tags: opts.tags.clone(),
-        layers: files
-            .layers
-            .iter()
-            .zip(&config.rootfs.diff_ids)
-            .map(|(l, diff_id)| LayerSummary {
-                digest: l.digest.clone(),
-                diff_id: diff_id.clone(),
-                size: l.size,
-                media_type: l.media_type.clone(),
-            })
-            .collect(),
+        layers: layer_summaries(&files.layers, &config.rootfs.diff_ids),
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "built".into(),

@@ -196,27 +196,27 @@ pub fn host_platform() -> Platform {
     }
 }
 
-/// RFC 3339 UTC rendering of a Unix time, as Docker writes `created`.
-pub fn rfc3339(epoch: u64) -> String {
+/// Seconds since 1970 → (year, month, day, hour, minute, second), UTC
+/// (civil-from-days, Howard Hinnant).
+pub fn civil(epoch: u64) -> (i64, u32, u32, u64, u64, u64) {
     let days = (epoch / 86400) as i64;
     let secs = epoch % 86400;
-    // civil-from-days (Howard Hinnant)
     let z = days + 719468;
     let era = z.div_euclid(146097);
     let doe = z - era * 146097;
     let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let y = yoe + era * 400;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d, secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+/// RFC 3339 UTC rendering of a Unix time, as Docker writes `created`.
+pub fn rfc3339(epoch: u64) -> String {
+    let (y, m, d, hh, mm, ss) = civil(epoch);
+    format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
 }
 
 /// A descriptor for a blob.

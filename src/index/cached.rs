@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{builder_line, index_digest, Entry, Error, LocalIndex, RouteOptions};
 use crate::archive::{self, ImageFiles};
-use crate::build::{self, BuildOptions, BuildResult, LayerSummary};
+use crate::build::{self, BuildOptions, BuildResult};
 use crate::context::{self, Context, HashCache};
 use crate::store::{BaseImage, Reference, Store};
 
@@ -248,17 +248,7 @@ fn export(
         image_id: manifest.config.digest.clone(),
         manifest_digest: desc.digest.clone(),
         tags: opts.tags.clone(),
-        layers: manifest
-            .layers
-            .iter()
-            .zip(&image.config.rootfs.diff_ids)
-            .map(|(l, diff_id)| LayerSummary {
-                digest: l.digest.clone(),
-                diff_id: diff_id.clone(),
-                size: l.size,
-                media_type: l.media_type.clone(),
-            })
-            .collect(),
+        layers: build::layer_summaries(&manifest.layers, &image.config.rootfs.diff_ids),
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "up to date".into(),

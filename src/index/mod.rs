@@ -153,29 +153,13 @@ impl RouteOptions {
     /// The routes a build writes, at our level: hash, latest and pushdate.
     pub fn write(&self, name: &str, digest: &str, now: u64) -> Vec<String> {
         let base = self.base(self.level, name);
-        let (y, m, d, hh, mm, ss) = civil(now);
+        let (y, m, d, hh, mm, ss) = crate::image::civil(now);
         vec![
             format!("{base}.hash.{digest}"),
             format!("{base}.latest"),
             format!("{base}.pushdate.{y:04}.{m:02}.{d:02}.{y:04}{m:02}{d:02}{hh:02}{mm:02}{ss:02}"),
         ]
     }
-}
-
-/// Seconds since 1970 → (year, month, day, hour, minute, second), UTC.
-fn civil(epoch: u64) -> (i64, u32, u32, u64, u64, u64) {
-    let days = (epoch / 86400) as i64;
-    let secs = epoch % 86400;
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d, secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// What a route points at.

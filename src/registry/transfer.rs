@@ -141,8 +141,18 @@ fn fetch_blob(client: &Client, repo: &str, d: &Descriptor, store: &Store) -> Res
     if std::fs::metadata(&target).is_ok_and(|m| m.len() == d.size) {
         return Ok(());
     }
+    write_store_blob(store, &target, |w| client.get_blob(repo, d, w))
+}
+
+/// Writes a blob file into the store through a temporary file, renamed
+/// into place only when `fill` succeeds.
+fn write_store_blob(
+    store: &Store,
+    target: &std::path::Path,
+    fill: impl FnOnce(&mut dyn Write) -> Result<(), Error>,
+) -> Result<(), Error> {
     let ioe = |source| Error::Io {
-        path: target.clone(),
+        path: target.to_path_buf(),
         source,
     };
     let mut t = tempfile::Builder::new()
@@ -151,10 +161,10 @@ fn fetch_blob(client: &Client, repo: &str, d: &Descriptor, store: &Store) -> Res
         .map_err(ioe)?;
     {
         let mut w = BufWriter::with_capacity(1 << 20, t.as_file_mut());
-        client.get_blob(repo, d, &mut w)?;
+        fill(&mut w)?;
         w.flush().map_err(ioe)?;
     }
-    t.persist(&target).map_err(|e| ioe(e.error))?;
+    t.persist(target).map_err(|e| ioe(e.error))?;
     Ok(())
 }
 
@@ -218,16 +228,12 @@ pub fn pull(
     }
     let target = store.blob_path(&digest);
     if !target.exists() {
-        let ioe = |source| Error::Io {
-            path: target.clone(),
-            source,
-        };
-        let mut t = tempfile::Builder::new()
-            .prefix(".kiln-pull-")
-            .tempfile_in(store.blobs())
-            .map_err(ioe)?;
-        t.write_all(&bytes).map_err(ioe)?;
-        t.persist(&target).map_err(|e| ioe(e.error))?;
+        write_store_blob(store, &target, |w| {
+            w.write_all(&bytes).map_err(|source| Error::Io {
+                path: target.clone(),
+                source,
+            })
+        })?;
     }
     let desc = crate::image::descriptor(&media_type, &digest, bytes.len() as u64);
     if !names.is_empty() {
