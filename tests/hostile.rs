@@ -679,3 +679,45 @@ fn a_layer_with_a_wrong_media_type_is_refused() {
     );
     assert!(!t.join("o.tar").exists());
 }
+
+#[test]
+fn malformed_dockerfiles_are_errors_with_line_column_and_text() {
+    let d = tree(&[("img/f", b"x")]);
+    let t = d.path();
+    let cases: &[(&[u8], &str)] = &[
+        (b"FROM scratch\nFOO bar\n", "Dockerfile: line 2 column 1: unknown instruction 'FOO'"),
+        (b"# only a comment\n", "Dockerfile: expected at least one FROM instruction"),
+        (b"COPY f /f\nFROM scratch\n", "Dockerfile: line 1 column 1: expected FROM"),
+        (b"FROM scratch\nCOPY <<EOF /x\nhello\n", "Dockerfile: line 4 column 1: expected end of here-document (EOF)"),
+        (
+            b"FROM scratch\nCMD [\"a\", \"b\"\n",
+            "Dockerfile: line 2 column 1: CMD [\"a\", \"b\": [\"a\", \"b\" looks like a JSON array but is not valid JSON",
+        ),
+        (
+            b"FROM scratch\nCOPY --chmod=999 f /x\n",
+            "Dockerfile:2: COPY --chmod=999 f /x: --chmod=999: expected an octal mode between 0 and 7777",
+        ),
+        (
+            b"FROM scratch\nCOPY --chown=: f /x\n",
+            "Dockerfile:2: COPY --chown=: f /x: --chown=:: expected USER[:GROUP]",
+        ),
+        (
+            b"FROM scratch\nCOPY --bogus f /x\n",
+            "Dockerfile:2: COPY --bogus f /x: unknown flag --bogus for COPY",
+        ),
+        (
+            b"FROM scratch\nCOPY --from=nostage /a /b\n",
+            "Dockerfile:2: COPY --from=nostage /a /b: --from=nostage: no stage is named nostage, and base image nostage:",
+        ),
+    ];
+    for (text, want) in cases {
+        write(t, "img/Dockerfile", text);
+        let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
+        assert!(
+            err.contains(want),
+            "for {:?}:\n{err}",
+            String::from_utf8_lossy(text)
+        );
+        assert!(!t.join("o.tar").exists());
+    }
+}

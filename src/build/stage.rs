@@ -941,7 +941,7 @@ impl<'a> State<'a> {
         if !self.from_images.contains_key(value) {
             let base = self
                 .resolve_image(value, None)
-                .map_err(|m| format!("--from={value}: {m}"))?;
+                .map_err(|m| format!("--from={value}: no stage is named {value}, and {m}"))?;
             let mut fs = ImageFs {
                 keep_all: true,
                 ..Default::default()
