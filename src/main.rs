@@ -433,6 +433,12 @@ impl From<PolicyArg> for ModePolicy {
 }
 
 fn main() -> ExitCode {
+    // Like every Unix filter, end quietly when the reader of our output
+    // goes away (`kiln inspect … | head`) instead of panicking in println!.
+    // SAFETY: called before any other thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -721,3 +721,27 @@ fn malformed_dockerfiles_are_errors_with_line_column_and_text() {
         assert!(!t.join("o.tar").exists());
     }
 }
+
+#[test]
+fn a_closed_pipe_ends_kiln_quietly() {
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\nENV A=1\n")]);
+    ok(&mut build_cmd(d.path(), "o.tar", &["--no-index"]));
+    // stdout is a pipe nobody reads: its read end is closed before kiln starts.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = kiln()
+        .arg("inspect")
+        .arg(d.path().join("o.tar"))
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(13),
+        "ended by SIGPIPE, like any filter"
+    );
+}
