@@ -125,6 +125,20 @@ pub fn default_tag(image_dir: &Path) -> String {
     }
 }
 
+/// Collects and hashes the context of `image_dir` as `opts` say (with the
+/// hash cache, if any).
+pub fn collect(image_dir: &Path, opts: &BuildOptions) -> Result<(context::Context, String), Error> {
+    let cache = opts.hash_cache.as_deref().map(HashCache::load);
+    Ok(context::collect_and_hash(
+        image_dir,
+        &opts.context,
+        opts.algorithm,
+        opts.mode_policy,
+        cache.as_ref(),
+        &opts.progress,
+    )?)
+}
+
 /// A stage error as a build error naming the original Dockerfile line.
 fn stage_error(ctx: &context::Context, e: StageError) -> Error {
     let dockerfile = ctx.image_dir.join("Dockerfile");
@@ -240,17 +254,9 @@ pub fn build_into(
     shared_blobs: Option<&Path>,
     collected: Option<(context::Context, String)>,
 ) -> Result<(BuildResult, BaseImage), Error> {
-    let cache = opts.hash_cache.as_deref().map(HashCache::load);
     let (ctx, context_hash) = match collected {
         Some(c) => c,
-        None => context::collect_and_hash(
-            image_dir,
-            &opts.context,
-            opts.algorithm,
-            opts.mode_policy,
-            cache.as_ref(),
-            &opts.progress,
-        )?,
+        None => collect(image_dir, opts)?,
     };
     let df = parse_dockerfile(&ctx)?;
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::{builder_line, index_digest, Entry, Error, LocalIndex, RouteOptions};
 use crate::archive::{self, ImageFiles};
 use crate::build::{self, BuildOptions, BuildResult};
-use crate::context::{self, Context, HashCache};
+use crate::context::Context;
 use crate::store::{BaseImage, Reference, Store};
 
 /// Where the index and its images live, and how to use them.
@@ -79,18 +79,7 @@ pub fn build_cached(
 ) -> Result<Cached, Error> {
     let (ctx, context_hash) = match collected {
         Some(c) => c,
-        None => {
-            let cache = opts.hash_cache.as_deref().map(HashCache::load);
-            context::collect_and_hash(
-                image_dir,
-                &opts.context,
-                opts.algorithm,
-                opts.mode_policy,
-                cache.as_ref(),
-                &opts.progress,
-            )
-            .map_err(build::Error::from)?
-        }
+        None => build::collect(image_dir, opts)?,
     };
     let parents = build::base_digests(&ctx, opts)?;
     let digest = index_digest(
