@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use kiln::build::image_name;
 use kiln::context::taskgraph;
 use kiln::{Algorithm, BuildOptions, Compression, ContextOptions, Format, ModePolicy};
 
@@ -376,14 +377,6 @@ impl IndexArgs {
             name: name.to_string(),
         })
     }
-}
-
-/// The image name of a directory (its last component).
-fn image_name(dir: &Path) -> String {
-    std::path::absolute(dir)
-        .ok()
-        .and_then(|a| a.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "image".into())
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -924,16 +917,7 @@ fn pull(
         .ok_or_else(|| anyhow!("{reference}: the registry has no such image"))?;
     if let Some(out) = &output {
         let manifest = s.read_manifest(&desc)?;
-        let files = kiln::archive::ImageFiles {
-            blobs: s.blobs(),
-            extra: Default::default(),
-            manifest: desc.clone(),
-            config: manifest.config.clone(),
-            layers: manifest.layers.clone(),
-            tags: names.clone(),
-            mtime: 0,
-        };
-        kiln::archive::writer_for(Format::from_path(out)).write(&files, out)?;
+        s.write_image(&desc, &manifest, &names, 0, Format::from_path(out), out)?;
     }
     if json {
         print_json(
@@ -982,14 +966,10 @@ fn index(cmd: IndexCommand) -> Result<()> {
 
 fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<BuildOptions> {
     let context = context_options(&b.ctx)?;
-    let output = b.output.clone().unwrap_or_else(|| {
-        let abs = std::path::absolute(&b.ctx.image_dir).unwrap_or_else(|_| b.ctx.image_dir.clone());
-        PathBuf::from(format!(
-            "{}.tar",
-            abs.file_name()
-                .map_or("image".into(), |n| n.to_string_lossy())
-        ))
-    });
+    let output = b
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{}.tar", image_name(&b.ctx.image_dir))));
     let format = match b.format {
         Some(FormatArg::OciDir) => Format::OciDir,
         Some(FormatArg::OciArchive) => Format::OciArchive,

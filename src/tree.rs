@@ -178,27 +178,20 @@ fn image_dirs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, Error> {
 /// another image of the tree by name (`FROM base` or `FROM base:TAG`).
 fn direct_parent(dir: &Path, names: &BTreeSet<String>) -> Option<String> {
     let text = std::fs::read_to_string(dir.join("Dockerfile")).ok()?;
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if !words.next()?.eq_ignore_ascii_case("FROM") {
-            continue;
-        }
-        let image = words.find(|w| !w.starts_with("--"))?;
-        let r = Reference::parse(image).ok()?;
-        let short = r.repository.rsplit('/').next()?.to_string();
-        return names.contains(&short).then_some(short);
-    }
-    None
+    let df = crate::dockerfile::parse(&text).ok()?;
+    let image = df.instructions.iter().find_map(|i| match &i.kind {
+        crate::dockerfile::Kind::From { image, .. } => Some(image.clone()),
+        _ => None,
+    })?;
+    let r = Reference::parse(&image).ok()?;
+    let short = r.repository.rsplit('/').next()?.to_string();
+    names.contains(&short).then_some(short)
 }
 
 /// Finds the images of a tree and their parents.
 pub fn discover(inputs: &[PathBuf], topsrcdir: &Path) -> Result<Vec<TreeImage>, Error> {
     let dirs = image_dirs(inputs)?;
-    let by_dir_name = |d: &Path| {
-        d.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
+    let by_dir_name = |d: &Path| build::image_name(d);
     let mut images: Vec<TreeImage> = Vec::new();
     match kind_yml(topsrcdir)? {
         Some((path, tasks)) => {

@@ -240,13 +240,7 @@ impl Checker<'_> {
         let mut compressed = hashing(raw);
         let mt = d.media_type.as_str();
         let result = (|| -> io::Result<(String, u64)> {
-            let decoder: Box<dyn Read + '_> = if mt.ends_with("gzip") {
-                Box::new(flate2::read::MultiGzDecoder::new(&mut compressed))
-            } else if mt.ends_with("zstd") {
-                Box::new(zstd::stream::read::Decoder::new(&mut compressed)?)
-            } else {
-                Box::new(&mut compressed)
-            };
+            let decoder = crate::store::decompressed(mt, &mut compressed)?;
             let mut plain = hashing(decoder);
             {
                 let mut ar = tar::Archive::new(&mut plain);

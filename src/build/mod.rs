@@ -105,13 +105,19 @@ pub enum Error {
     },
 }
 
+/// The image name of a directory: its last component (`image` if it has none).
+pub fn image_name(image_dir: &Path) -> String {
+    std::path::absolute(image_dir)
+        .ok()
+        .and_then(|a| a.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "image".into())
+}
+
 /// The default tag of an image directory: `<REGISTRY>/<name>:<VERSION>`
 /// where those files exist, else `<name>:latest`.
 pub fn default_tag(image_dir: &Path) -> String {
     let abs = std::path::absolute(image_dir).unwrap_or_else(|_| image_dir.to_path_buf());
-    let name = abs
-        .file_name()
-        .map_or_else(|| "image".to_string(), |n| n.to_string_lossy().into_owned());
+    let name = image_name(image_dir);
     let read = |f: &str| {
         std::fs::read_to_string(abs.join(f))
             .ok()

@@ -4,12 +4,10 @@
 //! with its blobs written straight into the user store, named there, filed
 //! under its routes, and pushed to the registry index if there is one.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::{builder_line, index_digest, Entry, Error, LocalIndex, RouteOptions};
-use crate::archive::{self, ImageFiles};
 use crate::build::{self, BuildOptions, BuildResult};
 use crate::context::Context;
 use crate::store::{BaseImage, Reference, Store};
@@ -219,17 +217,15 @@ fn export(
     desc.annotations.clear();
     let mut image = io.store.load(&desc, &io.name, None)?;
     let manifest = io.store.read_manifest(&desc)?;
-    let files = ImageFiles {
-        blobs: io.store.blobs(),
-        extra: BTreeMap::new(),
-        manifest: desc.clone(),
-        config: manifest.config.clone(),
-        layers: manifest.layers.clone(),
-        tags: opts.tags.clone(),
-        mtime: opts.timestamp,
-    };
-    archive::writer_for(opts.format)
-        .write(&files, &opts.output)
+    io.store
+        .write_image(
+            &desc,
+            &manifest,
+            &opts.tags,
+            opts.timestamp,
+            opts.format,
+            &opts.output,
+        )
         .map_err(build::Error::from)?;
     image.index_digest = Some(digest.to_string());
     let result = BuildResult {

@@ -535,7 +535,7 @@ impl Client {
         let bytes = resp
             .body_mut()
             .with_config()
-            .limit(16 << 20)
+            .limit(crate::limits::MAX_JSON_BLOB)
             .read_to_vec()
             .map_err(|e| Error::Transport {
                 method: "GET".into(),

@@ -386,6 +386,29 @@ impl Store {
         Ok(p)
     }
 
+    /// Writes the image `desc` names (with its `manifest`, read from the
+    /// store) to `out` in `format`, under `tags`.
+    pub fn write_image(
+        &self,
+        desc: &Descriptor,
+        manifest: &Manifest,
+        tags: &[String],
+        mtime: u64,
+        format: crate::archive::Format,
+        out: &Path,
+    ) -> Result<(), crate::archive::Error> {
+        let files = crate::archive::ImageFiles {
+            blobs: self.blobs(),
+            extra: Default::default(),
+            manifest: desc.clone(),
+            config: manifest.config.clone(),
+            layers: manifest.layers.clone(),
+            tags: tags.to_vec(),
+            mtime,
+        };
+        crate::archive::writer_for(format).write(&files, out)
+    }
+
     /// Reads a manifest blob (verified).
     pub fn read_manifest(&self, d: &Descriptor) -> Result<Manifest, Error> {
         self.json(d, "manifest")

@@ -12,7 +12,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use layout::{layer_reader, parse_platform, BaseImage, Listed, Store, Stores};
-pub use reader::{is_index, ImageReader, Summary};
+pub use reader::{decompressed, is_index, ImageReader, Summary};
 pub use reference::Reference;
 
 /// Errors reading an image or a store.

@@ -57,6 +57,18 @@ pub struct Summary {
 pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// A layer stream decompressed as its media type says (`…gzip`, `…zstd`,
+/// else a plain tar).
+pub fn decompressed<'a, R: Read + 'a>(media_type: &str, r: R) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(if media_type.ends_with("gzip") {
+        Box::new(flate2::read::MultiGzDecoder::new(r))
+    } else if media_type.ends_with("zstd") {
+        Box::new(zstd::stream::read::Decoder::new(r)?)
+    } else {
+        Box::new(r)
+    })
+}
+
 /// Whether a descriptor names an image index (a multi-platform list).
 pub fn is_index(d: &Descriptor) -> bool {
     d.media_type == MEDIA_OCI_INDEX || d.media_type == MEDIA_DOCKER_LIST
@@ -349,17 +361,9 @@ impl ImageReader {
     /// A layer's uncompressed tar stream (by its media type; not verified).
     pub fn layer_tar(&self, d: &Descriptor) -> Result<Box<dyn Read + '_>, Error> {
         let raw = io::BufReader::with_capacity(1 << 20, self.blob_stream(d)?);
-        let what = d.digest.clone();
-        let wrap = |e: io::Error| Error::Io {
-            path: PathBuf::from(&what),
-            source: e,
-        };
-        Ok(if d.media_type.ends_with("gzip") {
-            Box::new(flate2::read::MultiGzDecoder::new(raw))
-        } else if d.media_type.ends_with("zstd") {
-            Box::new(zstd::stream::read::Decoder::new(raw).map_err(wrap)?)
-        } else {
-            Box::new(raw)
+        decompressed(&d.media_type, raw).map_err(|source| Error::Io {
+            path: PathBuf::from(&d.digest),
+            source,
         })
     }
 
