@@ -323,8 +323,12 @@ impl Store {
                 return Ok(Some(e.clone()));
             }
             let p = self.blob_path(d);
-            if let Ok(md) = fs::metadata(&p) {
-                // A manifest held by the store but not named (e.g. one platform of an index).
+            // A manifest held by the store but not named (e.g. one platform
+            // of an index); a blob too large to be one is not read.
+            if let Some(md) = fs::metadata(&p)
+                .ok()
+                .filter(|m| m.len() <= crate::limits::MAX_JSON_BLOB)
+            {
                 let bytes = fs::read(&p).map_err(self.io(&p))?;
                 let v: serde_json::Value =
                     serde_json::from_slice(&bytes).map_err(|source| Error::Json {
@@ -624,12 +628,16 @@ impl Store {
     pub fn gc(&self) -> Result<(usize, u64), Error> {
         let _lock = self.lock()?;
         let mut keep: BTreeSet<String> = BTreeSet::new();
+        // Manifests and indexes to read; configs and layers are leaves, kept unread.
         let mut todo: Vec<Descriptor> = self.index()?.manifests;
         while let Some(d) = todo.pop() {
             if !keep.insert(d.digest.clone()) {
                 continue;
             }
             let p = self.blob_path(&self.digest(&d)?);
+            if d.size > crate::limits::MAX_JSON_BLOB {
+                continue;
+            }
             let Ok(bytes) = fs::read(&p) else { continue };
             let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
                 continue;
@@ -640,8 +648,8 @@ impl Store {
                 }
             } else if v.get("layers").is_some() {
                 if let Ok(m) = serde_json::from_value::<Manifest>(v) {
-                    todo.push(m.config);
-                    todo.extend(m.layers);
+                    keep.insert(m.config.digest);
+                    keep.extend(m.layers.into_iter().map(|l| l.digest));
                 }
             }
         }
