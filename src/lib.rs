@@ -28,6 +28,16 @@ pub use context::{Algorithm, Context, ContextOptions, ModePolicy};
 pub use digest::Digest;
 pub use layer::Compression;
 
+/// kiln's user cache directory: `$XDG_CACHE_HOME/kiln`, else
+/// `~/.cache/kiln` (the hash cache, the user store and the index live here).
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("kiln")
+}
+
 /// Finds the enclosing git or hg checkout root of `start`.
 pub fn checkout_root(start: &std::path::Path) -> Option<std::path::PathBuf> {
     let abs = std::path::absolute(start).ok()?;

@@ -36,11 +36,7 @@ enum ProgressArg {
 
 /// `--hash-cache [PATH]`: the default cache lives in the user cache directory.
 fn default_hash_cache() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("kiln").join("hash-cache")
+    kiln::cache_dir().join("hash-cache")
 }
 
 #[derive(Subcommand)]

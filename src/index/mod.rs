@@ -218,11 +218,7 @@ impl LocalIndex {
 
     /// `$XDG_CACHE_HOME/kiln/index` (else `~/.cache/kiln/index`).
     pub fn default_dir() -> PathBuf {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir)
-            .join("kiln/index")
+        crate::cache_dir().join("index")
     }
 
     fn io(&self, path: &Path) -> impl Fn(io::Error) -> Error + '_ {

@@ -698,11 +698,7 @@ impl Stores {
 
     /// `$XDG_CACHE_HOME/kiln/store` (else `~/.cache/kiln/store`).
     pub fn user_store() -> PathBuf {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir)
-            .join("kiln/store")
+        crate::cache_dir().join("store")
     }
 
     /// The search order as text, for errors.
