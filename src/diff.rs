@@ -13,7 +13,34 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::image::{Descriptor, ANNOTATION_COMPRESSOR};
-use crate::store::{Error, ImageReader, Summary};
+use crate::image::{ImageConfig, Manifest};
+use crate::source::{resolve, Error, Source};
+
+/// One image of a diff: its manifest and config.
+struct Summary {
+    manifest_digest: String,
+    image_id: String,
+    manifest: Manifest,
+    config: ImageConfig,
+}
+
+fn summary(src: &dyn Source) -> Result<Summary, Error> {
+    let (first, _) = src
+        .images()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Invalid {
+            path: src.location(),
+            message: "holds no image".into(),
+        })?;
+    let r = resolve(src, &first, None)?;
+    Ok(Summary {
+        manifest_digest: r.descriptor.digest.to_string(),
+        image_id: r.manifest.config.digest.to_string(),
+        manifest: r.manifest,
+        config: r.config,
+    })
+}
 
 /// One differing config field.
 #[derive(Clone, Debug, Serialize)]
@@ -69,9 +96,15 @@ pub struct Report {
 fn side(s: &Summary, i: usize) -> Option<LayerSide> {
     let d: &Descriptor = s.manifest.layers.get(i)?;
     Some(LayerSide {
-        digest: d.digest.clone(),
-        diff_id: s.config.rootfs.diff_ids.get(i).cloned().unwrap_or_default(),
-        media_type: d.media_type.clone(),
+        digest: d.digest.to_string(),
+        diff_id: s
+            .config
+            .rootfs
+            .diff_ids
+            .get(i)
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+        media_type: d.media_type.to_string(),
         size: d.size,
         compressor: d.annotations.get(ANNOTATION_COMPRESSOR).cloned(),
     })
@@ -126,7 +159,7 @@ fn io_err(d: &Descriptor) -> impl Fn(io::Error) -> Error + '_ {
     }
 }
 
-fn entries(r: &ImageReader, d: &Descriptor) -> Result<BTreeMap<String, Info>, Error> {
+fn entries(r: &dyn Source, d: &Descriptor) -> Result<BTreeMap<String, Info>, Error> {
     let mut out = BTreeMap::new();
     let mut ar = tar::Archive::new(r.layer_tar(d)?);
     let err = io_err(d);
@@ -166,9 +199,9 @@ fn entries(r: &ImageReader, d: &Descriptor) -> Result<BTreeMap<String, Info>, Er
 
 /// The first byte at which entry `path` differs between two layers.
 fn first_difference(
-    ra: &ImageReader,
+    ra: &dyn Source,
     da: &Descriptor,
-    rb: &ImageReader,
+    rb: &dyn Source,
     db: &Descriptor,
     path: &str,
 ) -> Result<Option<u64>, Error> {
@@ -234,9 +267,9 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 const OFFSETS: usize = 20;
 
 fn entry_diffs(
-    ra: &ImageReader,
+    ra: &dyn Source,
     da: &Descriptor,
-    rb: &ImageReader,
+    rb: &dyn Source,
     db: &Descriptor,
 ) -> Result<Vec<EntryDiff>, Error> {
     let a = entries(ra, da)?;
@@ -300,8 +333,8 @@ fn entry_diffs(
 }
 
 /// Compares two images.
-pub fn diff(ra: &ImageReader, rb: &ImageReader) -> Result<Report, Error> {
-    let (a, b) = (ra.summary()?, rb.summary()?);
+pub fn diff(ra: &dyn Source, rb: &dyn Source) -> Result<Report, Error> {
+    let (a, b) = (summary(ra)?, summary(rb)?);
     let mut config_fields = Vec::new();
     let mut ca = serde_json::to_value(&a.config).unwrap_or_default();
     let mut cb = serde_json::to_value(&b.config).unwrap_or_default();

@@ -24,6 +24,10 @@ impl Digest {
     pub fn of(data: &[u8]) -> Digest {
         Digest(format!("sha256:{}", hex::encode(Sha256::digest(data))))
     }
+    /// The digest whose hex part is `hex` (a blob file's name), if valid.
+    pub fn from_hex(hex: &str) -> Option<Digest> {
+        Digest::parse(&format!("sha256:{hex}"))
+    }
     fn from_raw(raw: [u8; 32]) -> Digest {
         Digest(format!("sha256:{}", hex::encode(raw)))
     }
@@ -32,6 +36,41 @@ impl Digest {
         &self.0[7..]
     }
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Digest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Digest, String> {
+        Digest::parse(s).ok_or_else(|| {
+            format!("{s:?} is not a valid digest (expected sha256: and 64 lowercase hex digits)")
+        })
+    }
+}
+
+impl serde::Serialize for Digest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Digest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl PartialEq<str> for Digest {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl AsRef<str> for Digest {
+    fn as_ref(&self) -> &str {
         &self.0
     }
 }

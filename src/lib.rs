@@ -1,16 +1,32 @@
-//! kiln: a daemonless, rootless, network-free OCI image assembler for
-//! Taskcluster-style image directories.
+//! kiln: a daemonless, rootless, reproducible OCI image assembler for
+//! Taskcluster-style image directories and plain Docker contexts.
 //!
-//! The pipeline: [`context`] collects an image directory's build context
-//! (`# %include`, `# %ARG`) and hashes it; [`dockerfile`] parses and expands
-//! the Dockerfile; [`build`] turns its instructions into deterministic
-//! [`layer`]s and an [`image`] config and manifest; [`archive`] writes an OCI
-//! layout, OCI archive, docker-archive or `image.tar.zst`; [`store`] reads
-//! such images back for `kiln inspect`.
+//! The image core, in three words: **sources → copy → sinks**.
+//!
+//! - [`image`]: the typed OCI model (a validated [`Digest`], a
+//!   [`image::MediaType`] enum, descriptors, manifests, indexes, configs,
+//!   platforms, references), serialized as canonical JSON, fields kiln
+//!   does not model kept.
+//! - [`source`]: everything kiln reads images from (image files and
+//!   layouts, [`store`]s, a build in progress, registries), each blob
+//!   verified as it is read, one decompressor with the bomb guard, one
+//!   platform selector.
+//! - [`sink`]: everything kiln writes images to (stores, the output
+//!   formats, registries), one blob writer (temp file, fsync, rename, 0644),
+//!   commits that name images last.
+//! - [`copy()`]: the one move between any source and any sink: `store add`,
+//!   `pull`, `push`, a build's output, an index hit.
+//!
+//! A build is plan-then-execute: [`context`] collects an image directory's
+//! build context (`# %include`, `# %ARG`) and hashes it; [`dockerfile`]
+//! parses and expands the Dockerfile; [`assemble::Plan`] analyzes it and
+//! resolves its bases once, which gives the [`index`] digest; executing
+//! the plan turns instructions into deterministic [`layer`]s and a config,
+//! and copies the finished image to its sinks.
 
-pub mod archive;
-pub mod build;
+pub mod assemble;
 pub mod context;
+pub mod copy;
 pub mod diff;
 pub mod digest;
 pub mod dockerfile;
@@ -18,15 +34,21 @@ pub mod image;
 pub mod index;
 pub mod layer;
 pub mod limits;
+pub mod prefetch;
+pub mod progress;
+pub mod registry;
+pub mod sink;
+pub mod source;
 pub mod store;
 pub mod tree;
 pub mod verify;
 
-pub use archive::Format;
-pub use build::{build, default_tag, BuildOptions, BuildResult};
+pub use assemble::{build, default_tag, BuildOptions, BuildResult};
 pub use context::{Algorithm, Context, ContextOptions, ModePolicy};
+pub use copy::{copy, Selection};
 pub use digest::Digest;
 pub use layer::Compression;
+pub use sink::Format;
 
 /// kiln's user cache directory: `$XDG_CACHE_HOME/kiln`, else
 /// `~/.cache/kiln` (the hash cache, the user store and the index live here).
@@ -45,6 +67,3 @@ pub fn checkout_root(start: &std::path::Path) -> Option<std::path::PathBuf> {
         .find(|d| d.join(".git").exists() || d.join(".hg").exists())
         .map(|d| d.to_path_buf())
 }
-pub mod prefetch;
-pub mod progress;
-pub mod registry;

@@ -19,10 +19,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::archive::Format;
-use crate::build::{self, BuildOptions};
+use crate::assemble::{self as build, BuildOptions, Parent};
+use crate::image::Reference;
 use crate::index::{self, IndexOptions};
-use crate::store::{BaseImage, Reference};
+use crate::sink::Format;
 
 /// One image of the tree.
 #[derive(Clone, Debug)]
@@ -42,7 +42,7 @@ pub struct TreeLine {
     pub name: String,
     pub tag: String,
     pub context_hash: String,
-    pub manifest_digest: String,
+    pub manifest_digest: crate::Digest,
     /// The index digest (see the module docs).
     pub digest: String,
     /// `built` or `up to date`.
@@ -307,18 +307,22 @@ pub fn levels(images: &[TreeImage]) -> Result<Vec<Vec<usize>>, Error> {
 
 /// The file extension (or directory) an output format implies.
 pub fn output_name(name: &str, format: Format) -> String {
-    match format {
-        Format::DockerArchive => format!("{name}.tar"),
-        Format::DockerArchiveZstd => format!("{name}.tar.zst"),
-        Format::OciArchive => format!("{name}.oci.tar"),
-        Format::OciDir => name.to_string(),
+    format.file_name(name)
+}
+
+/// Splits `name[:tag]` into the repository and tag (`latest` by default).
+fn split_tag(reference: &str) -> (&str, &str) {
+    let last = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[last..].rfind(':') {
+        Some(i) => (&reference[..last + i], &reference[last + i + 1..]),
+        None => (reference, "latest"),
     }
 }
 
 /// The default tag of a tree image: `<REGISTRY>/<name>:<VERSION>` from its directory.
 fn tree_tag(img: &TreeImage) -> String {
     let dir_tag = build::default_tag(&img.dir);
-    let (repo, tag) = crate::archive::split_tag(&dir_tag);
+    let (repo, tag) = split_tag(&dir_tag);
     let repo = match repo.rfind('/') {
         Some(i) => format!("{}/{}", &repo[..i], img.name),
         None => img.name.clone(),
@@ -340,7 +344,7 @@ pub fn build_all(
         message: format!("creating the output directory: {e}"),
     })?;
     // name → the image, for its children
-    let mut done: BTreeMap<String, BaseImage> = BTreeMap::new();
+    let mut done: BTreeMap<String, Parent> = BTreeMap::new();
     let mut lines: Vec<TreeLine> = Vec::new();
     for level in order {
         // Children find a parent as `$DOCKER_IMAGE_PARENT` (name:context-hash),
@@ -363,7 +367,7 @@ pub fn build_all(
             .iter()
             .map(|l| (l.name.as_str(), l.context_hash.as_str()))
             .collect();
-        let results: Vec<Result<(TreeLine, BaseImage), Error>> = level
+        let results: Vec<Result<(TreeLine, Parent), Error>> = level
             .par_iter()
             .map(|&i| build_one(&images[i], template, index, out_dir, &hashes, &parents))
             .collect();
@@ -383,8 +387,8 @@ fn build_one(
     index: &IndexOptions,
     out_dir: &Path,
     hashes: &BTreeMap<&str, &str>,
-    parents: &Arc<BTreeMap<String, BaseImage>>,
-) -> Result<(TreeLine, BaseImage), Error> {
+    parents: &Arc<BTreeMap<String, Parent>>,
+) -> Result<(TreeLine, Parent), Error> {
     let start = Instant::now();
     let mut opts = template.clone();
     opts.context.args.extend(img.args.clone());
@@ -415,7 +419,7 @@ fn build_one(
         seconds: start.elapsed().as_secs_f64(),
         output: opts.output.clone(),
     };
-    Ok((line, c.image))
+    Ok((line, c.parent))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::image::{Descriptor, DockerManifestEntry, ImageConfig, Index, Manifest};
-use crate::store::{is_index, ImageReader};
+use crate::source::{self, Source};
 
 /// One problem, naming the blob (or file) it is about.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
@@ -55,34 +55,14 @@ fn hashing<R: Read>(inner: R) -> Hashing<R> {
     }
 }
 
-const LAYER_TYPES: &[&str] = &[
-    "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-];
-const CONFIG_TYPES: &[&str] = &[
-    crate::image::MEDIA_CONFIG,
-    crate::image::MEDIA_DOCKER_CONFIG,
-];
-const MANIFEST_TYPES: &[&str] = &[
-    crate::image::MEDIA_MANIFEST,
-    crate::image::MEDIA_DOCKER_MANIFEST,
-];
-
 struct Checker<'a> {
-    r: &'a ImageReader,
+    r: &'a dyn Source,
     report: Report,
 }
 
 impl Checker<'_> {
-    fn problem(&mut self, blob: &str, message: impl Into<String>) {
+    fn problem(&mut self, blob: impl AsRef<str>, message: impl Into<String>) {
+        let blob = blob.as_ref();
         self.report.problems.push(Problem {
             blob: blob.to_string(),
             message: message.into(),
@@ -102,7 +82,7 @@ impl Checker<'_> {
             );
             return None;
         }
-        let mut s = match self.r.blob_stream(d) {
+        let mut s = match self.r.open_blob(d) {
             Ok(s) => hashing(s),
             Err(e) => {
                 self.problem(&d.digest, format!("{what}: {e}"));
@@ -119,7 +99,7 @@ impl Checker<'_> {
         }
         let got = format!("sha256:{}", hex::encode(s.hash.finalize()));
         let mut ok = true;
-        if got != d.digest {
+        if got != d.digest.as_str() {
             self.problem(
                 &d.digest,
                 format!(
@@ -151,7 +131,7 @@ impl Checker<'_> {
             Ok(v) => v,
             Err(e) => return self.problem(&d.digest, format!("manifest is not valid JSON: {e}")),
         };
-        if v.get("manifests").is_some() || is_index(d) {
+        if v.get("manifests").is_some() || d.media_type.is_index() {
             match serde_json::from_value::<Index>(v) {
                 Ok(index) if depth < 4 => {
                     for m in &index.manifests {
@@ -167,8 +147,8 @@ impl Checker<'_> {
             Ok(m) => m,
             Err(e) => return self.problem(&d.digest, format!("image manifest is malformed: {e}")),
         };
-        self.report.manifests.push(d.digest.clone());
-        if !MANIFEST_TYPES.contains(&d.media_type.as_str()) {
+        self.report.manifests.push(d.digest.to_string());
+        if !d.media_type.is_manifest() {
             self.problem(
                 &d.digest,
                 format!("manifest descriptor has media type {:?}", d.media_type),
@@ -185,7 +165,7 @@ impl Checker<'_> {
                 );
             }
         }
-        if !CONFIG_TYPES.contains(&manifest.config.media_type.as_str()) {
+        if !manifest.config.media_type.is_config() {
             self.problem(
                 &manifest.config.digest,
                 format!("config has media type {:?}", manifest.config.media_type),
@@ -220,27 +200,28 @@ impl Checker<'_> {
                 .as_ref()
                 .and_then(|c| c.rootfs.diff_ids.get(i))
                 .cloned();
-            self.layer(l, want.as_deref());
+            self.layer(l, want.as_ref().map(|d| d.as_str()));
         }
     }
 
     fn layer(&mut self, d: &Descriptor, diff_id: Option<&str>) {
         self.report.blobs_checked += 1;
         self.report.layers_checked += 1;
-        if !LAYER_TYPES.contains(&d.media_type.as_str()) {
+        if !d.media_type.is_layer() {
             self.problem(
                 &d.digest,
                 format!("layer has media type {:?}", d.media_type),
             );
         }
-        let raw = match self.r.blob_stream(d) {
+        let raw = match self.r.open_blob(d) {
             Ok(s) => s,
             Err(e) => return self.problem(&d.digest, format!("layer: {e}")),
         };
         let mut compressed = hashing(raw);
         let mt = d.media_type.as_str();
         let result = (|| -> io::Result<(String, u64)> {
-            let decoder = crate::store::decompressed(mt, &mut compressed)?;
+            let codec = d.media_type.codec().unwrap_or(crate::image::Codec::None);
+            let decoder = source::decoder(codec, &mut compressed, &format!("layer {}", d.digest))?;
             let mut plain = hashing(decoder);
             {
                 let mut ar = tar::Archive::new(&mut plain);
@@ -258,7 +239,7 @@ impl Checker<'_> {
         // Whatever the decompressor did not read still counts for the blob digest.
         let _ = io::copy(&mut compressed, &mut io::sink());
         let got = format!("sha256:{}", hex::encode(compressed.hash.finalize()));
-        if got != d.digest {
+        if got != d.digest.as_str() {
             self.problem(
                 &d.digest,
                 format!(
@@ -297,7 +278,7 @@ impl Checker<'_> {
             Ok(e) => e,
             Err(e) => return self.problem("manifest.json", format!("not valid JSON: {e}")),
         };
-        if self.r.is_legacy() {
+        if self.r.is_derived() {
             return;
         }
         let Some(top) = tops.first() else { return };
@@ -307,7 +288,7 @@ impl Checker<'_> {
         let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
             return;
         };
-        let path = |d: &str| format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+        let path = |d: &crate::Digest| format!("blobs/sha256/{}", d.hex());
         for e in &entries {
             if e.config != path(&m.config.digest) {
                 self.problem(
@@ -327,7 +308,7 @@ impl Checker<'_> {
             match serde_json::from_slice::<BTreeMap<String, BTreeMap<String, String>>>(&repos) {
                 Ok(map) => {
                     let top_layer = m.layers.last().map_or(&m.config.digest, |l| &l.digest);
-                    let want = top_layer.trim_start_matches("sha256:");
+                    let want = top_layer.hex();
                     for (repo, tags) in &map {
                         for (tag, id) in tags {
                             if id != want {
@@ -348,11 +329,11 @@ impl Checker<'_> {
 }
 
 /// Verifies every image in `r`.
-pub fn verify(r: &ImageReader) -> Report {
+pub fn verify(r: &dyn Source) -> Report {
     let mut c = Checker {
         r,
         report: Report {
-            format: r.format.to_string(),
+            format: r.format().to_string(),
             ..Default::default()
         },
     };

@@ -156,3 +156,37 @@ fn check_reproducible_builds_twice_and_agrees() {
         );
     }
 }
+
+#[test]
+fn check_reproducible_fails_with_the_diff_report_when_the_second_build_differs() {
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY a /a\n"),
+        ("img/a", b"1"),
+    ]);
+    let o = run(build_cmd(d.path(), "r.tar", &["--check-reproducible"])
+        .env(kiln::assemble::PERTURB_ENV, "1"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("not reproducible: the second build"), "{err}");
+    // The report names what differs: the mtime of the one entry and `created`.
+    assert!(err.contains("created"), "{err}");
+    assert!(err.contains("mtime"), "{err}");
+}
+
+#[test]
+fn check_reproducible_with_all_is_refused_naming_the_flag() {
+    let d = tree(&[("img/Dockerfile", b"FROM scratch\n")]);
+    let err = fails(kiln().current_dir(d.path()).args([
+        "build",
+        "--all",
+        "img",
+        "--out-dir",
+        "out",
+        "--check-reproducible",
+    ]));
+    assert!(
+        err.contains("--check-reproducible checks one image"),
+        "{err}"
+    );
+    assert!(!d.path().join("out").exists());
+}

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use kiln::source::Source;
 
 /// `kiln hash` of `img/` in `d` with the given algorithm.
 fn hash_cmd(d: &Path, algorithm: &str) -> Command {
@@ -235,7 +236,7 @@ fn a_file_over_8_gib_is_stored_with_its_exact_size() {
     assert_eq!(v["layers"].as_array().unwrap().len(), 1);
     // The layer's header carries the exact size (more than the 8 GiB an
     // octal ustar field holds): read the header, not the 8 GiB.
-    let r = kiln::store::ImageReader::open(&t.join("big.oci.tar")).unwrap();
+    let r = kiln::source::ImageFile::open(&t.join("big.oci.tar")).unwrap();
     let m = r.summary().unwrap().manifest;
     let blob = r.read_blob(&m.layers[0]).unwrap();
     let dec = zstd::stream::read::Decoder::new(&blob[..]).unwrap();

@@ -125,7 +125,7 @@ fn store_add_ls_rm_gc_keep_digests_and_free_blobs() {
 
 /// The manifest of an output.
 fn manifest(image: &Path) -> kiln::image::Manifest {
-    kiln::store::ImageReader::open(image)
+    kiln::source::ImageFile::open(image)
         .unwrap()
         .summary()
         .unwrap()
@@ -153,7 +153,7 @@ fn from_a_store_passes_base_layers_through_and_merges_the_config() {
     assert_eq!(child.layers.len(), base.layers.len() + 1);
     for (b, c) in base.layers.iter().zip(&child.layers) {
         assert_eq!(b.digest, c.digest);
-        let hex = b.digest.trim_start_matches("sha256:");
+        let hex = b.digest.hex();
         assert_eq!(
             fs::read(store.join("blobs/sha256").join(hex)).unwrap(),
             fs::read(d.path().join("child/blobs/sha256").join(hex)).unwrap(),
@@ -162,7 +162,7 @@ fn from_a_store_passes_base_layers_through_and_merges_the_config() {
         );
     }
     let bc: kiln::image::ImageConfig = {
-        let hex = base.config.digest.trim_start_matches("sha256:");
+        let hex = base.config.digest.hex();
         serde_json::from_slice(&fs::read(store.join("blobs/sha256").join(hex)).unwrap()).unwrap()
     };
     let cc = config(&d.path().join("child"));
@@ -318,9 +318,7 @@ fn a_corrupt_store_blob_is_named_and_never_used() {
     let (d, store, digest) = base_store();
     let m = store_manifest(&store, &digest);
     let layer = &m.layers[1].digest;
-    let p = store
-        .join("blobs/sha256")
-        .join(layer.trim_start_matches("sha256:"));
+    let p = store.join("blobs/sha256").join(layer.hex());
     let mut b = fs::read(&p).unwrap();
     let n = b.len();
     b[n / 2] ^= 0xff;

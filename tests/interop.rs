@@ -344,7 +344,7 @@ fn a_skopeo_docker_archive_is_imported_and_serves_as_a_base_that_runs() {
         .iter()
         .map(|l| format!("sha256:{}", sha256_hex(&files[l.as_str().unwrap()])))
         .collect();
-    let got: Vec<String> = m.layers.iter().map(|l| l.digest.clone()).collect();
+    let got: Vec<String> = m.layers.iter().map(|l| l.digest.to_string()).collect();
     assert_eq!(got, want);
 
     // A child FROM the imported image, with a file owned by the base's user.
@@ -382,4 +382,73 @@ fn a_skopeo_docker_archive_is_imported_and_serves_as_a_base_that_runs() {
     let said = ok(Command::new("docker").args(["run", "--rm", "--network", "none", &tag]));
     let _ = run(Command::new("docker").args(["rmi", "-f", &tag]));
     assert_eq!(said, "hello from busybox, owner 4242\n");
+}
+
+#[test]
+fn without_an_engine_ci_fails_instead_of_skipping() {
+    let gone = "unix:///nonexistent/kiln-test-docker.sock";
+    assert!(!docker_engine(Some(gone), false));
+    let r = std::panic::catch_unwind(|| docker_engine(Some(gone), true));
+    assert!(
+        r.is_err(),
+        "with CI set, a missing engine must fail the test"
+    );
+}
+
+#[test]
+fn dockerignore_classes_and_characters_match_docker_build() {
+    if !docker_available() {
+        eprintln!("SKIPPED: no Docker engine answers on this machine");
+        return;
+    }
+    let files: &[(&str, &[u8])] = &[
+        ("img/Dockerfile", b"FROM scratch\nCOPY . /ctx/\n"),
+        (
+            "img/.dockerignore",
+            "[!a]x\ncaf?.txt\nDockerfile\n.dockerignore\n".as_bytes(),
+        ),
+        ("img/!x", b"1"),
+        ("img/ax", b"2"),
+        ("img/bx", b"3"),
+        ("img/caf\u{e9}.txt", b"4"),
+        ("img/cafe.txt", b"5"),
+        ("img/keep", b"6"),
+    ];
+    let d = tree(files);
+    build(d.path(), "k.tar", &[]);
+    let mut ours: Vec<String> = layers(&d.path().join("k.tar"))
+        .concat()
+        .into_iter()
+        .map(|i| i.path.trim_end_matches('/').to_string())
+        .filter(|p| p != "ctx")
+        .collect();
+    ours.sort();
+    let tag = docker_tag("ignore");
+    ok(Command::new("docker")
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "-q", "-t", &tag])
+        .arg(d.path().join("img")));
+    let id = ok(Command::new("docker").args(["create", &tag, "/none"]));
+    let id = id.trim();
+    let tar = d.path().join("export.tar");
+    ok(Command::new("sh")
+        .arg("-c")
+        .arg(format!("docker export {id} > {}", tar.display())));
+    let _ = Command::new("docker").args(["rm", id]).output();
+    let _ = Command::new("docker").args(["rmi", &tag]).output();
+    let mut theirs: Vec<String> = tar::Archive::new(fs::File::open(&tar).unwrap())
+        .entries()
+        .unwrap()
+        .map(|e| {
+            String::from_utf8_lossy(&e.unwrap().path_bytes())
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .filter(|p| p.starts_with("ctx/"))
+        .collect();
+    theirs.sort();
+    assert_eq!(ours, theirs);
+    // `[!a]x` is the class {!, a}: `!x` and `ax` are ignored, `bx` is kept;
+    // `caf?.txt` takes the two-byte é.
+    assert_eq!(ours, ["ctx/bx", "ctx/keep"]);
 }

@@ -77,8 +77,8 @@ fn every_corruption_class_is_named_in_every_compression() {
         assert!(ok_ && text.starts_with("ok: "), "{compression}: {text}");
         let (_, m) = top(&base);
         let manifest: kiln::image::Manifest = serde_json::from_str(&m).unwrap();
-        let layer = manifest.layers[1].digest.clone();
-        let config = manifest.config.digest.clone();
+        let layer = manifest.layers[1].digest.to_string();
+        let config = manifest.config.digest.to_string();
         let case = |name: &str, corrupt: &dyn Fn(&Path), expect: &[String]| {
             let dir = d.path().join(format!("{compression}-{name}"));
             ok(std::process::Command::new("cp")
@@ -147,7 +147,7 @@ fn every_corruption_class_is_named_in_every_compression() {
                 let c = fs::read_to_string(blob(dir, &config)).unwrap();
                 let cfg: kiln::image::ImageConfig = serde_json::from_str(&c).unwrap();
                 let wrong = format!("sha256:{}", "e".repeat(64));
-                let c2 = c.replace(&cfg.rootfs.diff_ids[1], &wrong);
+                let c2 = c.replace(cfg.rootfs.diff_ids[1].as_str(), &wrong);
                 let (cd, cs) = put(dir, c2.as_bytes());
                 let (_, m) = top(dir);
                 let m2 = m
@@ -213,7 +213,7 @@ fn archives_and_the_taskcluster_artifact_verify_and_problems_are_all_listed() {
     let (_, m) = top(&dir);
     let manifest: kiln::image::Manifest = serde_json::from_str(&m).unwrap();
     for l in &manifest.layers {
-        fs::remove_file(blob(&dir, &l.digest)).unwrap();
+        fs::remove_file(blob(&dir, l.digest.as_str())).unwrap();
     }
     let (sound, text) = verify(&dir);
     assert!(!sound);
@@ -227,6 +227,10 @@ fn archives_and_the_taskcluster_artifact_verify_and_problems_are_all_listed() {
         .iter()
         .map(|p| p["blob"].as_str().unwrap().to_string())
         .collect();
-    let want: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    let want: Vec<String> = manifest
+        .layers
+        .iter()
+        .map(|l| l.digest.to_string())
+        .collect();
     assert_eq!(blobs, want);
 }

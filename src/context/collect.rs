@@ -38,6 +38,11 @@ pub struct ContextOptions {
     /// Name included files exactly as taskgraph does (`topsrcdir/` + the path
     /// as written, `./` and `..` kept) instead of the normalized path.
     pub taskgraph_names: bool,
+    /// The Dockerfile, when it is not `<image dir>/Dockerfile` (`-f`).
+    pub dockerfile: Option<PathBuf>,
+    /// Take directory entries from the kernel in reverse order (the walk
+    /// sorts, so nothing may change: `build --check-reproducible` checks).
+    pub reverse_read_order: bool,
 }
 
 /// Where the bytes of one context entry come from.
@@ -91,6 +96,8 @@ pub struct Context {
     pub dockerfile: Arc<[u8]>,
     /// Maps lines of the rewritten Dockerfile (index) to 1-based lines of the original.
     pub line_map: Vec<usize>,
+    /// The Dockerfile read (absolute).
+    pub dockerfile_path: PathBuf,
 }
 
 impl Context {
@@ -101,6 +108,7 @@ impl Context {
             hash: false,
             cache: None,
             step: &step,
+            reverse: opts.reverse_read_order,
         };
         Context::collect_with(image_dir, opts, &walker)
     }
@@ -113,7 +121,22 @@ impl Context {
     ) -> Result<Context, Error> {
         let image_dir = absolute(image_dir)?;
         let topsrcdir = absolute(&opts.topsrcdir)?;
-        let dockerfile_path = image_dir.join("Dockerfile");
+        let dockerfile_path = match &opts.dockerfile {
+            Some(f) => {
+                let f = absolute(f)?;
+                if !f.is_file() {
+                    return Err(Error::io(
+                        &f,
+                        std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "no such Dockerfile (-f)",
+                        ),
+                    ));
+                }
+                f
+            }
+            None => image_dir.join("Dockerfile"),
+        };
         if !dockerfile_path.is_file() {
             return Err(Error::NoDockerfile { dir: image_dir });
         }
@@ -124,6 +147,7 @@ impl Context {
             dirs: BTreeMap::new(),
             dockerfile: Arc::from(&b""[..]),
             line_map: Vec::new(),
+            dockerfile_path: dockerfile_path.clone(),
         };
         // Links may point anywhere in the source tree, never out of it.
         let root = if image_dir.starts_with(&topsrcdir) {
@@ -200,6 +224,20 @@ impl Context {
         };
         ctx.entries.insert(b"Dockerfile".to_vec(), df);
         Ok(ctx)
+    }
+
+    /// The Dockerfile the context was read with.
+    pub fn dockerfile_path(&self) -> PathBuf {
+        self.dockerfile_path.clone()
+    }
+
+    /// The line of the original Dockerfile that line `line` of the
+    /// rewritten one comes from.
+    pub fn original_line(&self, line: usize) -> usize {
+        self.line_map
+            .get(line.wrapping_sub(1))
+            .copied()
+            .unwrap_or(line)
     }
 
     /// The rewritten Dockerfile as text.

@@ -40,6 +40,7 @@ pub fn collect_and_hash(
         hash: hashing,
         cache,
         step: &step,
+        reverse: opts.reverse_read_order,
     };
     let ctx = Context::collect_with(image_dir, &opts, &walker)?;
     let digest = match algorithm {

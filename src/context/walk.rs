@@ -27,6 +27,8 @@ pub struct Walker<'a> {
     pub hash: bool,
     pub cache: Option<&'a HashCache>,
     pub step: &'a Step,
+    /// Take directory entries in reverse order (the output must not change).
+    pub reverse: bool,
 }
 
 /// What one walk found.
@@ -37,16 +39,6 @@ pub struct Walked {
 }
 
 const READ_BUF: usize = 256 * 1024;
-
-static REVERSE_READ_ORDER: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
-
-/// Reverses the order in which directory entries are taken from the
-/// kernel (for `build --check-reproducible`: the walk sorts, so the output
-/// must not change).
-pub fn set_reverse_read_order(on: bool) {
-    REVERSE_READ_ORDER.store(on, std::sync::atomic::Ordering::Relaxed);
-}
 
 thread_local! {
     static BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; READ_BUF]);
@@ -131,7 +123,7 @@ fn walk_dir(
             listing.push((name.to_vec(), de.file_type()));
         }
     }
-    if REVERSE_READ_ORDER.load(std::sync::atomic::Ordering::Relaxed) {
+    if w.reverse {
         listing.reverse();
     }
     // Emit in archive-path order: a directory sorts as its name plus '/', so

@@ -2,95 +2,152 @@
 //! wildcards share with it: Go's `filepath.Match` per path component (`*`,
 //! `?`, `[a-z]`, `[^a]`, `\` escapes), plus `**` for any number of components.
 
-/// Matches one path component against one pattern component (Go `filepath.Match`).
-pub fn match_component(pat: &[u8], name: &[u8]) -> bool {
-    let (mut p, mut n) = (0usize, 0usize);
-    let (mut star_p, mut star_n) = (usize::MAX, 0usize);
-    while n < name.len() {
-        if p < pat.len() {
-            match pat[p] {
-                b'*' => {
-                    star_p = p;
-                    star_n = n;
-                    p += 1;
-                    continue;
-                }
-                b'?' => {
-                    p += 1;
-                    n += 1;
-                    continue;
-                }
-                b'[' => {
-                    if let Some((ok, len)) = class(&pat[p..], name[n]) {
-                        if ok {
-                            p += len;
-                            n += 1;
-                            continue;
-                        }
-                    }
-                }
-                b'\\' if p + 1 < pat.len() && pat[p + 1] == name[n] => {
-                    p += 2;
-                    n += 1;
-                    continue;
-                }
-                b'\\' if p + 1 < pat.len() => {}
-                c if c == name[n] => {
-                    p += 1;
-                    n += 1;
-                    continue;
-                }
-                _ => {}
+/// One token of a compiled component pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Tok {
+    /// A character (or, in a name that is not UTF-8, one raw byte).
+    Lit(u32),
+    /// `?`: any one character.
+    One,
+    /// `*`: any run of characters.
+    Star,
+    /// `[...]`: a class of characters; negated only by `^`, as in Go's
+    /// `filepath.Match` (so `[!a]` is the class of `!` and `a`).
+    Class {
+        negate: bool,
+        ranges: Vec<(u32, u32)>,
+    },
+    /// A malformed pattern (an unterminated class): matches nothing.
+    Bad,
+}
+
+/// The characters of a name: UTF-8 decoded; a byte that is not part of a
+/// valid sequence stands for itself (above the Unicode range, so it never
+/// equals a character).
+fn chars(b: &[u8]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut rest = b;
+    while !rest.is_empty() {
+        match std::str::from_utf8(rest) {
+            Ok(s) => {
+                out.extend(s.chars().map(u32::from));
+                break;
+            }
+            Err(e) => {
+                let (ok, bad) = rest.split_at(e.valid_up_to());
+                out.extend(std::str::from_utf8(ok).unwrap_or("").chars().map(u32::from));
+                let n = e.error_len().unwrap_or(bad.len()).max(1);
+                out.extend(bad[..n].iter().map(|&c| 0x11_0000 + u32::from(c)));
+                rest = &bad[n..];
             }
         }
-        if star_p != usize::MAX {
-            p = star_p + 1;
+    }
+    out
+}
+
+/// Compiles one component pattern.
+fn compile_component(pat: &[u8]) -> Vec<Tok> {
+    let p = chars(pat);
+    let mut out = Vec::new();
+    let mut i = 0;
+    let bs = u32::from(b'\\');
+    while i < p.len() {
+        match char::from_u32(p[i]) {
+            Some('*') => out.push(Tok::Star),
+            Some('?') => out.push(Tok::One),
+            Some('\\') if i + 1 < p.len() => {
+                i += 1;
+                out.push(Tok::Lit(p[i]));
+            }
+            Some('[') => {
+                let mut j = i + 1;
+                let negate = p.get(j) == Some(&u32::from(b'^'));
+                if negate {
+                    j += 1;
+                }
+                let mut ranges = Vec::new();
+                let mut closed = false;
+                let mut first = true;
+                while j < p.len() {
+                    if p[j] == u32::from(b']') && !first {
+                        closed = true;
+                        break;
+                    }
+                    first = false;
+                    let mut lo = p[j];
+                    if lo == bs && j + 1 < p.len() {
+                        j += 1;
+                        lo = p[j];
+                    }
+                    let mut hi = lo;
+                    if j + 2 < p.len() && p[j + 1] == u32::from(b'-') && p[j + 2] != u32::from(b']')
+                    {
+                        j += 2;
+                        hi = p[j];
+                        if hi == bs && j + 1 < p.len() {
+                            j += 1;
+                            hi = p[j];
+                        }
+                    }
+                    ranges.push((lo, hi));
+                    j += 1;
+                }
+                if !closed {
+                    return vec![Tok::Bad];
+                }
+                out.push(Tok::Class { negate, ranges });
+                i = j;
+            }
+            _ => out.push(Tok::Lit(p[i])),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn match_tokens(toks: &[Tok], name: &[u32]) -> bool {
+    if toks.contains(&Tok::Bad) {
+        return false;
+    }
+    let (mut t, mut n) = (0usize, 0usize);
+    let (mut star_t, mut star_n) = (usize::MAX, 0usize);
+    while n < name.len() {
+        let step = match toks.get(t) {
+            Some(Tok::Star) => {
+                star_t = t;
+                star_n = n;
+                t += 1;
+                continue;
+            }
+            Some(Tok::One) => true,
+            Some(Tok::Lit(c)) => *c == name[n],
+            Some(Tok::Class { negate, ranges }) => {
+                ranges
+                    .iter()
+                    .any(|&(lo, hi)| lo <= name[n] && name[n] <= hi)
+                    != *negate
+            }
+            Some(Tok::Bad) | None => false,
+        };
+        if step {
+            t += 1;
+            n += 1;
+            continue;
+        }
+        if star_t != usize::MAX {
+            t = star_t + 1;
             star_n += 1;
             n = star_n;
             continue;
         }
         return false;
     }
-    while p < pat.len() && pat[p] == b'*' {
-        p += 1;
-    }
-    p == pat.len()
+    toks[t..].iter().all(|k| *k == Tok::Star)
 }
 
-/// A `[...]` class at the start of `pat`: whether `c` matches, and the class length.
-fn class(pat: &[u8], c: u8) -> Option<(bool, usize)> {
-    let mut i = 1;
-    let negate = matches!(pat.get(i), Some(b'^') | Some(b'!'));
-    if negate {
-        i += 1;
-    }
-    let mut matched = false;
-    let mut first = true;
-    while i < pat.len() {
-        if pat[i] == b']' && !first {
-            return Some((matched != negate, i + 1));
-        }
-        first = false;
-        let mut lo = pat[i];
-        if lo == b'\\' && i + 1 < pat.len() {
-            i += 1;
-            lo = pat[i];
-        }
-        let mut hi = lo;
-        if i + 2 < pat.len() && pat[i + 1] == b'-' && pat[i + 2] != b']' {
-            hi = pat[i + 2];
-            if hi == b'\\' && i + 3 < pat.len() {
-                i += 1;
-                hi = pat[i + 2];
-            }
-            i += 2;
-        }
-        if lo <= c && c <= hi {
-            matched = true;
-        }
-        i += 1;
-    }
-    None
+/// Matches one path component against one pattern component (Go `filepath.Match`).
+pub fn match_component(pat: &[u8], name: &[u8]) -> bool {
+    match_tokens(&compile_component(pat), &chars(name))
 }
 
 /// Whether a pattern has glob metacharacters.
@@ -104,22 +161,52 @@ fn components(p: &[u8]) -> Vec<&[u8]> {
         .collect()
 }
 
-/// Matches a whole slash-separated path against a pattern with `**` support.
-pub fn match_path(pat: &[u8], path: &[u8]) -> bool {
-    fn rec(p: &[&[u8]], n: &[&[u8]]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some(&b"**") => (0..=n.len()).any(|k| rec(&p[1..], &n[k..])),
-            Some(pc) => !n.is_empty() && match_component(pc, n[0]) && rec(&p[1..], &n[1..]),
-        }
-    }
-    rec(&components(pat), &components(path))
+/// A path pattern compiled once: components of tokens, `**` spanning any
+/// number of components.
+#[derive(Clone, Debug)]
+pub struct Glob {
+    comps: Vec<Option<Vec<Tok>>>,
 }
 
-/// Parsed `.dockerignore` rules.
+impl Glob {
+    pub fn new(pat: &[u8]) -> Glob {
+        Glob {
+            comps: components(pat)
+                .into_iter()
+                .map(|c| (c != b"**").then(|| compile_component(c)))
+                .collect(),
+        }
+    }
+
+    /// Whether the slash-separated `path` matches.
+    pub fn matches(&self, path: &[u8]) -> bool {
+        let names: Vec<Vec<u32>> = components(path).into_iter().map(chars).collect();
+        self.matches_chars(&names)
+    }
+
+    fn matches_chars(&self, names: &[Vec<u32>]) -> bool {
+        fn rec(p: &[Option<Vec<Tok>>], n: &[Vec<u32>]) -> bool {
+            match p.first() {
+                None => n.is_empty(),
+                Some(None) => (0..=n.len()).any(|k| rec(&p[1..], &n[k..])),
+                Some(Some(toks)) => {
+                    !n.is_empty() && match_tokens(toks, &n[0]) && rec(&p[1..], &n[1..])
+                }
+            }
+        }
+        rec(&self.comps, names)
+    }
+}
+
+/// Matches a whole slash-separated path against a pattern with `**` support.
+pub fn match_path(pat: &[u8], path: &[u8]) -> bool {
+    Glob::new(pat).matches(path)
+}
+
+/// Parsed `.dockerignore` rules, each compiled once.
 #[derive(Clone, Debug, Default)]
 pub struct Ignore {
-    rules: Vec<(bool, Vec<u8>)>,
+    rules: Vec<(bool, Glob)>,
 }
 
 impl Ignore {
@@ -143,7 +230,7 @@ impl Ignore {
             if cleaned.is_empty() {
                 continue;
             }
-            rules.push((exclude, cleaned));
+            rules.push((exclude, Glob::new(&cleaned)));
         }
         Ignore { rules }
     }
@@ -152,10 +239,9 @@ impl Ignore {
     /// matching the path or one of its parents decides.
     pub fn is_ignored(&self, path: &[u8]) -> bool {
         let mut ignored = false;
-        let comps = components(path);
-        for (exclude, pat) in &self.rules {
-            let hit = (1..=comps.len()).any(|k| match_path(pat, &comps[..k].join(&b'/')));
-            if hit {
+        let names: Vec<Vec<u32>> = components(path).into_iter().map(chars).collect();
+        for (exclude, glob) in &self.rules {
+            if (1..=names.len()).any(|k| glob.matches_chars(&names[..k])) {
                 ignored = !exclude;
             }
         }
@@ -207,6 +293,25 @@ mod tests {
         assert!(!match_component(b"[^a-c]x", b"bx"));
         assert!(match_component(b"\\*", b"*"));
         assert!(!match_component(b"\\*", b"a"));
+    }
+
+    #[test]
+    fn classes_negate_with_caret_only_and_match_characters() {
+        // Go's filepath.Match: `!` is an ordinary member of a class.
+        assert!(match_component(b"[!a]x", b"!x"));
+        assert!(match_component(b"[!a]x", b"ax"));
+        assert!(!match_component(b"[!a]x", b"bx"));
+        assert!(match_component(b"[^a]x", b"bx"));
+        // `?` and classes take a whole character, not a byte.
+        assert!(match_component(
+            "caf?.txt".as_bytes(),
+            "café.txt".as_bytes()
+        ));
+        assert!(match_component("[é]".as_bytes(), "é".as_bytes()));
+        assert!(match_component("[à-ü]".as_bytes(), "é".as_bytes()));
+        assert!(!match_component(b"caf?.txt", b"caf.txt"));
+        // An unterminated class matches nothing.
+        assert!(!match_component(b"[ab", b"a"));
     }
 
     #[test]

@@ -6,17 +6,23 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
+pub use crate::digest::Digest;
+pub use media::{json_is_index, Codec, MediaType};
+pub use platform::{host_platform, Platform};
+pub use reference::Reference;
 
-pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MEDIA_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+mod media;
+pub mod platform;
+mod reference;
+
 /// Annotation naming the compressor of a layer, so digest differences can be explained.
 pub const ANNOTATION_COMPRESSOR: &str = "dev.kiln.layer.compressor";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
+
+/// Fields of a JSON object that kiln does not model, kept as they were
+/// read so that rewriting the object never drops them.
+pub type Extra = BTreeMap<String, serde_json::Value>;
 
 /// An empty JSON object, as used for ExposedPorts/Volumes values.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +78,9 @@ pub struct RunConfig {
     pub shell: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_build: Option<Vec<String>>,
+    /// Keys kiln does not model (`ArgsEscaped`, `Hostname`, ...), kept.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// One history entry.
@@ -85,6 +94,8 @@ pub struct History {
     pub comment: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub empty_layer: bool,
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// The root filesystem: the layers' diff_ids.
@@ -92,7 +103,7 @@ pub struct History {
 pub struct RootFs {
     #[serde(rename = "type")]
     pub kind: String,
-    pub diff_ids: Vec<String>,
+    pub diff_ids: Vec<Digest>,
 }
 
 /// An OCI image config.
@@ -111,28 +122,47 @@ pub struct ImageConfig {
     pub rootfs: RootFs,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<History>,
+    /// Keys kiln does not model (`os.version`, `container_config`, ...), kept.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// A content descriptor.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
+    pub media_type: MediaType,
+    pub digest: Digest,
     pub size: u64,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// `urls`, `artifactType`, `data` and whatever else: kept.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
-/// A platform in an index.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Platform {
-    pub architecture: String,
-    pub os: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant: Option<String>,
+impl Descriptor {
+    /// A descriptor for a blob.
+    pub fn new(media_type: MediaType, digest: Digest, size: u64) -> Descriptor {
+        Descriptor {
+            media_type,
+            digest,
+            size,
+            annotations: BTreeMap::new(),
+            platform: None,
+            extra: Extra::new(),
+        }
+    }
+
+    /// The same blob without annotations (an index entry's names stripped).
+    pub fn bare(&self) -> Descriptor {
+        Descriptor {
+            annotations: BTreeMap::new(),
+            ..self.clone()
+        }
+    }
 }
 
 /// An image manifest.
@@ -141,11 +171,14 @@ pub struct Platform {
 pub struct Manifest {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
+    pub media_type: Option<MediaType>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// `subject`, `artifactType`, ...: kept.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// An image index (`index.json`).
@@ -154,8 +187,31 @@ pub struct Manifest {
 pub struct Index {
     pub schema_version: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
+    pub media_type: Option<MediaType>,
     pub manifests: Vec<Descriptor>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Index {
+    /// An empty OCI index.
+    pub fn new() -> Index {
+        Index {
+            schema_version: 2,
+            media_type: Some(MediaType::OciIndex),
+            manifests: Vec::new(),
+            annotations: BTreeMap::new(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index::new()
+    }
 }
 
 /// One entry of docker-archive's `manifest.json`.
@@ -175,25 +231,6 @@ pub fn canonical_json<T: Serialize>(v: &T) -> Vec<u8> {
     // going through Value sorts every object's keys.
     let value = serde_json::to_value(v).expect("image models always serialize");
     serde_json::to_vec(&value).expect("a Value always serializes")
-}
-
-/// The platform kiln builds for: the host's.
-pub fn host_platform() -> Platform {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        other => other,
-    };
-    Platform {
-        architecture: arch.to_string(),
-        os: "linux".to_string(),
-        variant: (arch == "arm64").then(|| "v8".to_string()),
-    }
 }
 
 /// Seconds since 1970 → (year, month, day, hour, minute, second), UTC
@@ -217,17 +254,6 @@ pub fn civil(epoch: u64) -> (i64, u32, u32, u64, u64, u64) {
 pub fn rfc3339(epoch: u64) -> String {
     let (y, m, d, hh, mm, ss) = civil(epoch);
     format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
-}
-
-/// A descriptor for a blob.
-pub fn descriptor(media_type: &str, digest: &Digest, size: u64) -> Descriptor {
-    Descriptor {
-        media_type: media_type.to_string(),
-        digest: digest.to_string(),
-        size,
-        annotations: BTreeMap::new(),
-        platform: None,
-    }
 }
 
 #[cfg(test)]

@@ -1,16 +1,21 @@
-//! A build that consults the index first: on a hit the image comes out of
-//! the user store (verified, nothing rebuilt); with a registry index, a hit
-//! there is pulled into the user store first. On a miss the image is built
-//! with its blobs written straight into the user store, named there, filed
-//! under its routes, and pushed to the registry index if there is one.
+//! A build that consults the index first: on a hit the image is copied out
+//! of the user store (verified, nothing rebuilt); with a registry index, a
+//! hit there is pulled into the user store first. On a miss the plan is
+//! executed with its blobs written straight into the user store, the image
+//! named there, filed under its routes, and pushed to the registry index if
+//! there is one.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::{builder_line, index_digest, Entry, Error, LocalIndex, RouteOptions};
-use crate::build::{self, BuildOptions, BuildResult};
+use super::{Entry, Error, LocalIndex, RouteOptions};
+use crate::assemble::{self, BuildOptions, BuildResult, Dest, Parent, Plan};
 use crate::context::Context;
-use crate::store::{BaseImage, Reference, Store};
+use crate::copy::{copy, Selection};
+use crate::image::Reference;
+use crate::sink::Output;
+use crate::source::resolve;
+use crate::store::Store;
 
 /// Where the index and its images live, and how to use them.
 #[derive(Clone, Debug)]
@@ -55,7 +60,8 @@ impl RegistryIndex {
 #[derive(Clone, Debug)]
 pub struct Cached {
     pub result: BuildResult,
-    pub image: BaseImage,
+    /// The image in the index's store, for children of the same run.
+    pub parent: Parent,
     pub index_digest: String,
     /// The route that hit, or the hash route written.
     pub route: String,
@@ -75,17 +81,9 @@ pub fn build_cached(
     io: &IndexOptions,
     collected: Option<(Context, String)>,
 ) -> Result<Cached, Error> {
-    let (ctx, context_hash) = match collected {
-        Some(c) => c,
-        None => build::collect(image_dir, opts)?,
-    };
-    let parents = build::base_digests(&ctx, opts)?;
-    let digest = index_digest(
-        &context_hash,
-        &opts.context.args,
-        &builder_line(opts),
-        &parents,
-    );
+    let plan = Plan::new(image_dir, opts, collected)?;
+    let digest = plan.index_digest(opts)?;
+    let context_hash = plan.context_hash.clone();
     let store_name = format!("kiln.local/index/{}:{digest}", io.name);
     if io.lookup {
         for route in io.routes.lookup(&io.name, &digest) {
@@ -104,13 +102,14 @@ pub fn build_cached(
         for level in (io.routes.level..=3).rev() {
             let repo = reg.repository(level, &io.name);
             let tag = format!("hash-{digest}");
+            let r = Reference::parse(&format!("{}/{repo}:{tag}", reg.client.host))
+                .map_err(crate::registry::Error::Reference)?;
             let pulled = crate::registry::pull(
                 &reg.client,
-                &repo,
-                &tag,
+                &r,
                 &io.store,
                 std::slice::from_ref(&store_name),
-                &Default::default(),
+                None,
             )?;
             let Some(desc) = pulled else { continue };
             let route = io.routes.lookup(&io.name, &digest)[(3 - level) as usize].clone();
@@ -131,36 +130,14 @@ pub fn build_cached(
             }
         }
     }
-    io.store.create()?;
-    let mut opts = opts.clone();
-    opts.hash_cache = None;
-    let (result, mut image) = build::build_into(
-        image_dir,
-        &opts,
-        Some(&io.store.blobs()),
-        Some((ctx, context_hash)),
+    let (result, desc) = assemble::execute(
+        plan,
+        opts,
+        Dest::Store {
+            store: &io.store,
+            name: store_name,
+        },
     )?;
-    let desc = crate::image::descriptor(
-        crate::image::MEDIA_MANIFEST,
-        &crate::digest::Digest::parse(&result.manifest_digest).expect("kiln writes valid digests"),
-        std::fs::metadata(
-            io.store
-                .blobs()
-                .join(result.manifest_digest.trim_start_matches("sha256:")),
-        )
-        .map_err(|source| crate::store::Error::Io {
-            path: io.store.dir.clone(),
-            source,
-        })?
-        .len(),
-    );
-    // Base layers that came from other stores join the image in ours.
-    for (d, path) in &image.layers {
-        if let Some(digest) = crate::digest::Digest::parse(&d.digest) {
-            io.store.put_blob_file(&digest, path)?;
-        }
-    }
-    io.store.tag(&desc, &[store_name])?;
     let routes = io.routes.write(&io.name, &digest, now());
     for route in &routes {
         io.index.put(&Entry {
@@ -172,7 +149,6 @@ pub fn build_cached(
             filed: now(),
         })?;
     }
-    image.index_digest = Some(digest.clone());
     if let Some(reg) = &io.registry {
         let repo = reg.repository(io.routes.level, &io.name);
         let pushdate = routes[2].rsplit('.').next().unwrap_or_default().to_string();
@@ -181,22 +157,25 @@ pub fn build_cached(
             "latest".to_string(),
             format!("pushdate-{pushdate}"),
         ];
-        let reader = crate::store::ImageReader::open(&io.store.dir)?;
         let mut push = reg.push.clone();
         push.mount_from
             .extend(reg.pushed.lock().unwrap().iter().cloned());
-        crate::registry::push(&reg.client, &reader, &desc, &repo, &tags, &push)?;
+        crate::registry::push(&reg.client, &io.store, &desc, &repo, &tags, &push)?;
         reg.pushed.lock().unwrap().push(repo);
     }
     Ok(Cached {
         result,
-        image,
+        parent: Parent {
+            store: io.store.clone(),
+            descriptor: desc,
+            index_digest: digest.clone(),
+        },
         index_digest: digest,
         route: routes[0].clone(),
     })
 }
 
-/// Writes the indexed image to the output, if the store still holds it.
+/// Copies the indexed image to the output, if the store still holds it.
 fn export(
     opts: &BuildOptions,
     io: &IndexOptions,
@@ -210,38 +189,66 @@ fn export(
     )) else {
         return Ok(None);
     };
-    let Some(mut desc) = io.store.find(&r)? else {
+    let Some(desc) = io.store.find(&r)? else {
         // The store lost it (store rm + gc): build again.
         return Ok(None);
     };
-    desc.annotations.clear();
-    let mut image = io.store.load(&desc, &io.name, None)?;
-    let manifest = io.store.read_manifest(&desc)?;
-    io.store
-        .write_image(
-            &desc,
-            &manifest,
-            &opts.tags,
-            opts.timestamp,
-            opts.format,
-            &opts.output,
-        )
-        .map_err(build::Error::from)?;
-    image.index_digest = Some(digest.to_string());
+    let image = resolve(&io.store, &desc, None)?;
+    let out = Output::create(&opts.output, opts.format, opts.timestamp)?;
+    copy(&io.store, &out, &Selection::image(&desc, &opts.tags))?;
     let result = BuildResult {
         context_hash: context_hash.to_string(),
-        image_id: manifest.config.digest.clone(),
+        image_id: image.manifest.config.digest.clone(),
         manifest_digest: desc.digest.clone(),
         tags: opts.tags.clone(),
-        layers: build::layer_summaries(&manifest.layers, &image.config.rootfs.diff_ids),
+        layers: assemble::layer_summaries(&image.manifest.layers, &image.config.rootfs.diff_ids),
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "up to date".into(),
     };
     Ok(Some(Cached {
         result,
-        image,
+        parent: Parent {
+            store: io.store.clone(),
+            descriptor: desc,
+            index_digest: digest.to_string(),
+        },
         index_digest: digest.to_string(),
         route: entry.route.clone(),
     }))
+}
+
+/// What `kiln routes` shows: an image's index digest and routes, and what
+/// the local index has under each lookup route, without building.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RoutesReport {
+    pub context_hash: String,
+    pub index_digest: String,
+    pub builder: String,
+    pub parents: Vec<String>,
+    pub lookup: Vec<String>,
+    pub hits: Vec<Option<Entry>>,
+    pub write: Vec<String>,
+}
+
+/// Works out the routes of `image_dir` (a pinned base needs no store).
+pub fn routes(
+    image_dir: &Path,
+    opts: &BuildOptions,
+    io: &IndexOptions,
+) -> Result<RoutesReport, Error> {
+    let plan = Plan::new(image_dir, opts, None)?;
+    let parents = plan.parent_digests(opts)?;
+    let builder = super::builder_line(opts);
+    let digest = super::index_digest(&plan.context_hash, &opts.context.args, &builder, &parents);
+    let lookup = io.routes.lookup(&io.name, &digest);
+    Ok(RoutesReport {
+        context_hash: plan.context_hash.clone(),
+        hits: lookup.iter().map(|r| io.index.get(r)).collect(),
+        write: io.routes.write(&io.name, &digest, now()),
+        index_digest: digest,
+        builder,
+        parents,
+        lookup,
+    })
 }

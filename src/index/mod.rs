@@ -18,7 +18,7 @@
 
 mod cached;
 
-pub use cached::{build_cached, Cached, IndexOptions, RegistryIndex};
+pub use cached::{build_cached, routes, Cached, IndexOptions, RegistryIndex, RoutesReport};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -39,7 +39,7 @@ pub const DEFAULT_PREFIX: &str = "kiln";
 /// the layer format: its version and every setting that changes image
 /// bytes for the same context (layer compression, timestamp, mode policy,
 /// target stage, platform).
-pub fn builder_line(opts: &crate::build::BuildOptions) -> String {
+pub fn builder_line(opts: &crate::assemble::BuildOptions) -> String {
     let compression = match opts.compression {
         crate::layer::Compression::Zstd(l) => format!("zstd-{l}"),
         crate::layer::Compression::Gzip(l) => format!("gzip-{l}"),
@@ -170,7 +170,7 @@ pub struct Entry {
     pub name: String,
     pub index_digest: String,
     pub context_hash: String,
-    pub manifest_digest: String,
+    pub manifest_digest: crate::Digest,
     /// When it was filed (seconds since 1970).
     pub filed: u64,
 }
@@ -185,15 +185,15 @@ pub enum Error {
     #[error("no index entry matches {pattern} in {}", dir.display())]
     NoMatch { pattern: String, dir: PathBuf },
     #[error("{0}")]
-    Build(Box<crate::build::Error>),
+    Build(Box<crate::assemble::Error>),
     #[error("{0}")]
     Store(#[from] crate::store::Error),
     #[error("registry index: {0}")]
     Registry(#[from] crate::registry::Error),
 }
 
-impl From<crate::build::Error> for Error {
-    fn from(e: crate::build::Error) -> Error {
+impl From<crate::assemble::Error> for Error {
+    fn from(e: crate::assemble::Error) -> Error {
         Error::Build(Box::new(e))
     }
 }
@@ -245,19 +245,11 @@ impl LocalIndex {
                 route: e.route.clone(),
             });
         }
-        fs::create_dir_all(&self.dir).map_err(self.io(&self.dir))?;
         let target = self.dir.join(&e.route);
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".kiln-route-")
-            .tempfile_in(&self.dir)
-            .map_err(self.io(&target))?;
-        io::Write::write_all(
-            &mut tmp,
+        crate::sink::file::write_atomic(
+            &target,
             &serde_json::to_vec_pretty(e).expect("entries serialize"),
-        )
-        .map_err(self.io(&target))?;
-        tmp.persist(&target)
-            .map_err(|err| self.io(&target)(err.error))?;
+        )?;
         Ok(())
     }
 
@@ -385,7 +377,7 @@ mod tests {
             name: "img".into(),
             index_digest: "d".into(),
             context_hash: "c".into(),
-            manifest_digest: "sha256:m".into(),
+            manifest_digest: crate::Digest::of(b"m"),
             filed: 0,
         };
         idx.put(&e("kiln.cache.level-3.docker-images.v2.img.hash.d"))

@@ -17,12 +17,12 @@ pub enum Compression {
 
 impl Compression {
     /// The OCI media type of a layer compressed this way.
-    pub fn media_type(self) -> &'static str {
-        match self {
-            Compression::Zstd(_) => "application/vnd.oci.image.layer.v1.tar+zstd",
-            Compression::Gzip(_) => "application/vnd.oci.image.layer.v1.tar+gzip",
-            Compression::None => "application/vnd.oci.image.layer.v1.tar",
-        }
+    pub fn media_type(self) -> crate::image::MediaType {
+        crate::image::MediaType::oci_layer(match self {
+            Compression::Zstd(_) => crate::image::Codec::Zstd,
+            Compression::Gzip(_) => crate::image::Codec::Gzip,
+            Compression::None => crate::image::Codec::None,
+        })
     }
 
     /// The compressor's name, library version and level, or `None` for no compression.

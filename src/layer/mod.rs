@@ -6,12 +6,12 @@ pub mod compress;
 pub mod tar;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use compress::Compression;
+pub use compress::{Compression, Compressor};
 
 use crate::digest::{Digest, HashingWriter};
 use crate::prefetch::{Event, Prefetch};
@@ -73,7 +73,7 @@ pub struct LayerInfo {
     pub digest: Digest,
     pub diff_id: Digest,
     pub size: u64,
-    pub media_type: String,
+    pub media_type: crate::image::MediaType,
     /// The compressor annotation, if compressed.
     pub compressor: Option<String>,
 }
@@ -261,25 +261,20 @@ pub fn write_layer(
         dir: blobs.to_path_buf(),
         source: e,
     };
-    fs::create_dir_all(blobs).map_err(werr)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".kiln-layer-")
-        .tempfile_in(blobs)
-        .map_err(werr)?;
-    let file = tmp.reopen().map_err(werr)?;
-    let (info, file) =
+    let werr2 = |e: crate::source::Error| match e {
+        crate::source::Error::Write { source, .. } => werr(source),
+        e => werr(io::Error::other(e.to_string())),
+    };
+    let pending = crate::sink::file::Pending::create(blobs, "blob", blobs).map_err(werr2)?;
+    let file = pending.file().try_clone().map_err(werr)?;
+    let (info, _) =
         write_layer_to(entries, mtime, compression, file, step).map_err(|e| match e {
             Error::Write { source, .. } => werr(source),
             e => e,
         })?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        // tempfiles start 0600; blobs are world-readable like every other output file
-        file.set_permissions(fs::Permissions::from_mode(0o644))
-            .map_err(werr)?;
-    }
-    let target = blobs.join(info.digest.hex());
-    tmp.persist(&target).map_err(|e| werr(e.error))?;
+    pending
+        .commit(&blobs.join(info.digest.hex()))
+        .map_err(werr2)?;
     Ok(info)
 }
 
@@ -333,7 +328,7 @@ pub fn write_layer_to(
         digest,
         diff_id,
         size,
-        media_type: compression.media_type().to_string(),
+        media_type: compression.media_type(),
         compressor: compression.describe(),
     };
     Ok((info, file))
@@ -402,7 +397,7 @@ mod tests {
             let b = write_layer(&e, 0, c, d2.path(), &Step::none()).unwrap();
             assert_eq!(a, b);
             assert_eq!(
-                fs::read(d1.path().join(a.digest.hex())).unwrap().len() as u64,
+                std::fs::read(d1.path().join(a.digest.hex())).unwrap().len() as u64,
                 a.size
             );
         }

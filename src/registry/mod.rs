@@ -12,7 +12,7 @@ mod transfer;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,10 +20,11 @@ use std::time::Duration;
 
 use ureq::http;
 
-use crate::digest::{Digest, HashingWriter};
+use crate::digest::Digest;
 use crate::image::Descriptor;
 
-pub use transfer::{pull, push, PullOptions, PushOptions, PushReport};
+pub use crate::sink::PushReport;
+pub use transfer::{pull, push, PushOptions};
 
 /// Registry errors.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +56,7 @@ pub enum Error {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("{0}")]
-    Store(#[from] crate::store::Error),
+    Image(#[from] crate::source::Error),
 }
 
 /// What a request sends.
@@ -105,34 +106,7 @@ pub struct Client {
     backoff: Duration,
 }
 
-pub const MEDIA_DOCKER_MANIFEST: &str = crate::image::MEDIA_DOCKER_MANIFEST;
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// Splits `host[:port]/repo/path[:tag|@digest]` into host, repository, and tag or digest.
-pub fn split_reference(s: &str) -> Result<(String, String, Option<String>), Error> {
-    let bad = |why: &str| {
-        Error::Reference(format!(
-            "{s}: {why}; expected REGISTRY/REPOSITORY[:TAG|@sha256:...], e.g. 127.0.0.1:5000/kiln/base:1"
-        ))
-    };
-    let (host, rest) = s.split_once('/').ok_or_else(|| bad("no registry host"))?;
-    if !(host.contains('.') || host.contains(':') || host == "localhost") {
-        return Err(bad("the first part is not a registry host"));
-    }
-    let r = crate::store::Reference::parse(s).map_err(Error::Reference)?;
-    let repo = r
-        .repository
-        .strip_prefix(&format!("{host}/"))
-        .ok_or_else(|| bad("unexpected host"))?
-        .to_string();
-    let _ = rest;
-    let reference = match (r.digest, r.tag) {
-        (Some(d), _) => Some(d.to_string()),
-        (None, Some(t)) => Some(t),
-        (None, None) => None,
-    };
-    Ok((host.to_string(), repo, reference))
-}
 
 impl Client {
     /// A client for `host`; `insecure` speaks plain HTTP.
@@ -226,7 +200,7 @@ impl Client {
         headers: &[(&str, String)],
         payload: &Payload<'_>,
     ) -> Result<http::Response<ureq::Body>, Error> {
-        let mut authorization = self.cached_authorization();
+        let mut authorization = self.cached_authorization(url);
         let mut authed = false;
         let mut attempt = 0;
         loop {
@@ -260,12 +234,21 @@ impl Client {
         }
     }
 
-    fn cached_authorization(&self) -> Option<String> {
+    /// A cached Authorization for `url`: basic credentials, else a bearer
+    /// token whose scope covers the URL's repository (tokens are cached
+    /// under the scope the registry asked for).
+    fn cached_authorization(&self, url: &str) -> Option<String> {
         let tokens = self.tokens.lock().unwrap();
         if let Some(t) = tokens.get("*") {
             return Some(t.clone());
         }
-        None
+        let repo = repository_of(url)?;
+        let prefix = format!("repository:{repo}:");
+        tokens
+            .iter()
+            .filter(|(scope, _)| scope.split(' ').any(|s| s.starts_with(&prefix)))
+            .max_by_key(|(scope, _)| scope.contains("push"))
+            .map(|(_, t)| t.clone())
     }
 
     /// Works out the Authorization header a 401 challenge asks for.
@@ -559,54 +542,28 @@ impl Client {
         Ok(Some((bytes, media_type, got)))
     }
 
-    /// Streams a blob into `w`, verifying its digest and size at the end
-    /// (whatever was written must be discarded on an error).
-    pub fn get_blob(&self, repo: &str, d: &Descriptor, w: &mut dyn Write) -> Result<(), Error> {
+    /// A blob's body as a stream, cut one byte past its declared size (the
+    /// reader verifies digest and size: [`crate::source::Verified`]).
+    pub fn blob_reader(&self, repo: &str, d: &Descriptor) -> Result<Box<dyn Read + Send>, Error> {
         let url = self.url(&format!("/v2/{repo}/blobs/{}", d.digest));
-        let mut resp = self.send("GET", &url, &[], &Payload::Empty)?;
+        let resp = self.send("GET", &url, &[], &Payload::Empty)?;
         if resp.status().as_u16() != 200 {
             return Err(Self::fail("GET", &url, resp));
         }
-        let mut hw = HashingWriter::new(w);
-        // Never read more than the descriptor's size (plus one byte, to see it is more).
-        let mut body = resp
-            .body_mut()
-            .with_config()
-            .limit(d.size.saturating_add(1))
-            .reader();
-        let copied = io::copy(&mut (&mut body).take(d.size.saturating_add(1)), &mut hw);
-        if let Err(e) = copied {
-            let (got, size, _) = hw.finish();
-            if size > d.size {
-                return Err(Error::Digest {
-                    what: format!("blob {} of {repo} (more bytes than its size)", d.digest),
-                    want: d.digest.clone(),
-                    got: got.to_string(),
-                    size,
-                });
-            }
-            return Err(Error::Transport {
-                method: "GET".into(),
-                url: url.clone(),
-                message: e.to_string(),
-            });
-        }
-        let (got, size, _) = hw.finish();
-        if got.as_str() != d.digest || size != d.size {
-            let more = if size > d.size {
-                " (more bytes than its size)"
-            } else {
-                ""
-            };
-            return Err(Error::Digest {
-                what: format!("blob {} of {repo}{more}", d.digest),
-                want: d.digest.clone(),
-                got: got.to_string(),
-                size,
-            });
-        }
-        Ok(())
+        let limit = d.size.saturating_add(1);
+        let body = resp.into_body().into_with_config().limit(limit).reader();
+        Ok(Box::new(body.take(limit)))
     }
+}
+
+/// The repository a registry API URL is about (`/v2/<repo>/blobs/…`).
+fn repository_of(url: &str) -> Option<&str> {
+    let path = url.split_once("/v2/")?.1;
+    let end = ["/blobs/", "/manifests/", "/tags/"]
+        .iter()
+        .filter_map(|m| path.find(m))
+        .min()?;
+    Some(&path[..end])
 }
 
 /// Percent-encodes a query value.
@@ -627,16 +584,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn registry_references_split() {
-        let (h, r, t) = split_reference("127.0.0.1:5000/kiln/base:1").unwrap();
+    fn a_token_is_found_again_under_its_scope() {
+        let c = Client::new("127.0.0.1:1", true);
+        c.tokens
+            .lock()
+            .unwrap()
+            .insert("repository:a/b:pull,push".into(), "Bearer t1".into());
+        let url = "http://127.0.0.1:1/v2/a/b/blobs/sha256:00";
+        assert_eq!(c.cached_authorization(url).as_deref(), Some("Bearer t1"));
         assert_eq!(
-            (h.as_str(), r.as_str(), t.as_deref()),
-            ("127.0.0.1:5000", "kiln/base", Some("1"))
+            c.cached_authorization("http://127.0.0.1:1/v2/a/c/manifests/1"),
+            None
         );
-        let d = format!("sha256:{}", "a".repeat(64));
-        let (_, r, t) = split_reference(&format!("localhost/x@{d}")).unwrap();
-        assert_eq!((r.as_str(), t), ("x", Some(d)));
-        assert!(split_reference("kiln/base:1").is_err());
+        assert_eq!(
+            repository_of("https://h/v2/x/y/z/blobs/uploads/"),
+            Some("x/y/z")
+        );
     }
 
     #[test]

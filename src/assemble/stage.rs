@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 
 use super::copy::{self, ContextView, CopyOptions, Src, Tree};
 use super::fs::ImageFs;
+use super::plan::{Bases, Plan};
 use super::BuildOptions;
-use crate::context::Context;
 use crate::dockerfile::expand::{expand_vars_only, expand_word, split_words, Vars};
 use crate::dockerfile::{CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind};
 use crate::image::{
-    host_platform, rfc3339, Descriptor, Empty, Healthcheck, History, ImageConfig, RunConfig,
+    host_platform, rfc3339, Descriptor, Digest, Empty, Healthcheck, History, ImageConfig, Platform,
+    RunConfig,
 };
 use crate::layer::{Content, Entries, FileSource, LayerEntry};
 use crate::store::BaseImage;
@@ -81,11 +82,12 @@ struct State<'a> {
     /// Images named by `COPY --from=IMAGE`, loaded once.
     from_images: HashMap<String, ImageFs>,
     base: Vec<(Descriptor, PathBuf)>,
-    diff_ids: Vec<String>,
+    diff_ids: Vec<Digest>,
     os: String,
     architecture: String,
     variant: Option<String>,
     opts: &'a BuildOptions,
+    bases: &'a Bases,
     escape: char,
     args: Vars,
     env: Vec<(String, String)>,
@@ -170,7 +172,7 @@ fn stage_ref(defs: &[StageDef], before: usize, value: &str, by_index: bool) -> O
 
 /// The Dockerfile's stages, the target, which stages it needs and which
 /// of them others copy from (they keep every file in their filesystem).
-struct Analysis {
+pub struct Analysis {
     global: Vars,
     defs: Vec<StageDef>,
     target: usize,
@@ -178,7 +180,7 @@ struct Analysis {
     keep_all: Vec<bool>,
 }
 
-fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageError> {
+pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageError> {
     let escape = df.escape;
     // Global scope: ARGs before the first FROM, plus the automatic platform args.
     let mut global = automatic_args();
@@ -278,11 +280,7 @@ fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageError>
 /// target needs take from outside the Dockerfile: `FROM IMAGE` and
 /// `COPY --from=IMAGE`; not scratch, not stages.
 /// Each comes with the line and text of the instruction naming it.
-pub fn external_refs(
-    df: &Dockerfile,
-    opts: &BuildOptions,
-) -> Result<Vec<(usize, String, String)>, StageError> {
-    let a = analyze(df, opts)?;
+pub fn external_refs(df: &Dockerfile, a: &Analysis) -> Vec<(usize, String, String)> {
     let ex = |w: &str| expand_word(w, &a.global, df.escape).unwrap_or_else(|_| w.to_string());
     let mut out = Vec::new();
     for (n, d) in a.defs.iter().enumerate() {
@@ -312,25 +310,22 @@ pub fn external_refs(
     }
     let mut seen = std::collections::BTreeSet::new();
     out.retain(|(_, _, r)| seen.insert(r.clone()));
-    Ok(out)
+    out
 }
 
 /// Runs the target stage of `df` and the stages it needs.
-pub fn run(
-    df: &Dockerfile,
-    ctx: &Context,
-    opts: &BuildOptions,
-    spool: &Path,
-) -> Result<Planned, StageError> {
+pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, StageError> {
+    let df = &plan.dockerfile;
     let Analysis {
         global,
         defs,
         target,
         needed,
         keep_all,
-    } = analyze(df, opts)?;
+    } = &plan.analysis;
+    let (target, global) = (*target, global);
     let escape = df.escape;
-    let view = ContextView::new(ctx);
+    let view = ContextView::new(&plan.context);
     let mut done: Vec<Option<Planned>> = Vec::new();
     for n in 0..=target {
         if !needed[n] {
@@ -340,11 +335,9 @@ pub fn run(
         let d = &defs[n];
         let mut st = State::new(
             &view,
-            Earlier {
-                defs: &defs,
-                done: &done,
-            },
+            Earlier { defs, done: &done },
             opts,
+            &plan.bases,
             escape,
             spool,
         );
@@ -353,9 +346,9 @@ pub fn run(
         let makes_layers = df.instructions[d.start + 1..d.end]
             .iter()
             .any(|i| matches!(i.kind, Kind::Copy(_) | Kind::Add(_) | Kind::Workdir(_)));
-        st.from(from, &global, makes_layers || keep_all[n])?;
+        st.from(from, global, makes_layers || keep_all[n])?;
         for ins in &df.instructions[d.start + 1..d.end] {
-            st.instruction(ins, &global).map_err(|m| at(ins, m))?;
+            st.instruction(ins, global).map_err(|m| at(ins, m))?;
         }
         let planned = st.finish();
         done.push(Some(planned));
@@ -388,6 +381,7 @@ impl<'a> State<'a> {
         view: &'a ContextView<'a>,
         earlier: Earlier<'a>,
         opts: &'a BuildOptions,
+        bases: &'a Bases,
         escape: char,
         spool: &'a Path,
     ) -> State<'a> {
@@ -402,6 +396,7 @@ impl<'a> State<'a> {
             architecture: p.architecture,
             variant: p.variant,
             opts,
+            bases,
             escape,
             args: Vars::new(),
             env: vec![("PATH".into(), DEFAULT_PATH.into())],
@@ -452,21 +447,13 @@ impl<'a> State<'a> {
         self.variant = c.variant.clone();
     }
 
-    /// Resolves an image reference: a parent built in this run, else the stores.
+    /// Loads an image reference that the plan resolved.
     fn resolve_image(
         &self,
         reference: &str,
-        platform: Option<&crate::image::Platform>,
+        platform: Option<&Platform>,
     ) -> Result<BaseImage, String> {
-        if let Ok(r) = crate::store::Reference::parse(reference) {
-            if let Some(p) = self.opts.parents.get(&r.name()) {
-                return Ok(p.clone());
-            }
-        }
-        self.opts
-            .stores
-            .resolve(reference, platform)
-            .map_err(|e| e.to_string())
+        self.bases.load(reference, platform, self.opts)
     }
 
     fn from(&mut self, ins: &Instr, global: &Vars, scan: bool) -> Result<(), StageError> {
@@ -484,7 +471,7 @@ impl<'a> State<'a> {
             }
             let v = expand_word(value.as_deref().unwrap_or(""), global, self.escape)
                 .map_err(|e| at(ins, e.0))?;
-            let p = crate::store::parse_platform(&v).ok_or_else(|| {
+            let p = Platform::parse(&v).ok_or_else(|| {
                 at(
                     ins,
                     format!("--platform={v}: expected OS/ARCH[/VARIANT], e.g. linux/amd64"),
@@ -559,6 +546,7 @@ impl<'a> State<'a> {
             created_by: Some(ins.text.clone()),
             comment: Some("kiln".into()),
             empty_layer: empty,
+            extra: Default::default(),
         });
     }
 
@@ -920,6 +908,7 @@ impl<'a> State<'a> {
                 diff_ids: self.diff_ids,
             },
             history: self.history,
+            extra: Default::default(),
         };
         Planned {
             base: self.base,

@@ -95,7 +95,7 @@ impl ImageFs {
     /// Scans a base image's layer blobs, in order, applying whiteouts.
     pub fn apply_blob(&mut self, blob: &Path) -> io::Result<()> {
         let blob: Arc<Path> = Arc::from(blob);
-        let mut ar = tar::Archive::new(crate::store::layer_reader(&blob)?);
+        let mut ar = tar::Archive::new(crate::source::layer_file(&blob)?);
         let mut adds: Vec<(Vec<u8>, LayerEntry, Option<Origin>)> = Vec::new();
         let mut whiteouts: Vec<Vec<u8>> = Vec::new();
         let mut opaque: Vec<Vec<u8>> = Vec::new();
@@ -267,7 +267,7 @@ impl ImageFs {
         let mut spooled: HashMap<Vec<u8>, PathBuf> = HashMap::new();
         for (n, (blob, paths)) in by_blob.into_iter().enumerate() {
             let want: std::collections::HashSet<Vec<u8>> = paths.into_iter().collect();
-            let mut ar = tar::Archive::new(crate::store::layer_reader(&blob)?);
+            let mut ar = tar::Archive::new(crate::source::layer_file(&blob)?);
             for (i, entry) in ar.entries()?.enumerate() {
                 let mut entry = entry?;
                 let et = entry.header().entry_type();

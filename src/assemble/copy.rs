@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::context::{Context, ModePolicy, Source};
-use crate::dockerfile::ignore::{clean, has_magic, match_path, Ignore};
+use crate::dockerfile::ignore::{clean, has_magic, Glob, Ignore};
 use crate::layer::{Content, Entries, FileSource, LayerEntry};
 
 use super::fs::ImageFs;
@@ -82,11 +82,12 @@ impl<'a> ContextView<'a> {
 
     /// All paths matching a wildcard pattern.
     fn glob(&self, pattern: &[u8]) -> Vec<Vec<u8>> {
+        let glob = Glob::new(pattern);
         let mut out: Vec<Vec<u8>> = self
             .dirs
             .keys()
             .chain(self.ctx.entries.keys())
-            .filter(|p| self.visible(p) && match_path(pattern, p))
+            .filter(|p| self.visible(p) && glob.matches(p))
             .cloned()
             .collect();
         out.sort();
@@ -121,12 +122,14 @@ impl<'a> Tree<'a> {
     fn glob(&self, pattern: &[u8]) -> Vec<Vec<u8>> {
         match self {
             Tree::Context(v) => v.glob(pattern),
-            Tree::Image(fs, _) => fs
-                .nodes
-                .keys()
-                .filter(|p| match_path(pattern, p))
-                .cloned()
-                .collect(),
+            Tree::Image(fs, _) => {
+                let glob = Glob::new(pattern);
+                fs.nodes
+                    .keys()
+                    .filter(|p| glob.matches(p))
+                    .cloned()
+                    .collect()
+            }
         }
     }
 

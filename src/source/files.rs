@@ -1,19 +1,20 @@
-//! Reading images kiln (or docker, skopeo, buildah) wrote: an OCI layout
+//! Image files kiln (or docker, skopeo, buildah) wrote: an OCI layout
 //! directory, an OCI archive, a docker-archive (with an OCI layout inside,
 //! as Docker 25+ writes, or the legacy `manifest.json`-only form that
 //! `docker save` before 25 and `skopeo copy docker-archive:` write), or
-//! `image.tar.zst`. Every blob read is checked against its digest and size.
+//! `image.tar.zst`. A source like any other: blobs are verified by the
+//! readers of [`super`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use super::Error;
-use crate::digest::{Digest, HashingWriter};
+use super::{decoder, sniff, BlobFile, Error, Source};
+use crate::digest::HashingWriter;
 use crate::image::{
-    canonical_json, descriptor, Descriptor, DockerManifestEntry, ImageConfig, Index, Manifest,
-    MEDIA_CONFIG, MEDIA_MANIFEST,
+    canonical_json, Codec, Descriptor, Digest, DockerManifestEntry, ImageConfig, Index, Manifest,
+    MediaType,
 };
 
 enum Backing {
@@ -32,62 +33,31 @@ struct Legacy {
     manifest: Vec<u8>,
     descriptor: Descriptor,
     tags: Vec<String>,
-    members: HashMap<String, String>,
+    members: HashMap<Digest, String>,
 }
 
-/// An image read from disk.
-pub struct ImageReader {
+/// An image file or layout directory.
+pub struct ImageFile {
     path: PathBuf,
     backing: Backing,
     legacy: Option<Legacy>,
-    pub format: &'static str,
+    format: &'static str,
 }
 
-/// What [`ImageReader::summary`] returns.
+/// What `kiln inspect` shows.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Summary {
     pub format: String,
-    pub manifest_digest: String,
-    pub image_id: String,
+    pub manifest_digest: Digest,
+    pub image_id: Digest,
     pub tags: Vec<String>,
     pub manifest: Manifest,
     pub config: ImageConfig,
 }
 
-pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// A layer stream decompressed as its media type says (`…gzip`, `…zstd`,
-/// else a plain tar).
-pub fn decompressed<'a, R: Read + 'a>(media_type: &str, r: R) -> io::Result<Box<dyn Read + 'a>> {
-    Ok(if media_type.ends_with("gzip") {
-        Box::new(flate2::read::MultiGzDecoder::new(r))
-    } else if media_type.ends_with("zstd") {
-        Box::new(zstd::stream::read::Decoder::new(r)?)
-    } else {
-        Box::new(r)
-    })
-}
-
-/// Whether a descriptor names an image index (a multi-platform list).
-pub fn is_index(d: &Descriptor) -> bool {
-    d.media_type == MEDIA_OCI_INDEX || d.media_type == MEDIA_DOCKER_LIST
-}
-
-/// The OCI layer media type for a layer blob, from its first bytes.
-fn sniff_layer_type(head: &[u8]) -> &'static str {
-    if head.starts_with(&[0x1f, 0x8b]) {
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        "application/vnd.oci.image.layer.v1.tar+zstd"
-    } else {
-        "application/vnd.oci.image.layer.v1.tar"
-    }
-}
-
-impl ImageReader {
+impl ImageFile {
     /// Opens an image of any supported format.
-    pub fn open(path: &Path) -> Result<ImageReader, Error> {
+    pub fn open(path: &Path) -> Result<ImageFile, Error> {
         let ioe = |source| Error::Io {
             path: path.to_path_buf(),
             source,
@@ -100,7 +70,7 @@ impl ImageReader {
                     what: "index.json (a directory must be an OCI image layout)".into(),
                 });
             }
-            return Ok(ImageReader {
+            return Ok(ImageFile {
                 path: path.to_path_buf(),
                 backing: Backing::Dir(path.to_path_buf()),
                 legacy: None,
@@ -112,7 +82,7 @@ impl ImageReader {
             .map_err(ioe)?
             .read(&mut magic)
             .map_err(ioe)?;
-        let (file, tmp) = if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
+        let (file, tmp) = if sniff(&magic[..n]) == Codec::Zstd {
             let dir = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
@@ -122,10 +92,10 @@ impl ImageReader {
                 .tempfile_in(dir)
                 .or_else(|_| tempfile::NamedTempFile::new())
                 .map_err(ioe)?;
-            let mut dec = crate::limits::guarded(
+            let mut dec = decoder(
+                Codec::Zstd,
                 BufReader::new(File::open(path).map_err(ioe)?),
                 &path.display().to_string(),
-                zstd::stream::read::Decoder::new,
             )
             .map_err(ioe)?;
             io::copy(&mut dec, t.as_file_mut()).map_err(ioe)?;
@@ -156,7 +126,7 @@ impl ImageReader {
             (true, false) => "docker-archive",
             (false, _) => "oci-archive",
         };
-        let mut r = ImageReader {
+        let mut r = ImageFile {
             path: path.to_path_buf(),
             backing: Backing::Tar {
                 file,
@@ -177,7 +147,7 @@ impl ImageReader {
     /// so their digest is their diff_id).
     fn read_legacy(&self) -> Result<Legacy, Error> {
         let dm = self.read_member("manifest.json")?.unwrap_or_default();
-        let dm: Vec<DockerManifestEntry> = self.json(&dm, "manifest.json")?;
+        let dm: Vec<DockerManifestEntry> = super::parse_json(self, &dm, "manifest.json")?;
         let Some(first) = dm.first() else {
             return Err(self.invalid("manifest.json lists no images"));
         };
@@ -210,26 +180,27 @@ impl ImageReader {
                 let (d, n, _) = w.finish();
                 (d, n)
             };
-            members.insert(digest.to_string(), member);
+            members.insert(digest.clone(), member);
             Ok((digest, size, head))
         };
         let (cd, cs, _) = blob(&first.config, "config")?;
         let mut layers = Vec::new();
         for l in &first.layers {
             let (d, s, head) = blob(l, "layer")?;
-            layers.push(descriptor(sniff_layer_type(&head), &d, s));
+            layers.push(Descriptor::new(MediaType::oci_layer(sniff(&head)), d, s));
         }
         let manifest = Manifest {
             schema_version: 2,
-            media_type: Some(MEDIA_MANIFEST.into()),
-            config: descriptor(MEDIA_CONFIG, &cd, cs),
+            media_type: Some(MediaType::OciManifest),
+            config: Descriptor::new(MediaType::OciConfig, cd, cs),
             layers,
             annotations: BTreeMap::new(),
+            extra: Default::default(),
         };
         let bytes = canonical_json(&manifest);
         let d = Digest::of(&bytes);
         Ok(Legacy {
-            descriptor: descriptor(MEDIA_MANIFEST, &d, bytes.len() as u64),
+            descriptor: Descriptor::new(MediaType::OciManifest, d, bytes.len() as u64),
             manifest: bytes,
             tags: first.repo_tags.clone(),
             members,
@@ -251,7 +222,7 @@ impl ImageReader {
     }
 
     /// Opens a member for streaming.
-    fn open_member(&self, name: &str) -> Result<Option<Box<dyn Read + '_>>, Error> {
+    fn open_member(&self, name: &str) -> Result<Option<Box<dyn Read + Send + '_>>, Error> {
         match &self.backing {
             Backing::Dir(d) => match File::open(d.join(name)) {
                 Ok(f) => Ok(Some(Box::new(BufReader::with_capacity(1 << 20, f)))),
@@ -283,152 +254,68 @@ impl ImageReader {
     }
 
     fn blob_member(&self, digest: &Digest) -> String {
-        if let Some(m) = self
-            .legacy
-            .as_ref()
-            .and_then(|l| l.members.get(digest.as_str()))
-        {
+        if let Some(m) = self.legacy.as_ref().and_then(|l| l.members.get(digest)) {
             return m.clone();
         }
         format!("blobs/sha256/{}", digest.hex())
     }
 
-    /// Reads a manifest, index or config blob (verified, size-capped).
-    fn read_json_blob(&self, d: &Descriptor) -> Result<Vec<u8>, Error> {
-        if d.size > crate::limits::MAX_JSON_BLOB {
+    fn derived(&self, d: &Descriptor) -> Option<&Legacy> {
+        self.legacy
+            .as_ref()
+            .filter(|l| l.descriptor.digest == d.digest)
+    }
+
+    fn missing(&self, d: &Descriptor) -> Error {
+        Error::Missing {
+            path: self.path.clone(),
+            what: format!("blob {}", d.digest),
+        }
+    }
+
+    /// The manifest descriptor and names of the (first) image.
+    pub fn manifest_descriptor(&self) -> Result<(Descriptor, Vec<String>), Error> {
+        self.images()?
+            .into_iter()
+            .next()
+            .ok_or_else(|| self.invalid("index.json lists no manifests"))
+    }
+
+    /// Reads manifest and config of the (first) image.
+    pub fn summary(&self) -> Result<Summary, Error> {
+        let (desc, tags) = self.manifest_descriptor()?;
+        if desc.media_type.is_index() {
             return Err(self.invalid(&format!(
-                "{} declares {} bytes; kiln reads manifests and configs of at most {} bytes",
-                d.digest,
-                d.size,
-                crate::limits::MAX_JSON_BLOB
+                "{} is a multi-platform index; kiln inspect shows single images",
+                desc.digest
             )));
         }
-        self.read_blob(d)
-    }
-
-    fn parse_digest(&self, d: &Descriptor) -> Result<Digest, Error> {
-        Digest::parse(&d.digest)
-            .ok_or_else(|| self.invalid(&format!("invalid digest {:?}", d.digest)))
-    }
-
-    /// Streams a blob into `w`, verifying its digest and size; on a mismatch
-    /// the error names the blob and whatever was written must be discarded.
-    pub fn copy_blob(&self, d: &Descriptor, w: &mut dyn Write) -> Result<(), Error> {
-        let digest = self.parse_digest(d)?;
-        if let Some(l) = self
-            .legacy
-            .as_ref()
-            .filter(|l| l.descriptor.digest == d.digest)
-        {
-            return w.write_all(&l.manifest).map_err(|e| self.io(e));
-        }
-        let name = self.blob_member(&digest);
-        let mut r = self.open_member(&name)?.ok_or_else(|| Error::Missing {
-            path: self.path.clone(),
-            what: format!("blob {digest}"),
-        })?;
-        let mut hw = HashingWriter::new(w);
-        io::copy(&mut r, &mut hw).map_err(|e| self.io(e))?;
-        let (got, size, _) = hw.finish();
-        if got != digest || size != d.size {
-            return Err(Error::BadBlob {
-                path: self.path.clone(),
-                digest: digest.to_string(),
-                got: got.to_string(),
-                size,
-            });
-        }
-        Ok(())
-    }
-
-    /// The raw bytes of a blob as a stream (not verified: the caller hashes).
-    pub fn blob_stream(&self, d: &Descriptor) -> Result<Box<dyn Read + '_>, Error> {
-        let digest = self.parse_digest(d)?;
-        if let Some(l) = self
-            .legacy
-            .as_ref()
-            .filter(|l| l.descriptor.digest == d.digest)
-        {
-            return Ok(Box::new(io::Cursor::new(l.manifest.clone())));
-        }
-        let name = self.blob_member(&digest);
-        self.open_member(&name)?.ok_or_else(|| Error::Missing {
-            path: self.path.clone(),
-            what: format!("blob {digest}"),
+        let manifest: Manifest = super::read_json(self, &desc, "manifest")?;
+        let config: ImageConfig = super::read_json(self, &manifest.config, "config")?;
+        Ok(Summary {
+            format: self.format.to_string(),
+            manifest_digest: desc.digest,
+            image_id: manifest.config.digest.clone(),
+            tags,
+            manifest,
+            config,
         })
     }
+}
 
-    /// A layer's uncompressed tar stream (by its media type; not verified).
-    pub fn layer_tar(&self, d: &Descriptor) -> Result<Box<dyn Read + '_>, Error> {
-        let raw = io::BufReader::with_capacity(1 << 20, self.blob_stream(d)?);
-        decompressed(&d.media_type, raw).map_err(|source| Error::Io {
-            path: PathBuf::from(&d.digest),
-            source,
-        })
+impl Source for ImageFile {
+    fn location(&self) -> PathBuf {
+        self.path.clone()
     }
 
-    /// A small member of the archive (`manifest.json`, `repositories`), if present.
-    pub fn member(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
-        self.read_member(name)
-    }
-
-    /// Whether the image is a legacy docker-archive (no OCI layout inside).
-    pub fn is_legacy(&self) -> bool {
-        self.legacy.is_some()
-    }
-
-    /// Where a blob's bytes are on disk: (file, offset, length); None for
-    /// a manifest kiln derived (legacy docker-archives), which is in memory.
-    pub fn blob_location(&self, d: &Descriptor) -> Result<Option<(PathBuf, u64, u64)>, Error> {
-        let digest = self.parse_digest(d)?;
-        if self
-            .legacy
-            .as_ref()
-            .is_some_and(|l| l.descriptor.digest == d.digest)
-        {
-            return Ok(None);
-        }
-        let name = self.blob_member(&digest);
-        let missing = || Error::Missing {
-            path: self.path.clone(),
-            what: format!("blob {digest}"),
-        };
-        match &self.backing {
-            Backing::Dir(dir) => {
-                let p = dir.join(&name);
-                let len = fs::metadata(&p).map_err(|_| missing())?.len();
-                Ok(Some((p, 0, len)))
-            }
-            Backing::Tar { file, members, .. } => {
-                let &(off, len) = members.get(&name).ok_or_else(missing)?;
-                Ok(Some((file.clone(), off, len)))
-            }
-        }
-    }
-
-    /// Reads a blob and verifies its digest and size.
-    pub fn read_blob(&self, d: &Descriptor) -> Result<Vec<u8>, Error> {
-        let mut out = Vec::new();
-        self.copy_blob(d, &mut out)?;
-        Ok(out)
-    }
-
-    pub(crate) fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        bytes: &[u8],
-        what: &str,
-    ) -> Result<T, Error> {
-        serde_json::from_slice(bytes).map_err(|source| Error::Json {
-            path: self.path.clone(),
-            what: what.to_string(),
-            source,
-        })
+    fn format(&self) -> &str {
+        self.format
     }
 
     /// Every image the file holds: (descriptor, names), in index order. A
     /// name is the fullest one recorded (containerd's qualified name, else
     /// the OCI ref name); docker-archive tags win where present.
-    pub fn images(&self) -> Result<Vec<(Descriptor, Vec<String>)>, Error> {
+    fn images(&self) -> Result<Vec<(Descriptor, Vec<String>)>, Error> {
         if let Some(l) = &self.legacy {
             return Ok(vec![(l.descriptor.clone(), l.tags.clone())]);
         }
@@ -438,7 +325,7 @@ impl ImageReader {
                 what: "index.json (is this an image?)".into(),
             });
         };
-        let index: Index = self.json(&index, "index.json")?;
+        let index: Index = super::parse_json(self, &index, "index.json")?;
         let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
         for m in &index.manifests {
             let name = m
@@ -446,15 +333,13 @@ impl ImageReader {
                 .get(crate::image::ANNOTATION_CONTAINERD_NAME)
                 .or_else(|| m.annotations.get(crate::image::ANNOTATION_REF_NAME))
                 .cloned();
-            let mut bare = m.clone();
-            bare.annotations.clear();
             match out.iter_mut().find(|(d, _)| d.digest == m.digest) {
                 Some((_, names)) => names.extend(name),
-                None => out.push((bare, name.into_iter().collect())),
+                None => out.push((m.bare(), name.into_iter().collect())),
             }
         }
         if let Some(dm) = self.read_member("manifest.json")? {
-            let dm: Vec<DockerManifestEntry> = self.json(&dm, "manifest.json")?;
+            let dm: Vec<DockerManifestEntry> = super::parse_json(self, &dm, "manifest.json")?;
             if let (Some(e), Some(first)) = (dm.first(), out.first_mut()) {
                 if !e.repo_tags.is_empty() {
                     first.1 = e.repo_tags.clone();
@@ -464,51 +349,112 @@ impl ImageReader {
         Ok(out)
     }
 
-    /// The manifest descriptor and tags of the (first) image.
-    pub fn manifest_descriptor(&self) -> Result<(Descriptor, Vec<String>), Error> {
-        self.images()?
-            .into_iter()
-            .next()
-            .ok_or_else(|| self.invalid("index.json lists no manifests"))
+    fn open_blob(&self, d: &Descriptor) -> Result<Box<dyn Read + Send + '_>, Error> {
+        if let Some(l) = self.derived(d) {
+            return Ok(Box::new(io::Cursor::new(l.manifest.clone())));
+        }
+        let name = self.blob_member(&d.digest);
+        self.open_member(&name)?.ok_or_else(|| self.missing(d))
     }
 
-    /// The blobs an image descriptor needs, itself first (manifests of an
-    /// index, then each manifest's config and layers).
-    pub fn closure(&self, d: &Descriptor) -> Result<Vec<Descriptor>, Error> {
-        let mut out = vec![d.clone()];
-        let bytes = self.read_json_blob(d)?;
-        let v: serde_json::Value = self.json(&bytes, &format!("manifest {}", d.digest))?;
-        if v.get("manifests").is_some() {
-            let index: Index = self.json(&bytes, &format!("index {}", d.digest))?;
-            for m in &index.manifests {
-                out.extend(self.closure(m)?);
+    fn blob_file(&self, d: &Descriptor) -> Option<BlobFile> {
+        if self.derived(d).is_some() {
+            return None;
+        }
+        let name = self.blob_member(&d.digest);
+        match &self.backing {
+            Backing::Dir(dir) => {
+                let path = dir.join(&name);
+                let len = fs::metadata(&path).ok()?.len();
+                Some(BlobFile {
+                    path,
+                    offset: 0,
+                    len,
+                })
             }
-        } else {
-            let m: Manifest = self.json(&bytes, &format!("manifest {}", d.digest))?;
-            out.push(m.config.clone());
-            out.extend(m.layers.iter().cloned());
+            Backing::Tar { file, members, .. } => {
+                let &(offset, len) = members.get(&name)?;
+                Some(BlobFile {
+                    path: file.clone(),
+                    offset,
+                    len,
+                })
+            }
         }
-        Ok(out)
     }
 
-    /// Reads manifest and config.
-    pub fn summary(&self) -> Result<Summary, Error> {
-        let (desc, tags) = self.manifest_descriptor()?;
-        if is_index(&desc) {
-            return Err(self.invalid(&format!(
-                "{} is a multi-platform index; kiln inspect shows single images",
-                desc.digest
-            )));
+    fn member(&self, name: &str) -> Result<Option<Vec<u8>>, Error> {
+        self.read_member(name)
+    }
+
+    fn is_derived(&self) -> bool {
+        self.legacy.is_some()
+    }
+}
+
+impl Summary {
+    /// The image as `kiln inspect` shows it.
+    pub fn render(&self, path: &Path) -> String {
+        use std::fmt::Write as _;
+        let s = self;
+        let mut out = String::new();
+        let _ = writeln!(out, "image:           {} ({})", path.display(), s.format);
+        let _ = writeln!(out, "manifest digest: {}", s.manifest_digest);
+        let _ = writeln!(out, "image id:        {}", s.image_id);
+        if !s.tags.is_empty() {
+            let _ = writeln!(out, "tags:            {}", s.tags.join(", "));
         }
-        let manifest: Manifest = self.json(&self.read_json_blob(&desc)?, "manifest")?;
-        let config: ImageConfig = self.json(&self.read_json_blob(&manifest.config)?, "config")?;
-        Ok(Summary {
-            format: self.format.to_string(),
-            manifest_digest: desc.digest,
-            image_id: manifest.config.digest.clone(),
-            tags,
-            manifest,
-            config,
-        })
+        let c = &s.config;
+        let _ = writeln!(out, "platform:        {}/{}", c.os, c.architecture);
+        if let Some(created) = &c.created {
+            let _ = writeln!(out, "created:         {created}");
+        }
+        let _ = writeln!(out, "layers:          {}", s.manifest.layers.len());
+        for (i, l) in s.manifest.layers.iter().enumerate() {
+            let diff = c.rootfs.diff_ids.get(i).map(|d| d.as_str()).unwrap_or("?");
+            let _ = writeln!(out, "  {i}: {} {} bytes {}", l.digest, l.size, l.media_type);
+            let _ = writeln!(out, "     diff_id {diff}");
+        }
+        let rc = &c.config;
+        let list = |v: &Option<Vec<String>>| v.as_ref().map(|v| format!("{v:?}"));
+        let fields: Vec<(&str, Option<String>)> = vec![
+            ("Env", list(&rc.env)),
+            ("Entrypoint", list(&rc.entrypoint)),
+            ("Cmd", list(&rc.cmd)),
+            ("WorkingDir", rc.working_dir.clone()),
+            ("User", rc.user.clone()),
+            (
+                "ExposedPorts",
+                rc.exposed_ports
+                    .as_ref()
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>().join(" ")),
+            ),
+            (
+                "Volumes",
+                rc.volumes
+                    .as_ref()
+                    .map(|m| m.keys().cloned().collect::<Vec<_>>().join(" ")),
+            ),
+            ("Labels", rc.labels.as_ref().map(|m| format!("{m:?}"))),
+            ("StopSignal", rc.stop_signal.clone()),
+            ("Shell", list(&rc.shell)),
+            (
+                "Healthcheck",
+                rc.healthcheck.as_ref().map(|h| format!("{:?}", h.test)),
+            ),
+            ("OnBuild", list(&rc.on_build)),
+        ];
+        let _ = writeln!(out, "config:");
+        for (k, v) in fields {
+            if let Some(v) = v {
+                let _ = writeln!(out, "  {k}: {v}");
+            }
+        }
+        let _ = writeln!(out, "history:");
+        for h in &c.history {
+            let empty = if h.empty_layer { " (no layer)" } else { "" };
+            let _ = writeln!(out, "  {}{empty}", h.created_by.as_deref().unwrap_or(""));
+        }
+        out
     }
 }

@@ -1,10 +1,20 @@
-//! The orchestrator: collect and hash the context, parse the Dockerfile,
-//! run the target stage's instructions into layers and config, write the
-//! layers in parallel, then hand the image to the chosen writer.
+//! Assembling an image: plan, then execute.
+//!
+//! [`Plan::new`] collects and hashes the context, parses and analyzes the
+//! Dockerfile and resolves every base once; the plan gives the index digest
+//! ([`Plan::index_digest`]) and drives [`execute`]: the target stage's
+//! instructions become layers and a config, the layers are written in
+//! parallel (or streamed straight into an archive), and the image, a
+//! [`BuildBlobs`] source, reaches its output or the user store through
+//! [`crate::copy`].
 
 mod copy;
 mod fs;
+mod plan;
+mod reproduce;
 mod stage;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,19 +23,22 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::archive::{self, Format, ImageFiles};
-use crate::context::{self, Algorithm, ContextOptions, HashCache, ModePolicy};
-use crate::digest::Digest;
+use crate::context::{self, Algorithm, ContextOptions, ModePolicy};
+use crate::copy::{copy, Selection};
 use crate::dockerfile;
 use crate::image::{
-    self, canonical_json, descriptor, ImageConfig, Manifest, RootFs, ANNOTATION_COMPRESSOR,
-    MEDIA_CONFIG, MEDIA_MANIFEST,
+    canonical_json, Descriptor, Digest, ImageConfig, Manifest, MediaType, RootFs,
+    ANNOTATION_COMPRESSOR,
 };
 use crate::layer::{self, Compression, LayerInfo};
 use crate::progress::Progress;
-use crate::store::{BaseImage, Stores};
+use crate::sink::{file, Format, Output};
+use crate::source::{self, BuildBlobs};
+use crate::store::{Store, Stores};
 
 pub use copy::{detect_archive, ArchiveKind};
+pub use plan::{collect, Base, Bases, Parent, Plan};
+pub use reproduce::{check_reproducible, Reproduced, PERTURB_ENV};
 pub use stage::StageError;
 
 /// Everything a build needs to know.
@@ -47,15 +60,15 @@ pub struct BuildOptions {
     pub stores: Stores,
     /// Images built earlier in the same run (`--all`), by qualified name;
     /// they win over the stores.
-    pub parents: Arc<BTreeMap<String, BaseImage>>,
+    pub parents: Arc<BTreeMap<String, Parent>>,
 }
 
 /// What a build produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct BuildResult {
     pub context_hash: String,
-    pub image_id: String,
-    pub manifest_digest: String,
+    pub image_id: Digest,
+    pub manifest_digest: Digest,
     pub tags: Vec<String>,
     pub layers: Vec<LayerSummary>,
     pub output: PathBuf,
@@ -66,10 +79,10 @@ pub struct BuildResult {
 /// One layer in the build summary.
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerSummary {
-    pub digest: String,
-    pub diff_id: String,
+    pub digest: Digest,
+    pub diff_id: Digest,
     pub size: u64,
-    pub media_type: String,
+    pub media_type: MediaType,
 }
 
 /// Build errors.
@@ -97,7 +110,7 @@ pub enum Error {
     #[error("{0}")]
     Layer(#[from] layer::Error),
     #[error("{0}")]
-    Archive(#[from] archive::Error),
+    Image(#[from] source::Error),
     #[error("creating a work directory beside {}: {source}", path.display())]
     Work {
         path: PathBuf,
@@ -131,23 +144,9 @@ pub fn default_tag(image_dir: &Path) -> String {
     }
 }
 
-/// Collects and hashes the context of `image_dir` as `opts` say (with the
-/// hash cache, if any).
-pub fn collect(image_dir: &Path, opts: &BuildOptions) -> Result<(context::Context, String), Error> {
-    let cache = opts.hash_cache.as_deref().map(HashCache::load);
-    Ok(context::collect_and_hash(
-        image_dir,
-        &opts.context,
-        opts.algorithm,
-        opts.mode_policy,
-        cache.as_ref(),
-        &opts.progress,
-    )?)
-}
-
 /// A stage error as a build error naming the original Dockerfile line.
 fn stage_error(ctx: &context::Context, e: StageError) -> Error {
-    let dockerfile = ctx.image_dir.join("Dockerfile");
+    let dockerfile = ctx.dockerfile_path();
     match e {
         StageError::At {
             line,
@@ -155,11 +154,7 @@ fn stage_error(ctx: &context::Context, e: StageError) -> Error {
             message,
         } => Error::Instruction {
             dockerfile,
-            line: ctx
-                .line_map
-                .get(line.wrapping_sub(1))
-                .copied()
-                .unwrap_or(line),
+            line: ctx.original_line(line),
             text,
             message,
         },
@@ -171,7 +166,7 @@ fn stage_error(ctx: &context::Context, e: StageError) -> Error {
 }
 
 /// Summaries of an image's layers: each descriptor with its diff_id.
-pub fn layer_summaries(layers: &[image::Descriptor], diff_ids: &[String]) -> Vec<LayerSummary> {
+pub fn layer_summaries(layers: &[Descriptor], diff_ids: &[Digest]) -> Vec<LayerSummary> {
     layers
         .iter()
         .zip(diff_ids)
@@ -184,105 +179,49 @@ pub fn layer_summaries(layers: &[image::Descriptor], diff_ids: &[String]) -> Vec
         .collect()
 }
 
-/// Parses the context's (rewritten) Dockerfile; errors name the line of the original.
-pub fn parse_dockerfile(ctx: &context::Context) -> Result<dockerfile::Dockerfile, Error> {
-    let original_line = |line: usize| {
-        ctx.line_map
-            .get(line.wrapping_sub(1))
-            .copied()
-            .unwrap_or(line)
-    };
-    dockerfile::parse(ctx.dockerfile_text()).map_err(|e| {
-        let dockerfile::Error::Syntax {
-            line,
-            column,
-            message,
-        } = e;
-        Error::Dockerfile {
-            dockerfile: ctx.image_dir.join("Dockerfile"),
-            source: dockerfile::Error::Syntax {
-                line: original_line(line),
-                column,
-                message,
-            },
-        }
-    })
+/// Where a build puts its image.
+pub enum Dest<'a> {
+    /// Straight to `opts.output`.
+    Output,
+    /// Into a store under `name` (blobs written there as they are made),
+    /// then from the store to `opts.output`.
+    Store { store: &'a Store, name: String },
 }
 
-/// The digests of the images a build takes from outside its Dockerfile
-/// (FROM and COPY --from images the target needs): a parent built in the
-/// same run gives its index digest, a store image its manifest digest.
-/// Nothing is read beyond the stores' index files.
-pub fn base_digests(ctx: &context::Context, opts: &BuildOptions) -> Result<Vec<String>, Error> {
-    let df = parse_dockerfile(ctx)?;
-    let refs = stage::external_refs(&df, opts).map_err(|e| stage_error(ctx, e))?;
-    let mut out = Vec::new();
-    for (line, text, r) in refs {
-        let parent = crate::store::Reference::parse(&r)
-            .ok()
-            .and_then(|p| opts.parents.get(&p.name()));
-        let digest = match parent {
-            Some(p) => p
-                .index_digest
-                .clone()
-                .unwrap_or_else(|| p.manifest_digest.clone()),
-            None => {
-                let (_, d) = opts.stores.find(&r).map_err(|e| {
-                    stage_error(
-                        ctx,
-                        StageError::At {
-                            line,
-                            text,
-                            message: e.to_string(),
-                        },
-                    )
-                })?;
-                d.digest
-            }
-        };
-        out.push(digest);
-    }
-    Ok(out)
-}
-
-/// Builds the image in `image_dir`.
+/// Builds the image in `image_dir` and writes `opts.output`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
-    build_into(image_dir, opts, None, None).map(|(r, _)| r)
+    let plan = Plan::new(image_dir, opts, None)?;
+    execute(plan, opts, Dest::Output).map(|(r, _)| r)
 }
 
-/// Builds the image in `image_dir`; with `shared_blobs`, layer blobs go
-/// into that `blobs/sha256` directory (and stay there), and the image is
-/// also returned as a [`BaseImage`] that later builds of the run can use.
-/// `collected` is the context and its hash when the caller already has them.
-pub fn build_into(
-    image_dir: &Path,
+/// Executes a plan: the image goes to `dest`, and always to `opts.output`.
+/// Returns the result and the manifest descriptor.
+pub fn execute(
+    plan: Plan,
     opts: &BuildOptions,
-    shared_blobs: Option<&Path>,
-    collected: Option<(context::Context, String)>,
-) -> Result<(BuildResult, BaseImage), Error> {
-    let (ctx, context_hash) = match collected {
-        Some(c) => c,
-        None => collect(image_dir, opts)?,
-    };
-    let df = parse_dockerfile(&ctx)?;
-
-    let work_parent = archive::parent_dir(&opts.output);
+    dest: Dest<'_>,
+) -> Result<(BuildResult, Descriptor), Error> {
+    let work_parent = file::parent_dir(&opts.output);
     let work = tempfile::Builder::new()
-        .prefix(&archive::temp_prefix("build"))
+        .prefix(&file::temp_prefix("build"))
         .tempdir_in(&work_parent)
         .map_err(|source| Error::Work {
             path: opts.output.clone(),
             source,
         })?;
-    let blobs = match shared_blobs {
-        Some(b) => b.to_path_buf(),
-        None => work.path().join("blobs/sha256"),
+    let blobs = match &dest {
+        Dest::Store { store, .. } => {
+            store.create()?;
+            store.blobs()
+        }
+        Dest::Output => work.path().join("blobs/sha256"),
     };
     let spool = work.path().join("spool");
 
-    let planned = stage::run(&df, &ctx, opts, &spool).map_err(|e| stage_error(&ctx, e))?;
+    let planned = stage::run(&plan, opts, &spool).map_err(|e| stage_error(&plan.context, e))?;
     // What each file looked like when it was collected (and hashed).
-    let watch: Vec<(Arc<Path>, u64, i64)> = ctx
+    let watch: Vec<(Arc<Path>, u64, i64)> = plan
+        .context
         .entries
         .values()
         .filter_map(|e| match (&e.source, e.mtime_ns) {
@@ -290,11 +229,11 @@ pub fn build_into(
             _ => None,
         })
         .collect();
+    let context_hash = plan.context_hash.clone();
     // The layers hold what they need (shared paths); the context's own
     // metadata for every file is dead weight while they are written.
-    drop(ctx);
+    drop(plan);
 
-    // Layers are independent: write them in parallel.
     let (bytes, files) =
         planned
             .layers
@@ -306,32 +245,38 @@ pub fn build_into(
             });
     let step = opts.progress.step("writing layers", bytes, files);
     let (level, ts) = (opts.compression, opts.timestamp);
-    let mut streaming = if opts.format.streams() && shared_blobs.is_none() {
-        Some(archive::Streaming::create(&opts.output, ts)?)
-    } else {
-        None
+    let output = match dest {
+        Dest::Output => Some(Output::create(&opts.output, opts.format, ts)?),
+        Dest::Store { .. } => None,
     };
-    let infos: Vec<LayerInfo> = match &mut streaming {
+    let streaming = output.as_ref().filter(|o| o.format().streams());
+    let infos: Vec<LayerInfo> = match streaming {
         // Archive outputs: each layer's stream goes straight into the archive,
         // one layer after another (each layer is itself parallel inside).
-        Some(st) => {
+        Some(out) => {
             let mut infos = Vec::new();
             for entries in &planned.layers {
-                let info = st
-                    .add_layer(|f| layer::write_layer_to(entries, ts, level, f, &step))?
-                    .map_err(|e| match e {
-                        // The layer goes straight into the output file.
-                        layer::Error::Write { source, .. } => Error::Archive(archive::Error::Io {
-                            path: opts.output.clone(),
-                            source,
-                        }),
-                        e => Error::Layer(e),
-                    })?;
-                infos.push(info);
+                let info = out.put_new_blob(|f| {
+                    let (info, f) = layer::write_layer_to(entries, ts, level, f, &step).map_err(
+                        |e| match e {
+                            // The layer goes straight into the output file.
+                            layer::Error::Write { source, .. } => {
+                                Error::Image(source::Error::Write {
+                                    path: opts.output.clone(),
+                                    source,
+                                })
+                            }
+                            e => Error::Layer(e),
+                        },
+                    )?;
+                    let (d, n) = (info.digest.clone(), info.size);
+                    Ok::<_, Error>((info, d, n, f))
+                })?;
+                infos.push(info.expect("uncompressed archives take new blobs"));
             }
             infos
         }
-        // Layouts and .tar.zst: blobs first; independent layers in parallel.
+        // Layouts, stores and .tar.zst: blobs first; independent layers in parallel.
         None => planned
             .layers
             .par_iter()
@@ -343,22 +288,26 @@ pub fn build_into(
 
     let mut config: ImageConfig = planned.config;
     let mut diff_ids = std::mem::take(&mut config.rootfs.diff_ids);
-    diff_ids.extend(infos.iter().map(|l| l.diff_id.to_string()));
+    diff_ids.extend(infos.iter().map(|l| l.diff_id.clone()));
     config.rootfs = RootFs {
         kind: "layers".into(),
         diff_ids,
     };
     let config_bytes = canonical_json(&config);
-    let config_desc = write_blob(&blobs, MEDIA_CONFIG, &config_bytes)?;
+    let config_desc = Descriptor::new(
+        MediaType::OciConfig,
+        file::write_bytes_blob(&blobs, &config_bytes)?,
+        config_bytes.len() as u64,
+    );
     // Base layers pass through: same descriptors, same blob files.
     let mut extra = BTreeMap::new();
-    let mut layers: Vec<image::Descriptor> = Vec::new();
+    let mut layers: Vec<Descriptor> = Vec::new();
     for (d, path) in &planned.base {
         extra.insert(d.digest.clone(), path.clone());
         layers.push(d.clone());
     }
     layers.extend(infos.iter().map(|l| {
-        let mut d = descriptor(&l.media_type, &l.digest, l.size);
+        let mut d = Descriptor::new(l.media_type.clone(), l.digest.clone(), l.size);
         if let Some(c) = &l.compressor {
             d.annotations
                 .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
@@ -367,53 +316,54 @@ pub fn build_into(
     }));
     let manifest = Manifest {
         schema_version: 2,
-        media_type: Some(MEDIA_MANIFEST.into()),
+        media_type: Some(MediaType::OciManifest),
         config: config_desc.clone(),
         layers: layers.clone(),
         annotations: BTreeMap::new(),
+        extra: Default::default(),
     };
-    let manifest_desc = write_blob(&blobs, MEDIA_MANIFEST, &canonical_json(&manifest))?;
-    let files = ImageFiles {
+    let manifest_bytes = canonical_json(&manifest);
+    let manifest_desc = Descriptor::new(
+        MediaType::OciManifest,
+        file::write_bytes_blob(&blobs, &manifest_bytes)?,
+        manifest_bytes.len() as u64,
+    );
+    let built = BuildBlobs {
         blobs: blobs.clone(),
         extra,
-        manifest: manifest_desc.clone(),
-        config: config_desc.clone(),
-        layers,
+        image: manifest_desc.clone(),
         tags: opts.tags.clone(),
-        mtime: opts.timestamp,
     };
-    let total: u64 = files.layers.iter().map(|l| l.size).sum();
+    let total: u64 = layers.iter().map(|l| l.size).sum();
     let step = opts
         .progress
-        .step("writing output", total, files.layers.len() as u64);
-    match streaming {
-        Some(st) => st.finish(&files, opts.format)?,
-        None => archive::writer_for(opts.format).write(&files, &opts.output)?,
+        .step("writing output", total, layers.len() as u64);
+    let sel = Selection::image(&manifest_desc, &opts.tags);
+    match (&output, dest) {
+        (Some(out), _) => {
+            copy(&built, out, &sel)?;
+        }
+        (None, Dest::Store { store, name }) => {
+            // Base layers from other stores join the image in this one.
+            copy(&built, store, &Selection::image(&manifest_desc, &[name]))?;
+            let out = Output::create(&opts.output, opts.format, ts)?;
+            copy(store, &out, &sel)?;
+        }
+        (None, Dest::Output) => unreachable!("an output was created"),
     }
-    step.inc(total, files.layers.len() as u64);
+    step.inc(total, layers.len() as u64);
     step.finish();
-    let as_base = BaseImage {
-        reference: opts.tags.first().cloned().unwrap_or_default(),
-        manifest_digest: manifest_desc.digest.clone(),
-        layers: files
-            .layers
-            .iter()
-            .map(|d| (d.clone(), files.blob_path(&d.digest)))
-            .collect(),
-        config: config.clone(),
-        index_digest: None,
-    };
     let result = BuildResult {
         context_hash,
         image_id: config_desc.digest,
-        manifest_digest: manifest_desc.digest,
+        manifest_digest: manifest_desc.digest.clone(),
         tags: opts.tags.clone(),
-        layers: layer_summaries(&files.layers, &config.rootfs.diff_ids),
+        layers: layer_summaries(&layers, &config.rootfs.diff_ids),
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "built".into(),
     };
-    Ok((result, as_base))
+    Ok((result, manifest_desc))
 }
 
 /// Checks that no context file changed (size or mtime) since it was
@@ -435,15 +385,4 @@ fn unchanged(watch: &[(Arc<Path>, u64, i64)]) -> Result<(), Error> {
             }))
         }
     })
-}
-
-fn write_blob(blobs: &Path, media_type: &str, bytes: &[u8]) -> Result<image::Descriptor, Error> {
-    let digest = Digest::of(bytes);
-    let werr = |source| Error::Work {
-        path: blobs.to_path_buf(),
-        source,
-    };
-    std::fs::create_dir_all(blobs).map_err(werr)?;
-    std::fs::write(blobs.join(digest.hex()), bytes).map_err(werr)?;
-    Ok(descriptor(media_type, &digest, bytes.len() as u64))
 }

@@ -11,6 +11,9 @@ pub struct Reference {
     pub repository: String,
     pub tag: Option<String>,
     pub digest: Option<Digest>,
+    /// Whether the text named a registry host (`localhost:5000/x`) rather
+    /// than implying Docker Hub (`x`).
+    pub explicit_host: bool,
 }
 
 fn valid_component(c: &str) -> bool {
@@ -64,7 +67,50 @@ impl Reference {
             repository,
             tag,
             digest,
+            explicit_host: domain.is_some(),
         })
+    }
+
+    /// Parses a reference that must name its registry host, as `push`,
+    /// `pull` and registry indexes take them.
+    pub fn parse_remote(s: &str) -> Result<Reference, String> {
+        let r = Reference::parse(s)?;
+        if !r.explicit_host {
+            return Err(format!(
+                "{s}: no registry host; expected REGISTRY/REPOSITORY[:TAG|@sha256:...], e.g. 127.0.0.1:5000/kiln/base:1"
+            ));
+        }
+        Ok(r)
+    }
+
+    /// The registry host (`docker.io` for Docker Hub names).
+    pub fn host(&self) -> &str {
+        self.repository.split('/').next().unwrap_or_default()
+    }
+
+    /// The repository path inside the registry (`library/debian`).
+    pub fn path(&self) -> &str {
+        self.repository.split_once('/').map_or("", |(_, p)| p)
+    }
+
+    /// What to ask the registry for: the digest if pinned, else the tag
+    /// (`latest` when none is given).
+    pub fn object(&self) -> String {
+        match (&self.digest, &self.tag) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => "latest".to_string(),
+        }
+    }
+
+    /// Docker's short form of a name: `docker.io/library/foo:1` → `foo:1`.
+    pub fn familiar(&self) -> String {
+        let r = self
+            .repository
+            .strip_prefix("docker.io/")
+            .unwrap_or(&self.repository);
+        let r = r.strip_prefix("library/").unwrap_or(r);
+        format!("{r}:{}", self.tag.as_deref().unwrap_or("latest"))
     }
 
     /// `repository:tag` with `latest` for a missing tag (no digest).
@@ -113,5 +159,29 @@ mod tests {
         let e = Reference::parse("img@sha256:xyz").unwrap_err();
         assert!(e.contains("not a valid digest"), "{e}");
         assert!(Reference::parse("Upper/Case").is_err());
+    }
+
+    #[test]
+    fn remote_references_name_their_host() {
+        let r = Reference::parse_remote("127.0.0.1:5000/kiln/base:1").unwrap();
+        assert_eq!(
+            (r.host(), r.path(), r.object().as_str()),
+            ("127.0.0.1:5000", "kiln/base", "1")
+        );
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = Reference::parse_remote(&format!("localhost/x@{d}")).unwrap();
+        assert_eq!((r.path(), r.object()), ("x", d));
+        let e = Reference::parse_remote("kiln/base:1").unwrap_err();
+        assert!(e.contains("no registry host"), "{e}");
+        assert_eq!(
+            Reference::parse("docker.io/library/foo:1")
+                .unwrap()
+                .familiar(),
+            "foo:1"
+        );
+        assert_eq!(
+            Reference::parse("me/foo").unwrap().familiar(),
+            "me/foo:latest"
+        );
     }
 }

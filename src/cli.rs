@@ -1,0 +1,417 @@
+//! The command line's shape: clap definitions of every command and flag,
+//! and their conversions into library types. `main.rs` dispatches.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use kiln::store::Store;
+use kiln::{Algorithm, ModePolicy};
+
+/// Daemonless, rootless, reproducible OCI image builds for Taskcluster-style image directories.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Progress display: bars on a terminal (auto), one line per step (plain, for CI logs), or none.
+    #[arg(long, global = true, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+    /// Threads to use (default: all cores). Outputs do not depend on it.
+    #[arg(short = 'j', long, global = true, value_name = "N")]
+    pub jobs: Option<usize>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ProgressArg {
+    Auto,
+    Plain,
+    Never,
+}
+
+/// `--hash-cache [PATH]`: the default cache lives in the user cache directory.
+pub fn default_hash_cache() -> PathBuf {
+    kiln::cache_dir().join("hash-cache")
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the context hash of an image directory.
+    Hash {
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Hash algorithm: kiln's parallel kiln-v1, or byte-identical to taskgraph's.
+        #[arg(long, value_enum, default_value_t = AlgorithmArg::KilnV1)]
+        algorithm: AlgorithmArg,
+        /// How on-disk modes enter the kiln-v1 hash.
+        #[arg(long, value_enum, default_value_t = PolicyArg::Git)]
+        mode_policy: PolicyArg,
+        /// Reuse file digests of unchanged files (kiln-v1), keyed by device, inode, size, mtime and ctime.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+        hash_cache: Option<PathBuf>,
+    },
+    /// Write the taskgraph-compatible context archive (gzip) and print its hash.
+    Context {
+        #[command(flatten)]
+        ctx: ContextArgs,
+        /// Where to write the archive (e.g. foo.tar.gz).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Build an image from an image directory.
+    Build(Box<BuildArgs>),
+    /// Manage a local image store (an OCI layout of named base images).
+    #[command(subcommand)]
+    Store(StoreCommand),
+    /// Push an image (OCI layout, OCI archive, docker-archive, image.tar.zst) to a registry.
+    Push {
+        image: PathBuf,
+        /// REGISTRY/REPOSITORY[:TAG] (without a tag: by digest only).
+        #[arg(long, value_name = "REF")]
+        to: String,
+        /// Repositories of the same registry to mount missing blobs from (repeatable).
+        #[arg(long, value_name = "REPO")]
+        mount_from: Vec<String>,
+        #[command(flatten)]
+        net: NetArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image from a registry into a store (every blob verified), and optionally write it out.
+    Pull {
+        /// REGISTRY/REPOSITORY[:TAG|@sha256:...]
+        reference: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Name it NAME:TAG in the store (repeatable; default: the reference).
+        #[arg(long = "name", value_name = "NAME:TAG")]
+        names: Vec<String>,
+        /// Also write the image here (format from the extension, as for build).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        net: NetArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an image through and through: every digest and size, each layer's diff_id, media
+    /// types, tar well-formedness, docker-archive metadata. Lists every problem; exit 1 if any.
+    Verify {
+        /// An OCI layout, OCI archive, docker-archive, image.tar.zst, or REGISTRY/REPO:TAG.
+        image: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Say exactly how two images differ: digests, config fields, and per layer whether only the
+    /// compression or the content differs, with the entries that differ. Exit 0 same, 1 different, 2 error.
+    Diff {
+        a: String,
+        b: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Print an image's index digest and routes without building (takes build's flags).
+    Routes(Box<BuildArgs>),
+    /// Inspect the local index.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Show an image's digests, layers and config.
+    Inspect {
+        /// An OCI layout directory, OCI archive, docker-archive or image.tar.zst.
+        image: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Import an image (OCI layout, OCI archive, docker-archive, image.tar.zst); blob digests are kept.
+    Add {
+        /// The image to import.
+        image: PathBuf,
+        /// Name it NAME:TAG in the store (repeatable; default: the names the image carries).
+        #[arg(long = "name", value_name = "NAME:TAG")]
+        names: Vec<String>,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// List the store's images.
+    Ls {
+        #[command(flatten)]
+        store: StoreArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a name (NAME:TAG or NAME@sha256:...) from the store; `gc` frees its blobs.
+    Rm {
+        reference: String,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// Delete blobs no named image references.
+    Gc {
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum IndexCommand {
+    /// List entries (route, manifest digest), optionally only routes matching PATTERN (`*` wildcards).
+    Ls {
+        pattern: Option<String>,
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one route's entry.
+    Show {
+        route: String,
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
+    },
+    /// Remove the entries whose routes match PATTERN.
+    Rm {
+        pattern: String,
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub struct StoreArg {
+    /// The store directory (default: the first of $KILN_STORE, else $XDG_CACHE_HOME/kiln/store).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+impl StoreArg {
+    pub fn store(&self) -> Store {
+        Store::chosen(self.store.as_deref())
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct ContextArgs {
+    /// The image directory (holding the Dockerfile), or with -f any Docker build context.
+    pub image_dir: PathBuf,
+    /// The Dockerfile, when it is not IMAGE_DIR/Dockerfile (as `docker build -f`).
+    #[arg(short = 'f', long = "file", value_name = "DOCKERFILE")]
+    pub file: Option<PathBuf>,
+    /// Root of the source tree for `# %include` (default: the enclosing git/hg checkout, else the working directory).
+    #[arg(long)]
+    pub topsrcdir: Option<PathBuf>,
+    /// NAME=VALUE for `# %ARG NAME` and Dockerfile ARG (repeatable).
+    #[arg(long = "arg", alias = "build-arg", value_name = "NAME=VALUE")]
+    pub args: Vec<String>,
+    /// taskgraph's run-task/ directory, for `# %include-run-task`.
+    #[arg(long)]
+    pub run_task_dir: Option<PathBuf>,
+    /// Print a JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub ctx: ContextArgs,
+    /// More image directories (with --all).
+    #[arg(value_name = "MORE_DIRS")]
+    pub more: Vec<PathBuf>,
+    /// Build every image under the given directories (e.g. taskcluster/docker), parents first,
+    /// independent images in parallel; parents come from taskcluster/kinds/docker-image/kind.yml
+    /// (`parent:`, used as FROM $DOCKER_IMAGE_PARENT) or a FROM naming another image of the tree.
+    #[arg(long)]
+    pub all: bool,
+    /// Build twice (the second time with another thread count, directory entries read in reverse
+    /// order, and another temporary directory) and fail with a `kiln diff` report if anything differs.
+    #[arg(long)]
+    pub check_reproducible: bool,
+    /// With --all: where outputs go, as <name>.tar (or the extension --format implies).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
+    /// Output path (default: <dir name>.tar in the working directory).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Output format (default: from the extension: .tar.zst, .oci.tar, .tar, else an OCI layout directory).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Image name and tag (repeatable; default <REGISTRY>/<dir>:<VERSION>, else <dir>:latest).
+    #[arg(short, long = "tag")]
+    pub tags: Vec<String>,
+    /// Layer compression (default: zstd for OCI layouts and archives, gzip for docker-archive, none inside a .tar.zst).
+    #[arg(long, value_enum)]
+    pub layer_compression: Option<CompressionArg>,
+    /// Compression level (zstd 1-22, default 3; gzip 0-9, default 6).
+    #[arg(long)]
+    pub compression_level: Option<i32>,
+    /// Timestamp for every mtime and `created` (default $SOURCE_DATE_EPOCH, else 0).
+    #[arg(long, value_name = "EPOCH")]
+    pub timestamp: Option<u64>,
+    /// How on-disk modes become layer modes.
+    #[arg(long, value_enum, default_value_t = PolicyArg::Git)]
+    pub mode_policy: PolicyArg,
+    /// Context hash algorithm reported by the build.
+    #[arg(long, value_enum, default_value_t = AlgorithmArg::KilnV1)]
+    pub algorithm: AlgorithmArg,
+    /// Write the manifest digest to this file.
+    #[arg(long)]
+    pub digest_file: Option<PathBuf>,
+    /// Write the image id (the config digest) to this file, as docker and buildah do.
+    #[arg(long)]
+    pub iidfile: Option<PathBuf>,
+    /// Build this stage (FROM ... AS NAME) instead of the last.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Reuse file digests of unchanged files (kiln-v1), keyed by device, inode, size, mtime and ctime.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    pub hash_cache: Option<PathBuf>,
+    /// An image store (OCI layout) for FROM and COPY --from (repeatable). Stores are searched in
+    /// this order: each --store, then $KILN_STORE (colon-separated), then <topsrcdir>/vendor-images
+    /// if present, then $XDG_CACHE_HOME/kiln/store (~/.cache/kiln/store). Nothing is ever pulled.
+    #[arg(long = "store", value_name = "DIR")]
+    pub stores: Vec<PathBuf>,
+    #[command(flatten)]
+    pub index: IndexArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct IndexArgs {
+    /// The local index (default $XDG_CACHE_HOME/kiln/index); its images live in the user store.
+    #[arg(long, value_name = "DIR")]
+    pub index: Option<PathBuf>,
+    /// Route prefix: {prefix}.cache.level-{level}.docker-images.v2.{name}.hash.{digest}.
+    #[arg(long, value_name = "PREFIX", default_value = kiln::index::DEFAULT_PREFIX)]
+    pub index_prefix: String,
+    /// Taskcluster level (1-3): lookups try levels 3 down to it; writes go to it.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub level: u8,
+    /// Build even when the index has the image (the result is indexed again).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Neither look the image up nor index it (no copy is kept in the user store).
+    #[arg(long)]
+    pub no_index: bool,
+    /// Keep the index in a registry too (REGISTRY/PREFIX): routes are tags hash-<digest>, latest
+    /// and pushdate-<YYYYMMDDHHMMSS> on PREFIX/<level>/<name>; looked up before building, pushed after.
+    #[arg(long, value_name = "REGISTRY/PREFIX")]
+    pub index_registry: Option<String>,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct NetArgs {
+    /// Speak plain HTTP to the registry (loopback test registries).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Upload blobs larger than this in chunks of this many bytes (0: always one request).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
+    pub chunk_size: u64,
+}
+
+/// Splits `REGISTRY/PREFIX` of --index-registry.
+pub fn registry_index(spec: &str, net: &NetArgs) -> Result<kiln::index::RegistryIndex> {
+    let (host, prefix) = spec
+        .split_once('/')
+        .filter(|(h, p)| !h.is_empty() && !p.is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "--index-registry {spec}: expected REGISTRY/PREFIX, e.g. 127.0.0.1:5000/kiln-index"
+            )
+        })?;
+    Ok(kiln::index::RegistryIndex {
+        client: std::sync::Arc::new(kiln::registry::Client::new(host, net.insecure)),
+        prefix: prefix.trim_end_matches('/').to_string(),
+        push: kiln::registry::PushOptions {
+            chunk: net.chunk_size,
+            mount_from: Vec::new(),
+        },
+        pushed: Default::default(),
+    })
+}
+
+impl IndexArgs {
+    pub fn options(&self, name: &str) -> Result<kiln::index::IndexOptions> {
+        let registry = match &self.index_registry {
+            Some(spec) => Some(registry_index(spec, &self.net)?),
+            None => None,
+        };
+        Ok(kiln::index::IndexOptions {
+            registry,
+            index: kiln::index::LocalIndex::new(
+                self.index
+                    .clone()
+                    .unwrap_or_else(kiln::index::LocalIndex::default_dir),
+            ),
+            routes: kiln::index::RouteOptions {
+                prefix: self.index_prefix.clone(),
+                level: self.level,
+            },
+            store: Store::user(),
+            lookup: !self.no_cache,
+            name: name.to_string(),
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AlgorithmArg {
+    KilnV1,
+    Taskgraph,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PolicyArg {
+    Git,
+    Preserve,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    DockerArchive,
+    /// A docker-archive compressed as a whole with zstd (image.tar.zst).
+    DockerArchiveZstd,
+    OciArchive,
+    OciDir,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum CompressionArg {
+    Zstd,
+    Gzip,
+    None,
+}
+
+impl From<AlgorithmArg> for Algorithm {
+    fn from(a: AlgorithmArg) -> Self {
+        match a {
+            AlgorithmArg::KilnV1 => Algorithm::KilnV1,
+            AlgorithmArg::Taskgraph => Algorithm::Taskgraph,
+        }
+    }
+}
+
+impl From<PolicyArg> for ModePolicy {
+    fn from(p: PolicyArg) -> Self {
+        match p {
+            PolicyArg::Git => ModePolicy::Git,
+            PolicyArg::Preserve => ModePolicy::Preserve,
+        }
+    }
+}
