@@ -8,6 +8,8 @@
 //! [`BuildBlobs`] source, reaches its output or the user store through
 //! [`crate::copy`].
 
+mod analysis;
+mod config;
 mod copy;
 mod fs;
 mod plan;

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::stage::{self, Analysis, StageError};
+use super::analysis::{self, Analysis};
+use super::stage::StageError;
 use super::{stage_error, BuildOptions, Error};
 use crate::context::{self, Context, HashCache};
 use crate::dockerfile::{self, Dockerfile};
@@ -144,9 +145,10 @@ impl Plan {
             None => collect(image_dir, opts)?,
         };
         let dockerfile = parse_dockerfile(&context)?;
-        let analysis = stage::analyze(&dockerfile, opts).map_err(|e| stage_error(&context, e))?;
+        let analysis =
+            analysis::analyze(&dockerfile, opts).map_err(|e| stage_error(&context, e))?;
         let mut bases = Bases::default();
-        for (line, text, reference) in stage::external_refs(&dockerfile, &analysis) {
+        for (line, text, reference) in analysis::external_refs(&dockerfile, &analysis) {
             let pinned = Reference::parse(&reference)
                 .ok()
                 .and_then(|r| r.digest)

@@ -1,22 +1,22 @@
-//! Runs a Dockerfile's stages: works out which stages the target needs
-//! (its `FROM` chain and every `COPY --from`), resolves each stage's base
-//! (scratch, an earlier stage, a parent built in the same run, or an image
-//! store), then runs the instructions: ARG/ENV scopes, Docker's word
+//! Runs the stages the plan's analysis ([`super::analysis`]) says the
+//! target needs: each stage's base (scratch, an earlier stage, or an image
+//! the plan resolved), then its instructions: ARG/ENV scopes, Docker's word
 //! expansion, a layer for each COPY/ADD and each WORKDIR that creates a
 //! directory, and the image config and history merged onto the base's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use super::analysis::{declare_args, Analysis, Earlier};
+use super::config::{expose_ports, healthcheck};
 use super::copy::{self, ContextView, CopyOptions, Src, Tree};
 use super::fs::ImageFs;
 use super::plan::{Bases, Plan};
 use super::BuildOptions;
 use crate::dockerfile::expand::{expand_vars_only, expand_word, split_words, Vars};
-use crate::dockerfile::{CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind};
+use crate::dockerfile::{CommandForm, CopySource, CopySpec, Instr, Kind};
 use crate::image::{
-    host_platform, rfc3339, Descriptor, Digest, Empty, Healthcheck, History, ImageConfig, Platform,
-    RunConfig,
+    host_platform, rfc3339, Descriptor, Digest, Empty, History, ImageConfig, Platform, RunConfig,
 };
 use crate::layer::{Content, Entries, FileSource, LayerEntry};
 use crate::store::BaseImage;
@@ -46,36 +46,6 @@ pub struct Planned {
     pub fs: ImageFs,
 }
 
-/// One stage of the Dockerfile: instructions `start..end`, `start` its FROM.
-struct StageDef {
-    start: usize,
-    end: usize,
-    name: Option<String>,
-}
-
-/// Earlier stages' results, for `FROM stage` and `COPY --from`.
-struct Earlier<'a> {
-    defs: &'a [StageDef],
-    done: &'a [Option<Planned>],
-}
-
-impl Earlier<'_> {
-    /// The earlier stage a `FROM`/`--from` value names (a name, or for
-    /// `--from` an index).
-    fn find(&self, value: &str, by_index: bool) -> Option<usize> {
-        if by_index {
-            if let Ok(i) = value.parse::<usize>() {
-                return (i < self.done.len()).then_some(i);
-            }
-        }
-        self.defs[..self.done.len()].iter().position(|d| {
-            d.name
-                .as_deref()
-                .is_some_and(|n| n.eq_ignore_ascii_case(value))
-        })
-    }
-}
-
 struct State<'a> {
     view: &'a ContextView<'a>,
     earlier: Earlier<'a>,
@@ -102,215 +72,6 @@ struct State<'a> {
     history: Vec<History>,
     created: String,
     spool: &'a Path,
-}
-
-fn automatic_args() -> Vars {
-    let p = host_platform();
-    let platform = match &p.variant {
-        Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-        None => format!("{}/{}", p.os, p.architecture),
-    };
-    let mut v = Vars::new();
-    for prefix in ["TARGET", "BUILD"] {
-        v.insert(format!("{prefix}PLATFORM"), platform.clone());
-        v.insert(format!("{prefix}OS"), p.os.clone());
-        v.insert(format!("{prefix}ARCH"), p.architecture.clone());
-        v.insert(
-            format!("{prefix}VARIANT"),
-            p.variant.clone().unwrap_or_default(),
-        );
-    }
-    v
-}
-
-/// Parses `NAME[=default]` words of an ARG and applies them to `scope`.
-fn declare_args(
-    text: &str,
-    scope: &mut Vars,
-    global: &Vars,
-    overrides: &BTreeMap<String, String>,
-    escape: char,
-    expand_with: &Vars,
-) -> Result<(), String> {
-    for word in split_words(text, escape) {
-        let (name, default) = match word.split_once('=') {
-            Some((n, d)) => (
-                n.to_string(),
-                Some(expand_word(d, expand_with, escape).map_err(|e| e.0)?),
-            ),
-            None => (word.clone(), None),
-        };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("invalid ARG name {name:?}"));
-        }
-        let value = overrides
-            .get(&name)
-            .cloned()
-            .or(default)
-            .or_else(|| global.get(&name).cloned());
-        match value {
-            Some(v) => {
-                scope.insert(name, v);
-            }
-            None => {
-                scope.remove(&name);
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The stage a `FROM` value or `--from` flag refers to, if any, for the
-/// dependency analysis (words are expanded with the global ARGs only).
-fn stage_ref(defs: &[StageDef], before: usize, value: &str, by_index: bool) -> Option<usize> {
-    Earlier {
-        defs,
-        done: &vec![None; before],
-    }
-    .find(value, by_index)
-}
-
-/// The Dockerfile's stages, the target, which stages it needs and which
-/// of them others copy from (they keep every file in their filesystem).
-pub struct Analysis {
-    global: Vars,
-    defs: Vec<StageDef>,
-    target: usize,
-    needed: Vec<bool>,
-    keep_all: Vec<bool>,
-}
-
-pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageError> {
-    let escape = df.escape;
-    // Global scope: ARGs before the first FROM, plus the automatic platform args.
-    let mut global = automatic_args();
-    let mut defs: Vec<StageDef> = Vec::new();
-    for (i, ins) in df.instructions.iter().enumerate() {
-        match &ins.kind {
-            Kind::From { name, .. } => {
-                if let Some(last) = defs.last_mut() {
-                    last.end = i;
-                }
-                defs.push(StageDef {
-                    start: i,
-                    end: df.instructions.len(),
-                    name: name.clone(),
-                });
-            }
-            Kind::Arg(text) if defs.is_empty() => {
-                let g = global.clone();
-                declare_args(text, &mut global, &g, &opts.context.args, escape, &g)
-                    .map_err(|m| at(ins, m))?;
-            }
-            _ => {}
-        }
-    }
-    let target =
-        match &opts.target {
-            Some(t) => {
-                defs.iter()
-                    .position(|d| d.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(t)))
-                    .ok_or_else(|| {
-                        let names: Vec<&str> =
-                            defs.iter().filter_map(|d| d.name.as_deref()).collect();
-                        StageError::Whole(format!(
-                    "--target {t}: no stage is named {t} (FROM ... AS {t}); the stages are: {}",
-                    if names.is_empty() { "none named".to_string() } else { names.join(", ") }
-                ))
-                    })?
-            }
-            None => defs
-                .len()
-                .checked_sub(1)
-                .ok_or_else(|| StageError::Whole("no FROM instruction".into()))?,
-        };
-
-    // Which stages the target needs, and which of them others copy from.
-    let expand_global = |w: &str| expand_word(w, &global, escape).unwrap_or_else(|_| w.to_string());
-    let mut from_stage: Vec<Option<usize>> = vec![None; defs.len()];
-    let mut copies: Vec<Vec<usize>> = vec![Vec::new(); defs.len()];
-    for (n, d) in defs.iter().enumerate() {
-        if let Kind::From { image, .. } = &df.instructions[d.start].kind {
-            from_stage[n] = stage_ref(&defs, n, &expand_global(image), false);
-        }
-        for ins in &df.instructions[d.start + 1..d.end] {
-            if let Kind::Copy(spec) | Kind::Add(spec) = &ins.kind {
-                for (flag, v) in &spec.flags {
-                    if flag == "from" {
-                        if let Some(j) =
-                            stage_ref(&defs, n, &expand_global(v.as_deref().unwrap_or("")), true)
-                        {
-                            copies[n].push(j);
-                        }
-                    }
-                }
-            }
-        }
-    }
-    let mut needed = vec![false; defs.len()];
-    let mut keep_all = vec![false; defs.len()];
-    let mut todo = vec![target];
-    while let Some(n) = todo.pop() {
-        if std::mem::replace(&mut needed[n], true) {
-            continue;
-        }
-        todo.extend(from_stage[n]);
-        for &j in &copies[n] {
-            keep_all[j] = true;
-            todo.push(j);
-        }
-    }
-    for n in (0..defs.len()).rev() {
-        if keep_all[n] {
-            if let Some(j) = from_stage[n] {
-                keep_all[j] = true;
-            }
-        }
-    }
-    Ok(Analysis {
-        global,
-        defs,
-        target,
-        needed,
-        keep_all,
-    })
-}
-
-/// The image references (expanded with the global ARGs) that the stages the
-/// target needs take from outside the Dockerfile: `FROM IMAGE` and
-/// `COPY --from=IMAGE`; not scratch, not stages.
-/// Each comes with the line and text of the instruction naming it.
-pub fn external_refs(df: &Dockerfile, a: &Analysis) -> Vec<(usize, String, String)> {
-    let ex = |w: &str| expand_word(w, &a.global, df.escape).unwrap_or_else(|_| w.to_string());
-    let mut out = Vec::new();
-    for (n, d) in a.defs.iter().enumerate() {
-        if !a.needed[n] {
-            continue;
-        }
-        if let Kind::From { image, .. } = &df.instructions[d.start].kind {
-            let image = ex(image);
-            if !image.eq_ignore_ascii_case("scratch")
-                && stage_ref(&a.defs, n, &image, false).is_none()
-            {
-                let ins = &df.instructions[d.start];
-                out.push((ins.line, ins.text.clone(), image));
-            }
-        }
-        for ins in &df.instructions[d.start + 1..d.end] {
-            if let Kind::Copy(spec) | Kind::Add(spec) = &ins.kind {
-                for (flag, v) in &spec.flags {
-                    let v = ex(v.as_deref().unwrap_or(""));
-                    if flag == "from" && !v.is_empty() && stage_ref(&a.defs, n, &v, true).is_none()
-                    {
-                        out.push((ins.line, ins.text.clone(), v));
-                    }
-                }
-            }
-        }
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    out.retain(|(_, _, r)| seen.insert(r.clone()));
-    out
 }
 
 /// Runs the target stage of `df` and the stages it needs.
@@ -356,7 +117,7 @@ pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, St
     Ok(done.pop().flatten().expect("the target stage was built"))
 }
 
-fn at(ins: &Instr, message: String) -> StageError {
+pub(super) fn at(ins: &Instr, message: String) -> StageError {
     StageError::At {
         line: ins.line,
         text: ins.text.clone(),
@@ -942,128 +703,5 @@ impl<'a> State<'a> {
             self.from_images.insert(value.to_string(), fs);
         }
         Ok(format!("image {value}"))
-    }
-}
-
-/// Expands one EXPOSE word (`80`, `80/udp`, `8000-8002/tcp`) into port keys.
-fn expose_ports(p: &str) -> Result<Vec<String>, String> {
-    let (ports, proto) = match p.split_once('/') {
-        Some((a, b)) => (a, b.to_ascii_lowercase()),
-        None => (p, "tcp".to_string()),
-    };
-    if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(format!("EXPOSE {p}: invalid protocol {proto}"));
-    }
-    let bad = || format!("EXPOSE {p}: invalid port; expected PORT[-PORT][/tcp|udp|sctp]");
-    let (lo, hi) = match ports.split_once('-') {
-        Some((a, b)) => (
-            a.parse::<u16>().map_err(|_| bad())?,
-            b.parse::<u16>().map_err(|_| bad())?,
-        ),
-        None => {
-            let n = ports.parse::<u16>().map_err(|_| bad())?;
-            (n, n)
-        }
-    };
-    if hi < lo {
-        return Err(bad());
-    }
-    Ok((lo..=hi).map(|n| format!("{n}/{proto}")).collect())
-}
-
-/// Parses a Go duration such as `30s`, `1m30s`, `500ms` into nanoseconds.
-fn duration(s: &str) -> Option<i64> {
-    if s == "0" {
-        return Some(0);
-    }
-    let mut total: f64 = 0.0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-        let n: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_end] {
-            "ns" => 1.0,
-            "us" | "µs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
-            _ => return None,
-        };
-        total += n * mult;
-        rest = &rest[unit_end..];
-    }
-    Some(total as i64)
-}
-
-fn healthcheck(h: &Health) -> Result<Healthcheck, String> {
-    match h {
-        Health::None => Ok(Healthcheck {
-            test: vec!["NONE".into()],
-            ..Default::default()
-        }),
-        Health::Cmd { flags, command } => {
-            let test = match command {
-                CommandForm::Exec(v) => std::iter::once("CMD".to_string())
-                    .chain(v.iter().cloned())
-                    .collect(),
-                CommandForm::Shell(s) => vec!["CMD-SHELL".into(), s.clone()],
-            };
-            let mut hc = Healthcheck {
-                test,
-                ..Default::default()
-            };
-            for (name, value) in flags {
-                let v = value.as_deref().unwrap_or("");
-                let dur = || {
-                    duration(v).ok_or_else(|| {
-                        format!(
-                            "HEALTHCHECK --{name}={v}: expected a duration such as 30s or 1m30s"
-                        )
-                    })
-                };
-                match name.as_str() {
-                    "interval" => hc.interval = dur()?,
-                    "timeout" => hc.timeout = dur()?,
-                    "start-period" => hc.start_period = dur()?,
-                    "start-interval" => hc.start_interval = dur()?,
-                    "retries" => {
-                        hc.retries = v.parse().map_err(|_| {
-                            format!("HEALTHCHECK --retries={v}: expected a whole number")
-                        })?
-                    }
-                    other => return Err(format!("HEALTHCHECK: unknown flag --{other}")),
-                }
-            }
-            Ok(hc)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expose_expands_ranges_and_protocols() {
-        assert_eq!(expose_ports("80").unwrap(), vec!["80/tcp"]);
-        assert_eq!(expose_ports("53/UDP").unwrap(), vec!["53/udp"]);
-        assert_eq!(
-            expose_ports("8000-8002").unwrap(),
-            vec!["8000/tcp", "8001/tcp", "8002/tcp"]
-        );
-        assert!(expose_ports("http").is_err());
-    }
-
-    #[test]
-    fn go_durations() {
-        assert_eq!(duration("30s"), Some(30_000_000_000));
-        assert_eq!(duration("1m30s"), Some(90_000_000_000));
-        assert_eq!(duration("500ms"), Some(500_000_000));
-        assert_eq!(duration("x"), None);
     }
 }
