@@ -14,7 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::image::{Descriptor, ANNOTATION_COMPRESSOR};
 use crate::image::{ImageConfig, Manifest};
-use crate::source::{resolve, Error, Source};
+use crate::source::{first_image, resolve, Error, Source};
 
 /// One image of a diff: its manifest and config.
 struct Summary {
@@ -25,14 +25,7 @@ struct Summary {
 }
 
 fn summary(src: &dyn Source) -> Result<Summary, Error> {
-    let (first, _) = src
-        .images()?
-        .into_iter()
-        .next()
-        .ok_or_else(|| Error::Invalid {
-            path: src.location(),
-            message: "holds no image".into(),
-        })?;
+    let (first, _) = first_image(src)?;
     let r = resolve(src, &first, None)?;
     Ok(Summary {
         manifest_digest: r.descriptor.digest.to_string(),

@@ -28,7 +28,8 @@ impl Digest {
     pub fn from_hex(hex: &str) -> Option<Digest> {
         Digest::parse(&format!("sha256:{hex}"))
     }
-    fn from_raw(raw: [u8; 32]) -> Digest {
+    /// The digest of a finished sha256.
+    pub fn from_raw(raw: [u8; 32]) -> Digest {
         Digest(format!("sha256:{}", hex::encode(raw)))
     }
     /// The hex part.

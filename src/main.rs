@@ -380,7 +380,7 @@ fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bo
     }
     let client = std::sync::Arc::new(kiln::registry::Client::new(r.host(), net.insecure));
     let src = ImageFile::open(image)?;
-    let (desc, _) = src.manifest_descriptor()?;
+    let (desc, _) = kiln::source::first_image(&src)?;
     let opts = kiln::registry::PushOptions {
         chunk: net.chunk_size,
         mount_from,

@@ -42,7 +42,7 @@ fn built(files: &[(&str, &str)], target: Option<&str>) -> (Vec<Vec<String>>, ser
     let plan = Plan::new(&d.path().join("img"), &opts, None).unwrap();
     execute(plan, &opts, Dest::Output).unwrap();
     let img = ImageFile::open(&out).unwrap();
-    let (desc, _) = img.manifest_descriptor().unwrap();
+    let (desc, _) = crate::source::first_image(&img).unwrap();
     let r = resolve(&img, &desc, None).unwrap();
     let m: Manifest = read_json(&img, &desc, "manifest").unwrap();
     let layers = m.layers.iter().map(|l| entries(&img, l)).collect();

@@ -156,6 +156,13 @@ impl MediaType {
         }
     }
 
+    /// Whether a blob of this type with these bytes is an index: by the
+    /// type, else (a generic or missing type, as registries and unnamed
+    /// store blobs give) by the content. The one index-or-manifest test.
+    pub fn is_index_with(&self, bytes: &[u8]) -> bool {
+        self.is_index() || (!self.is_manifest() && json_is_index(bytes))
+    }
+
     /// The OCI name of the same bytes (Docker layer types become OCI ones).
     pub fn to_oci(&self) -> MediaType {
         use MediaType::*;

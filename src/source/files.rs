@@ -273,17 +273,9 @@ impl ImageFile {
         }
     }
 
-    /// The manifest descriptor and names of the (first) image.
-    pub fn manifest_descriptor(&self) -> Result<(Descriptor, Vec<String>), Error> {
-        self.images()?
-            .into_iter()
-            .next()
-            .ok_or_else(|| self.invalid("index.json lists no manifests"))
-    }
-
     /// Reads manifest and config of the (first) image.
     pub fn summary(&self) -> Result<Summary, Error> {
-        let (desc, tags) = self.manifest_descriptor()?;
+        let (desc, tags) = super::first_image(self)?;
         if desc.media_type.is_index() {
             return Err(self.invalid(&format!(
                 "{} is a multi-platform index; kiln inspect shows single images",
@@ -326,18 +318,14 @@ impl Source for ImageFile {
             });
         };
         let index: Index = super::parse_json(self, &index, "index.json")?;
-        let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
-        for m in &index.manifests {
+        let mut out = super::group_names(index.manifests.into_iter().map(|m| {
             let name = m
                 .annotations
                 .get(crate::image::ANNOTATION_CONTAINERD_NAME)
                 .or_else(|| m.annotations.get(crate::image::ANNOTATION_REF_NAME))
                 .cloned();
-            match out.iter_mut().find(|(d, _)| d.digest == m.digest) {
-                Some((_, names)) => names.extend(name),
-                None => out.push((m.bare(), name.into_iter().collect())),
-            }
-        }
+            (m, name)
+        }));
         if let Some(dm) = self.read_member("manifest.json")? {
             let dm: Vec<DockerManifestEntry> = super::parse_json(self, &dm, "manifest.json")?;
             if let (Some(e), Some(first)) = (dm.first(), out.first_mut()) {
@@ -363,15 +351,7 @@ impl Source for ImageFile {
         }
         let name = self.blob_member(&d.digest);
         match &self.backing {
-            Backing::Dir(dir) => {
-                let path = dir.join(&name);
-                let len = fs::metadata(&path).ok()?.len();
-                Some(BlobFile {
-                    path,
-                    offset: 0,
-                    len,
-                })
-            }
+            Backing::Dir(dir) => super::whole_file(dir.join(&name)),
             Backing::Tar { file, members, .. } => {
                 let &(offset, len) = members.get(&name)?;
                 Some(BlobFile {

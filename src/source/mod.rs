@@ -21,9 +21,7 @@ use sha2::{Digest as _, Sha256};
 pub use files::{ImageFile, Summary};
 pub use registry::RegistrySource;
 
-use crate::image::{
-    json_is_index, platform, Codec, Descriptor, Digest, ImageConfig, Index, Manifest, Platform,
-};
+use crate::image::{platform, Codec, Descriptor, Digest, ImageConfig, Index, Manifest, Platform};
 
 /// Errors reading an image: each names the file, store or registry and the
 /// blob it is about.
@@ -102,8 +100,7 @@ impl<R: Read> Verified<R> {
     }
 
     fn check(&mut self) -> io::Result<()> {
-        let got = Digest::from_hex(&hex::encode(self.hash.clone().finalize()))
-            .expect("sha256 hex is a digest");
+        let got = Digest::from_raw(self.hash.clone().finalize().into());
         if got != self.want || self.n != self.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -185,6 +182,62 @@ pub fn layer_file(path: &std::path::Path) -> io::Result<Box<dyn Read + Send>> {
     decoder(sniff(&head[..n]), f, &path.display().to_string())
 }
 
+/// Opens a blob kept as a whole file at `path`; a missing file is
+/// [`Error::Missing`] in `owner` (the store or build it belongs to).
+pub(crate) fn open_file(
+    path: &std::path::Path,
+    owner: &std::path::Path,
+    d: &Descriptor,
+) -> Result<Box<dyn Read + Send + 'static>, Error> {
+    match File::open(path) {
+        Ok(f) => Ok(Box::new(BufReader::with_capacity(1 << 20, f))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
+            path: owner.to_path_buf(),
+            what: format!("blob {}", d.digest),
+        }),
+        Err(source) => Err(Error::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// A blob kept as a whole file, if the file is there.
+pub(crate) fn whole_file(path: PathBuf) -> Option<BlobFile> {
+    let len = std::fs::metadata(&path).ok()?.len();
+    Some(BlobFile {
+        path,
+        offset: 0,
+        len,
+    })
+}
+
+/// Groups index entries (a descriptor and the name it carries, if any)
+/// by blob: each image once, with all its names, in first-seen order.
+pub(crate) fn group_names(
+    entries: impl IntoIterator<Item = (Descriptor, Option<String>)>,
+) -> Vec<(Descriptor, Vec<String>)> {
+    let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
+    for (d, name) in entries {
+        match out.iter_mut().find(|(e, _)| e.digest == d.digest) {
+            Some((_, names)) => names.extend(name),
+            None => out.push((d.bare(), name.into_iter().collect())),
+        }
+    }
+    out
+}
+
+/// The first image of a source and its names.
+pub fn first_image(src: &(impl Source + ?Sized)) -> Result<(Descriptor, Vec<String>), Error> {
+    src.images()?
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::Invalid {
+            path: src.location(),
+            message: "holds no image (index.json lists no manifests)".into(),
+        })
+}
+
 /// Where a blob's bytes lie on disk: a file, an offset and a length.
 #[derive(Clone, Debug)]
 pub struct BlobFile {
@@ -239,8 +292,8 @@ pub trait Source: Send + Sync {
         Ok(Verified::new(self.open_blob(d)?, d))
     }
 
-    /// A whole blob, verified. Manifests, indexes and configs declaring more
-    /// than [`crate::limits::MAX_JSON_BLOB`] bytes are refused unread.
+    /// A whole blob, verified (for manifests and configs, [`read_small`]
+    /// also refuses what declares more than the JSON cap).
     fn read_blob(&self, d: &Descriptor) -> Result<Vec<u8>, Error> {
         let mut out = Vec::with_capacity(d.size.min(1 << 20) as usize);
         self.open_verified(d)?
@@ -308,18 +361,6 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Whether a descriptor names an index: by its media type, else (a
-/// generic or missing type) by its content.
-pub fn is_index_blob(src: &(impl Source + ?Sized), d: &Descriptor) -> Result<bool, Error> {
-    if d.media_type.is_index() {
-        return Ok(true);
-    }
-    if d.media_type.is_manifest() {
-        return Ok(false);
-    }
-    Ok(json_is_index(&read_small(src, d, "manifest")?))
-}
-
 /// Resolves an image descriptor of `src` to a single-platform manifest:
 /// an index is narrowed to `platform` (else the host's) in the one place
 /// that does it; the manifest and config are read and verified.
@@ -329,8 +370,9 @@ pub fn resolve(
     platform: Option<&Platform>,
 ) -> Result<Resolved, Error> {
     let mut d = d.bare();
-    if is_index_blob(src, &d)? {
-        let index: Index = read_json(src, &d, "index")?;
+    let mut bytes = read_small(src, &d, "manifest")?;
+    if d.media_type.is_index_with(&bytes) {
+        let index: Index = parse_json(src, &bytes, &format!("index {}", d.digest))?;
         d = platform::select(&index, platform)
             .map_err(|m| Error::NotFound {
                 message: format!(
@@ -341,8 +383,9 @@ pub fn resolve(
                 ),
             })?
             .clone();
+        bytes = read_small(src, &d, "manifest")?;
     }
-    let manifest: Manifest = read_json(src, &d, "manifest")?;
+    let manifest: Manifest = parse_json(src, &bytes, &format!("manifest {}", d.digest))?;
     let config: ImageConfig = read_json(src, &manifest.config, "config")?;
     Ok(Resolved {
         descriptor: d,
@@ -376,7 +419,7 @@ pub fn closure(src: &(impl Source + ?Sized), d: &Descriptor) -> Result<Closure, 
             });
         }
         let bytes = read_small(src, &d, "manifest")?;
-        if d.media_type.is_index() || (!d.media_type.is_manifest() && json_is_index(&bytes)) {
+        if d.media_type.is_index_with(&bytes) {
             let index: Index = parse_json(src, &bytes, &format!("index {}", d.digest))?;
             todo.extend(index.manifests.iter().rev().map(|m| (m.bare(), depth + 1)));
         } else {
@@ -422,18 +465,10 @@ impl Source for BuildBlobs {
         Ok(vec![(self.image.clone(), self.tags.clone())])
     }
     fn open_blob(&self, d: &Descriptor) -> Result<Box<dyn Read + Send + '_>, Error> {
-        let p = self.path(&d.digest);
-        let f = File::open(&p).map_err(|source| Error::Io { path: p, source })?;
-        Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
+        open_file(&self.path(&d.digest), &self.blobs, d)
     }
     fn blob_file(&self, d: &Descriptor) -> Option<BlobFile> {
-        let path = self.path(&d.digest);
-        let len = std::fs::metadata(&path).ok()?.len();
-        Some(BlobFile {
-            path,
-            offset: 0,
-            len,
-        })
+        whole_file(self.path(&d.digest))
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use super::{Error, Source};
-use crate::image::{json_is_index, Descriptor, Digest, MediaType, Reference};
+use crate::image::{Descriptor, Digest, MediaType, Reference};
 use crate::registry::Client;
 
 /// One image of a registry, as a reference names it.
@@ -37,7 +37,7 @@ fn manifest_type(content_type: &str, bytes: &[u8]) -> MediaType {
         .and_then(|p| p.media_type)
     {
         Some(m) if m.is_index() || m.is_manifest() => m,
-        _ if json_is_index(bytes) => MediaType::OciIndex,
+        _ if t.is_index_with(bytes) => MediaType::OciIndex,
         _ => MediaType::OciManifest,
     }
 }

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fs;
 
 use super::{Error, Store};
-use crate::image::{json_is_index, Descriptor, Digest, Index, Manifest};
+use crate::image::{Descriptor, Digest, Index, Manifest};
 
 impl Store {
     /// Deletes every blob no named image references; returns (blobs, bytes) freed.
@@ -20,7 +20,7 @@ impl Store {
             let Ok(bytes) = fs::read(self.blob_path(&d.digest)) else {
                 continue;
             };
-            if json_is_index(&bytes) {
+            if d.media_type.is_index_with(&bytes) {
                 if let Ok(i) = serde_json::from_slice::<Index>(&bytes) {
                     todo.extend(i.manifests);
                 }

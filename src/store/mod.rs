@@ -17,8 +17,7 @@ mod names;
 mod search;
 
 use std::collections::HashSet;
-use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
@@ -233,37 +232,20 @@ impl Source for Store {
     }
 
     fn images(&self) -> Result<Vec<(Descriptor, Vec<String>)>, Error> {
-        let mut out: Vec<(Descriptor, Vec<String>)> = Vec::new();
-        for e in self.index()?.manifests {
-            let name = names::entry_name(&e).cloned();
-            match out.iter_mut().find(|(d, _)| d.digest == e.digest) {
-                Some((_, n)) => n.extend(name),
-                None => out.push((e.bare(), name.into_iter().collect())),
-            }
-        }
-        Ok(out)
+        Ok(crate::source::group_names(
+            self.index()?.manifests.into_iter().map(|e| {
+                let name = names::entry_name(&e).cloned();
+                (e, name)
+            }),
+        ))
     }
 
     fn open_blob(&self, d: &Descriptor) -> Result<Box<dyn Read + Send + '_>, Error> {
-        let p = self.blob_path(&d.digest);
-        match File::open(&p) {
-            Ok(f) => Ok(Box::new(BufReader::with_capacity(1 << 20, f))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
-                path: self.dir.clone(),
-                what: format!("blob {}", d.digest),
-            }),
-            Err(e) => Err(self.io(&p)(e)),
-        }
+        crate::source::open_file(&self.blob_path(&d.digest), &self.dir, d)
     }
 
     fn blob_file(&self, d: &Descriptor) -> Option<BlobFile> {
-        let path = self.blob_path(&d.digest);
-        let len = std::fs::metadata(&path).ok()?.len();
-        Some(BlobFile {
-            path,
-            offset: 0,
-            len,
-        })
+        crate::source::whole_file(self.blob_path(&d.digest))
     }
 }
 
