@@ -184,15 +184,71 @@ impl Write for TarOut {
     }
 }
 
+/// An archive being written: the temporary file, the tar stream into it
+/// (plain, or zstd over the whole), and the blobs already in it.
+struct Tar {
+    pending: Pending,
+    out: TarOut,
+    written: BTreeSet<Digest>,
+    /// The output, for errors, and the entries' mtime.
+    path: PathBuf,
+    mtime: u64,
+}
+
+impl Tar {
+    fn werr(&self) -> impl Fn(io::Error) -> Error + '_ {
+        move |source| Error::Write {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Writes one file entry of `size` bytes from `r`; a blob whose bytes
+    /// fail verification is named as the blob of `blob`.
+    fn entry(
+        &mut self,
+        name: &str,
+        r: &mut dyn Read,
+        size: u64,
+        blob: Option<&Blob<'_>>,
+    ) -> Result<(), Error> {
+        let header = file_header(name.as_bytes(), size, self.mtime);
+        tar::write_ustar(&mut self.out, &header).map_err(self.werr())?;
+        let copied = io::copy(r, &mut self.out).map_err(|e| match blob {
+            Some(b) if e.kind() == io::ErrorKind::InvalidData => read_error(b.from(), b.desc, e),
+            _ => Error::Write {
+                path: self.path.clone(),
+                source: e,
+            },
+        })?;
+        if copied != size {
+            return Err(self.werr()(io::Error::other(format!(
+                "{name}: {copied} bytes, not {size}"
+            ))));
+        }
+        tar::pad(&mut self.out, size).map_err(self.werr())?;
+        Ok(())
+    }
+
+    /// Ends the tar stream and renames the file into place.
+    fn finish(mut self) -> Result<(), Error> {
+        tar::finish(&mut self.out).map_err(self.werr())?;
+        let path = self.path.clone();
+        let werr = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        match self.out {
+            TarOut::Plain(mut f) => f.flush().map_err(werr)?,
+            TarOut::Zstd(z) => z.finish().and_then(|mut f| f.flush()).map_err(werr)?,
+        }
+        self.pending.commit(&path)
+    }
+}
+
 enum State {
-    Dir {
-        stage: PathBuf,
-    },
-    Tar {
-        pending: Box<Pending>,
-        out: Option<TarOut>,
-        written: BTreeSet<Digest>,
-    },
+    Dir { stage: PathBuf },
+    Tar(Box<Tar>),
     Done,
 }
 
@@ -255,11 +311,13 @@ impl Output {
                 for name in [&b"blobs/"[..], b"blobs/sha256/"] {
                     tar::write_ustar(&mut w, &dir_header(name, mtime)).map_err(werr)?;
                 }
-                State::Tar {
-                    pending: Box::new(pending),
-                    out: Some(w),
+                State::Tar(Box::new(Tar {
+                    pending,
+                    out: w,
                     written: BTreeSet::new(),
-                }
+                    path: out.to_path_buf(),
+                    mtime,
+                }))
             }
         };
         Ok(Output {
@@ -292,28 +350,26 @@ impl Output {
         write: impl FnOnce(File) -> Result<(T, Digest, u64, File), E>,
     ) -> Result<Option<T>, E> {
         let mut st = self.state.lock().unwrap();
-        let State::Tar {
-            pending,
-            out: out @ Some(TarOut::Plain(_)),
-            written,
-        } = &mut *st
-        else {
+        let State::Tar(t) = &mut *st else {
             return Ok(None);
         };
         let werr = self.werr();
-        let Some(TarOut::Plain(w)) = out.take() else {
-            unreachable!()
+        let TarOut::Plain(w) = &mut t.out else {
+            return Ok(None);
         };
-        let mut f = w.into_inner().map_err(|e| werr(e.into_error()))?;
+        // The clone shares the file offset with the archive's writer.
+        w.flush().map_err(&werr)?;
+        let mut f: &File = w.get_ref();
         let start = f.stream_position().map_err(&werr)?;
         f.write_all(&[0u8; tar::BLOCK]).map_err(&werr)?;
-        let (value, digest, size, mut f) = write(f.try_clone().map_err(&werr)?)?;
-        let end = start + tar::BLOCK as u64 + size;
-        if !written.insert(digest.clone()) {
+        let (value, digest, size, f) = write(f.try_clone().map_err(&werr)?)?;
+        let mut f = &f;
+        if !t.written.insert(digest.clone()) {
             // Already in the archive: take this copy back out.
             f.set_len(start).map_err(&werr)?;
             f.seek(SeekFrom::Start(start)).map_err(&werr)?;
         } else {
+            let end = start + tar::BLOCK as u64 + size;
             let name = format!("blobs/sha256/{}", digest.hex());
             let block =
                 tar::ustar_block(&file_header(name.as_bytes(), size, self.mtime)).map_err(&werr)?;
@@ -322,38 +378,7 @@ impl Output {
             f.seek(SeekFrom::Start(end)).map_err(&werr)?;
             tar::pad(&mut f, size).map_err(&werr)?;
         }
-        let _ = pending;
-        *out = Some(TarOut::Plain(BufWriter::with_capacity(1 << 20, f)));
         Ok(Some(value))
-    }
-
-    fn put_entry(
-        &self,
-        name: &str,
-        r: &mut dyn Read,
-        size: u64,
-        st: &mut State,
-        blob: Option<&Blob<'_>>,
-    ) -> Result<(), Error> {
-        let werr = self.werr();
-        let State::Tar { out: Some(w), .. } = st else {
-            unreachable!("entries go into archives")
-        };
-        tar::write_ustar(w, &file_header(name.as_bytes(), size, self.mtime)).map_err(&werr)?;
-        let copied = io::copy(r, w).map_err(|e| match blob {
-            Some(b) if e.kind() == io::ErrorKind::InvalidData => read_error(b.from(), b.desc, e),
-            _ => Error::Write {
-                path: self.out.clone(),
-                source: e,
-            },
-        })?;
-        if copied != size {
-            return Err(werr(io::Error::other(format!(
-                "{name}: {copied} bytes, not {size}"
-            ))));
-        }
-        tar::pad(w, size).map_err(&werr)?;
-        Ok(())
     }
 }
 
@@ -391,7 +416,7 @@ impl Sink for Output {
     fn has_blob(&self, d: &Descriptor) -> Result<bool, Error> {
         Ok(match &*self.state.lock().unwrap() {
             State::Dir { stage } => stage.join("blobs/sha256").join(d.digest.hex()).is_file(),
-            State::Tar { written, .. } => written.contains(&d.digest),
+            State::Tar(t) => t.written.contains(&d.digest),
             State::Done => false,
         })
     }
@@ -415,22 +440,13 @@ impl Sink for Output {
                 write_blob(&blobs, blob.desc, &mut blob.reader()?, blob.from())?;
                 Ok(())
             }
-            State::Tar { written, .. } => {
-                if written.contains(&blob.desc.digest) {
+            State::Tar(t) => {
+                if t.written.contains(&blob.desc.digest) {
                     return Ok(());
                 }
                 let name = format!("blobs/sha256/{}", blob.desc.digest.hex());
-                let digest = blob.desc.digest.clone();
-                self.put_entry(
-                    &name,
-                    &mut blob.reader()?,
-                    blob.desc.size,
-                    &mut st,
-                    Some(&blob),
-                )?;
-                if let State::Tar { written, .. } = &mut *st {
-                    written.insert(digest);
-                }
+                t.entry(&name, &mut blob.reader()?, blob.desc.size, Some(&blob))?;
+                t.written.insert(blob.desc.digest.clone());
                 Ok(())
             }
             State::Done => unreachable!("a committed output takes no blobs"),
@@ -487,42 +503,26 @@ impl Sink for Output {
         }
         files.sort();
         let mut st = self.state.lock().unwrap();
-        match std::mem::replace(&mut *st, State::Done) {
+        match &mut *st {
             State::Dir { stage } => {
                 for (name, bytes) in &files {
                     fs::write(stage.join(name), bytes).map_err(&werr)?;
                 }
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    fs::set_permissions(&stage, fs::Permissions::from_mode(0o755))
-                        .map_err(&werr)?;
-                }
-                swap_into_place(&stage, &self.out)
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&*stage, fs::Permissions::from_mode(0o755)).map_err(&werr)?;
             }
-            State::Tar {
-                pending,
-                out,
-                written,
-            } => {
-                let mut tmp = State::Tar {
-                    pending,
-                    out,
-                    written,
-                };
+            State::Tar(t) => {
                 for (name, bytes) in &files {
-                    self.put_entry(name, &mut &bytes[..], bytes.len() as u64, &mut tmp, None)?;
+                    t.entry(name, &mut &bytes[..], bytes.len() as u64, None)?;
                 }
-                let State::Tar { pending, out, .. } = tmp else {
-                    unreachable!()
-                };
-                let mut w = out.expect("an open archive");
-                tar::finish(&mut w).map_err(&werr)?;
-                match w {
-                    TarOut::Plain(mut f) => f.flush().map_err(&werr)?,
-                    TarOut::Zstd(z) => z.finish().and_then(|mut f| f.flush()).map_err(&werr)?,
-                }
-                pending.commit(&self.out)
             }
+            State::Done => return Ok(()),
+        }
+        // Complete: rename into place (a failure above left the state for
+        // Drop to clean up).
+        match std::mem::replace(&mut *st, State::Done) {
+            State::Dir { stage } => swap_into_place(&stage, &self.out),
+            State::Tar(t) => t.finish(),
             State::Done => Ok(()),
         }
     }
