@@ -4,7 +4,6 @@
 //! The same plan gives the index digest and drives the build, so a build
 //! never parses twice and never looks a base up twice.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::analysis::{self, Analysis};
@@ -208,14 +207,5 @@ impl Plan {
             &crate::index::builder_line(opts),
             &self.parent_digests(opts)?,
         ))
-    }
-
-    /// The bases by reference, for reports.
-    pub fn base_map(&self) -> BTreeMap<String, Option<String>> {
-        self.bases
-            .list
-            .iter()
-            .map(|b| (b.reference.clone(), b.digest.clone()))
-            .collect()
     }
 }

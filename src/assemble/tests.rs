@@ -12,6 +12,29 @@ use crate::image::Manifest;
 use crate::sink::Format;
 use crate::source::{read_json, resolve, ImageFile, Source};
 
+/// Options for a build of `<root>/img` (topsrcdir `root`) into `output`:
+/// uncompressed OCI archive, timestamp 0, no stores.
+fn options(root: &Path, output: &Path) -> BuildOptions {
+    BuildOptions {
+        context: ContextOptions {
+            topsrcdir: root.to_path_buf(),
+            ..Default::default()
+        },
+        algorithm: Algorithm::KilnV1,
+        mode_policy: ModePolicy::Git,
+        tags: vec![],
+        compression: crate::Compression::None,
+        timestamp: 0,
+        format: Format::OciArchive,
+        output: output.to_path_buf(),
+        target: None,
+        hash_cache: None,
+        progress: crate::progress::Progress::none(),
+        stores: crate::store::Stores::default(),
+        parents: Default::default(),
+    }
+}
+
 /// Every layer of the built image as `path kind mode uid:gid [content|target]` lines.
 fn built(files: &[(&str, &str)], target: Option<&str>) -> (Vec<Vec<String>>, serde_json::Value) {
     let d = tempfile::tempdir().unwrap();
@@ -21,24 +44,9 @@ fn built(files: &[(&str, &str)], target: Option<&str>) -> (Vec<Vec<String>>, ser
         std::fs::write(&f, c).unwrap();
     }
     let out = d.path().join("out.oci.tar");
-    let opts = BuildOptions {
-        context: ContextOptions {
-            topsrcdir: d.path().to_path_buf(),
-            ..Default::default()
-        },
-        algorithm: Algorithm::KilnV1,
-        mode_policy: ModePolicy::Git,
-        tags: vec!["t:1".into()],
-        compression: crate::Compression::None,
-        timestamp: 0,
-        format: Format::OciArchive,
-        output: out.clone(),
-        target: target.map(str::to_string),
-        hash_cache: None,
-        progress: crate::progress::Progress::none(),
-        stores: crate::store::Stores::default(),
-        parents: Default::default(),
-    };
+    let mut opts = options(d.path(), &out);
+    opts.tags = vec!["t:1".into()];
+    opts.target = target.map(str::to_string);
     let plan = Plan::new(&d.path().join("img"), &opts, None).unwrap();
     execute(plan, &opts, Dest::Output).unwrap();
     let img = ImageFile::open(&out).unwrap();
@@ -167,25 +175,9 @@ fn the_plan_resolves_bases_once_and_a_pinned_digest_needs_no_store() {
         format!("FROM example.org/base@{pin}\nCOPY --from=example.org/other:1 /x /x\n"),
     )
     .unwrap();
-    let opts = BuildOptions {
-        context: ContextOptions {
-            topsrcdir: d.path().to_path_buf(),
-            ..Default::default()
-        },
-        algorithm: Algorithm::KilnV1,
-        mode_policy: ModePolicy::Git,
-        tags: vec![],
-        compression: crate::Compression::None,
-        timestamp: 0,
-        format: Format::OciArchive,
-        output: d.path().join("o.tar"),
-        target: None,
-        hash_cache: None,
-        progress: crate::progress::Progress::none(),
-        stores: crate::store::Stores {
-            list: vec![crate::store::Store::new(d.path().join("empty"), "--store")],
-        },
-        parents: Default::default(),
+    let mut opts = options(d.path(), &d.path().join("o.tar"));
+    opts.stores = crate::store::Stores {
+        list: vec![crate::store::Store::new(d.path().join("empty"), "--store")],
     };
     let plan = Plan::new(&d.path().join("img"), &opts, None).unwrap();
     let refs: Vec<&str> = plan
@@ -208,5 +200,4 @@ fn the_plan_resolves_bases_once_and_a_pinned_digest_needs_no_store() {
         e.contains(":2:") && e.contains("example.org/other:1"),
         "{e}"
     );
-    let _ = Path::new("");
 }

@@ -10,7 +10,7 @@ use crate::image::{
     canonical_json, Descriptor, Digest, Index, Manifest, Reference, ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
 };
-use crate::source::{read_json, Source};
+use crate::source::read_json;
 
 /// One image of a store, for `kiln store ls`.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -146,10 +146,5 @@ impl Store {
         }
         self.write_index(&index)?;
         Ok(removed)
-    }
-
-    /// The location of the store, as a source, for messages.
-    pub fn describe(&self) -> String {
-        format!("{} ({})", Source::location(self).display(), self.origin)
     }
 }
