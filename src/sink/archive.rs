@@ -17,7 +17,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::file::{parent_dir, temp_prefix, write_blob, Pending};
+use super::file::{parent_dir, temp_prefix, Pending};
 use super::{Blob, Sink};
 use crate::image::{
     canonical_json, Descriptor, Digest, DockerManifestEntry, Index, Manifest, Reference,
@@ -424,22 +424,7 @@ impl Sink for Output {
     fn put_blob(&self, blob: Blob<'_>) -> Result<(), Error> {
         let mut st = self.state.lock().unwrap();
         match &mut *st {
-            State::Dir { stage } => {
-                let blobs = stage.join("blobs/sha256");
-                // A whole file on disk: verified by one read, then linked.
-                if let Some(f) = blob
-                    .file()
-                    .filter(|f| f.offset == 0 && f.len == blob.desc.size)
-                {
-                    io::copy(&mut blob.reader()?, &mut io::sink())
-                        .map_err(|e| read_error(blob.from(), blob.desc, e))?;
-                    if fs::hard_link(&f.path, blobs.join(blob.desc.digest.hex())).is_ok() {
-                        return Ok(());
-                    }
-                }
-                write_blob(&blobs, blob.desc, &mut blob.reader()?, blob.from())?;
-                Ok(())
-            }
+            State::Dir { stage } => super::file::put_blob(&stage.join("blobs/sha256"), &blob),
             State::Tar(t) => {
                 if t.written.contains(&blob.desc.digest) {
                     return Ok(());

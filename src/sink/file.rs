@@ -130,6 +130,29 @@ pub fn write_blob(
     Ok(target)
 }
 
+/// Puts a blob into an output layout's `blobs` directory: a blob that
+/// lies on disk as a whole file is verified by one read and hard-linked
+/// (no second copy of a layer); anything else is written by
+/// [`write_blob`], verified as it streams. Stores never link (see
+/// `Store::put_blob`).
+pub fn put_blob(blobs: &Path, blob: &super::Blob<'_>) -> Result<(), Error> {
+    let d = blob.desc;
+    if let Some(f) = blob.file().filter(|f| f.offset == 0 && f.len == d.size) {
+        io::copy(&mut blob.reader()?, &mut io::sink())
+            .map_err(|e| read_error(blob.from(), d, e))?;
+        fs::create_dir_all(blobs).map_err(|source| Error::Write {
+            path: blobs.to_path_buf(),
+            source,
+        })?;
+        let target = blobs.join(d.digest.hex());
+        if f.path == target || fs::hard_link(&f.path, &target).is_ok() {
+            return Ok(());
+        }
+    }
+    write_blob(blobs, d, &mut blob.reader()?, blob.from())?;
+    Ok(())
+}
+
 /// Writes bytes as a blob (configs and manifests kiln makes) and returns
 /// their digest.
 pub fn write_bytes_blob(blobs: &Path, bytes: &[u8]) -> Result<Digest, Error> {

@@ -259,6 +259,8 @@ impl Sink for Store {
             .is_ok_and(|m| m.is_file() && m.len() == d.size))
     }
 
+    /// Always a copy, never a hard link: a store blob never shares its
+    /// inode with a file outside the store that could change under it.
     fn put_blob(&self, blob: Blob<'_>) -> Result<(), Error> {
         write_blob(&self.blobs(), blob.desc, &mut blob.reader()?, blob.from())?;
         Ok(())
