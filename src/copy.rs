@@ -68,7 +68,9 @@ pub fn copy(src: &dyn Source, sink: &dyn Sink, sel: &Selection) -> Result<Copied
         let root = if sel.all_platforms {
             root
         } else {
-            source::resolve(src, &root, sel.platform.as_ref())?.descriptor
+            // Only the manifest is read here: the config is read once, when
+            // it is copied.
+            source::narrow(src, &root, sel.platform.as_ref())?.0
         };
         let closure = source::closure(src, &root)?;
         let mut todo = Vec::new();

@@ -361,30 +361,42 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Resolves an image descriptor of `src` to a single-platform manifest:
+/// Narrows an image descriptor of `src` to a single-platform manifest:
 /// an index is narrowed to `platform` (else the host's) in the one place
-/// that does it; the manifest and config are read and verified.
+/// that does it. Returns the manifest's descriptor and verified bytes.
+pub fn narrow(
+    src: &(impl Source + ?Sized),
+    d: &Descriptor,
+    platform: Option<&Platform>,
+) -> Result<(Descriptor, Vec<u8>), Error> {
+    let d = d.bare();
+    let bytes = read_small(src, &d, "manifest")?;
+    if !d.media_type.is_index_with(&bytes) {
+        return Ok((d, bytes));
+    }
+    let index: Index = parse_json(src, &bytes, &format!("index {}", d.digest))?;
+    let m = platform::select(&index, platform)
+        .map_err(|m| Error::NotFound {
+            message: format!(
+                "{} ({} {}): {m}",
+                src.location().display(),
+                src.format(),
+                d.digest
+            ),
+        })?
+        .clone();
+    let bytes = read_small(src, &m, "manifest")?;
+    Ok((m, bytes))
+}
+
+/// Resolves an image descriptor of `src` to a single-platform manifest
+/// ([`narrow`]) and reads its manifest and config, verified.
 pub fn resolve(
     src: &(impl Source + ?Sized),
     d: &Descriptor,
     platform: Option<&Platform>,
 ) -> Result<Resolved, Error> {
-    let mut d = d.bare();
-    let mut bytes = read_small(src, &d, "manifest")?;
-    if d.media_type.is_index_with(&bytes) {
-        let index: Index = parse_json(src, &bytes, &format!("index {}", d.digest))?;
-        d = platform::select(&index, platform)
-            .map_err(|m| Error::NotFound {
-                message: format!(
-                    "{} ({} {}): {m}",
-                    src.location().display(),
-                    src.format(),
-                    d.digest
-                ),
-            })?
-            .clone();
-        bytes = read_small(src, &d, "manifest")?;
-    }
+    let (d, bytes) = narrow(src, d, platform)?;
     let manifest: Manifest = parse_json(src, &bytes, &format!("manifest {}", d.digest))?;
     let config: ImageConfig = read_json(src, &manifest.config, "config")?;
     Ok(Resolved {
