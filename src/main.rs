@@ -265,12 +265,15 @@ fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
             }
         }
     }
-    for (file, value) in [
-        (&b.digest_file, &r.manifest_digest),
-        (&b.iidfile, &r.image_id),
-    ] {
+    // --digest-file ends in a newline as it always has; --iidfile holds
+    // the bare id, as docker and buildah write it.
+    let files = [
+        (&b.digest_file, format!("{}\n", r.manifest_digest)),
+        (&b.iidfile, r.image_id.to_string()),
+    ];
+    for (file, text) in files {
         if let Some(f) = file {
-            kiln::sink::file::write_atomic(f, value.as_str().as_bytes())
+            kiln::sink::file::write_atomic(f, text.as_bytes())
                 .with_context(|| format!("writing {}", f.display()))?;
         }
     }

@@ -767,3 +767,92 @@ fn from_platform_must_be_the_host_platform() {
         "{err}"
     );
 }
+
+#[test]
+fn dash_f_builds_a_plain_docker_context_with_its_dockerignore() {
+    let d = tree(&[
+        ("ctx/a.txt", b"A"),
+        ("ctx/skip.log", b"S"),
+        ("ctx/.dockerignore", b"*.log\n"),
+        ("df/Build.Dockerfile", b"FROM scratch\nCOPY . /all/\n"),
+    ]);
+    let out = d.path().join("o.tar");
+    let v = json(&ok(kiln()
+        .current_dir(d.path())
+        .args([
+            "build",
+            "-f",
+            "df/Build.Dockerfile",
+            "ctx",
+            "--json",
+            "--no-index",
+            "-t",
+            "x:1",
+            "-o",
+        ])
+        .arg(&out)));
+    assert_eq!(v["status"], "built");
+    let names: Vec<String> = layers(&out).concat().into_iter().map(|i| i.path).collect();
+    // The context root is ctx/; its .dockerignore hides skip.log; the
+    // Dockerfile from elsewhere is not in the context.
+    assert_eq!(names, ["all/", "all/.dockerignore", "all/a.txt"]);
+    // Without -f, ctx/ has no Dockerfile: the error says so.
+    let err = fails(
+        kiln()
+            .current_dir(d.path())
+            .args(["build", "ctx", "-o", "p.tar"]),
+    );
+    assert!(err.contains("no Dockerfile in image directory"), "{err}");
+    let err = fails(
+        kiln()
+            .current_dir(d.path())
+            .args(["build", "-f", "df/none", "ctx", "-o", "p.tar"]),
+    );
+    assert!(
+        err.contains("df/none") && err.contains("no such Dockerfile (-f)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn iidfile_holds_the_image_id_and_digest_file_the_manifest_digest() {
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY f /f\n"),
+        ("img/f", b"f"),
+    ]);
+    let (iid, dig) = (d.path().join("iid"), d.path().join("digest"));
+    let v = build(
+        d.path(),
+        "o.tar",
+        &[
+            "--iidfile",
+            iid.to_str().unwrap(),
+            "--digest-file",
+            dig.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        fs::read_to_string(&iid).unwrap(),
+        v["image_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        fs::read_to_string(&dig).unwrap(),
+        format!("{}\n", v["manifest_digest"].as_str().unwrap())
+    );
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "_kiln()"),
+        ("zsh", "#compdef kiln"),
+        ("fish", "complete -c kiln"),
+    ] {
+        let out = ok(kiln().args(["completions", shell]));
+        assert!(out.contains(marker), "{shell}: {out}");
+        assert!(out.contains("iidfile"), "{shell} completes build's flags");
+    }
+    let o = run(kiln().args(["completions", "tcsh"]));
+    assert_eq!(o.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("tcsh"));
+}

@@ -627,3 +627,62 @@ fn credentials_never_follow_a_redirect_to_another_host() {
         "{b_heads}"
     );
 }
+
+/// A registry that demands bearer tokens, as Docker Hub and ghcr.io do: a
+/// request without `Authorization: Bearer T` gets a 401 challenge naming
+/// the token endpoint and the repository's pull scope.
+fn token_registry() -> Hostile {
+    hostile(|head| {
+        let host = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Host: ")
+                    .or_else(|| l.strip_prefix("host: "))
+            })
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let first = head.lines().next().unwrap_or("");
+        if first.starts_with("GET /token") {
+            return answer("200 OK", &[], br#"{"token":"T","expires_in":300}"#);
+        }
+        if !head.contains("Authorization: Bearer T") && !head.contains("authorization: Bearer T") {
+            let challenge = format!(
+                r#"Bearer realm="http://{host}/token",service="test",scope="repository:x/y:pull""#
+            );
+            return answer("401 Unauthorized", &[("WWW-Authenticate", challenge)], b"");
+        }
+        if first.contains("/manifests/") {
+            answer(
+                "200 OK",
+                &[("Content-Type", OCI_MANIFEST.into())],
+                &manifest_for(CONFIG),
+            )
+        } else {
+            answer("200 OK", &[], CONFIG)
+        }
+    })
+}
+
+#[test]
+fn a_bearer_token_is_fetched_once_per_scope_and_reused() {
+    let d = tempfile::tempdir().unwrap();
+    let h = token_registry();
+    ok(kiln()
+        .arg("pull")
+        .arg(format!("{}/x/y:1", h.addr))
+        .args(["--insecure", "--store"])
+        .arg(d.path().join("store")));
+    let heads = h.heads.lock().unwrap().clone();
+    let tokens = heads.iter().filter(|h| h.starts_with("GET /token")).count();
+    let api: Vec<&String> = heads.iter().filter(|h| h.contains(" /v2/")).collect();
+    let unauthorized = api
+        .iter()
+        .filter(|h| !h.to_ascii_lowercase().contains("authorization: bearer t"))
+        .count();
+    // The manifest and the config: two API requests after the first
+    // challenge, one token for the one scope.
+    assert_eq!(tokens, 1, "{heads:#?}");
+    assert_eq!(unauthorized, 1, "{heads:#?}");
+    assert_eq!(api.len(), 3, "{heads:#?}");
+}

@@ -122,6 +122,11 @@ impl Context {
         let image_dir = absolute(image_dir)?;
         let topsrcdir = absolute(&opts.topsrcdir)?;
         let dockerfile_path = match &opts.dockerfile {
+            Some(_) if opts.taskgraph_names => {
+                return Err(Error::DockerfileFlagWithTaskgraph {
+                    dir: image_dir.clone(),
+                })
+            }
             Some(f) => {
                 let f = absolute(f)?;
                 if !f.is_file() {
@@ -222,8 +227,20 @@ impl Context {
             digest: None,
             mtime_ns: None,
         };
-        ctx.entries.insert(b"Dockerfile".to_vec(), df);
+        // An image directory's Dockerfile is part of its context (as in
+        // taskgraph's); one given with -f is not, as with `docker build -f`
+        // (the kiln-v1 hash still covers it: see `Context::dockerfile_entry`).
+        if opts.dockerfile.is_none() {
+            ctx.entries.insert(b"Dockerfile".to_vec(), df);
+        }
         Ok(ctx)
+    }
+
+    /// Whether the Dockerfile is an entry of the context (an image
+    /// directory's), rather than a file given with `-f`.
+    pub fn dockerfile_in_context(&self) -> bool {
+        self.dockerfile_path == self.image_dir.join("Dockerfile")
+            && self.entries.contains_key(&b"Dockerfile"[..])
     }
 
     /// The Dockerfile the context was read with.

@@ -4,6 +4,8 @@
 //!
 //! Modes are git-style: `100644`/`100755` (after the mode policy) for files,
 //! `120000` for symlinks, whose content hash is the sha256 of the link target.
+//! A Dockerfile given with `-f` is not a context entry; it is hashed as one
+//! last line named `/Dockerfile`, a name no entry can have.
 
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -65,6 +67,12 @@ pub fn kiln_v1(ctx: &Context, policy: ModePolicy) -> Result<String, Error> {
             h.update(&line);
             line.clear();
         }
+    }
+    if !ctx.dockerfile_in_context() {
+        hex::encode_to_slice(Sha256::digest(&ctx.dockerfile), &mut hexbuf)
+            .expect("64 hex digits for 32 bytes");
+        line.extend_from_slice(&hexbuf);
+        line.extend_from_slice(b" 100644 /Dockerfile\n");
     }
     h.update(&line);
     Ok(hex::encode(h.finalize()))

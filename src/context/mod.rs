@@ -116,6 +116,8 @@ pub enum Error {
     Walk { path: PathBuf, source: io::Error },
     #[error("no Dockerfile in image directory {}: pass the directory that holds the Dockerfile", dir.display())]
     NoDockerfile { dir: PathBuf },
+    #[error("{}: -f builds a plain Docker context, and the taskgraph hash and context archive are defined for image directories with their own Dockerfile; leave out -f or use the kiln-v1 hash", dir.display())]
+    DockerfileFlagWithTaskgraph { dir: PathBuf },
     #[error("{}: the Dockerfile is not valid UTF-8", path.display())]
     DockerfileNotUtf8 { path: PathBuf },
     #[error("{}:{line}: missing argument: {name} (pass it with --arg {name}=VALUE)", path.display())]
