@@ -420,10 +420,12 @@ fn pull(
     let client = std::sync::Arc::new(kiln::registry::Client::new(r.host(), net.insecure));
     let s = store.store();
     let names = if names.is_empty() {
-        vec![match &r.tag {
-            Some(_) => format!("{}:{}", r.repository, r.object()),
-            None if r.digest.is_some() => format!("{}:pulled", r.repository),
-            None => format!("{}:latest", r.repository),
+        // A pinned digest names no tag to keep (as before the image core:
+        // `name:tag@sha256:…` is stored as `name:pulled`).
+        vec![match (&r.digest, &r.tag) {
+            (Some(_), _) => format!("{}:pulled", r.repository),
+            (None, Some(t)) => format!("{}:{t}", r.repository),
+            (None, None) => format!("{}:latest", r.repository),
         }]
     } else {
         names

@@ -187,6 +187,15 @@ fn push_then_pull_keeps_every_digest_and_a_second_push_sends_no_blob() {
     let out = d.path().join("pulled.oci.tar");
     let pulled = json(&ok(pull_cmd(&reg, "kiln/t:1", &store).arg("-o").arg(&out)));
     assert_eq!(pulled["manifest_digest"], built["manifest_digest"]);
+    // A tag pinned to a digest is stored under `:pulled`, as always.
+    let md = built["manifest_digest"].as_str().unwrap();
+    let pinned = json(&ok(&mut pull_cmd(
+        &reg,
+        &format!("kiln/t:1@{md}"),
+        &d.path().join("pinned-store"),
+    )));
+    assert_eq!(pinned["manifest_digest"], built["manifest_digest"]);
+    assert_eq!(pinned["names"][0], format!("{}/kiln/t:pulled", reg.addr));
     let a = kiln::source::ImageFile::open(&img).unwrap();
     let b = kiln::source::ImageFile::open(&out).unwrap();
     let (sa, sb) = (a.summary().unwrap(), b.summary().unwrap());
