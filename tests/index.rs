@@ -228,3 +228,35 @@ fn routes_and_index_commands_show_what_is_filed() {
     let err = fails(&mut cmd(&["index", "rm", "*.latest"]));
     assert!(err.contains("no index entry matches *.latest"), "{err}");
 }
+
+#[test]
+fn routes_of_a_digest_pinned_from_need_no_store() {
+    let pin = format!("sha256:{}", "c".repeat(64));
+    let d = tree(&[(
+        "img/Dockerfile",
+        format!("FROM registry.example/base:1@{pin}\n").as_bytes(),
+    )]);
+    let t = d.path();
+    let routes = |df: &str| {
+        write(t, "img/Dockerfile", df.as_bytes());
+        let mut c = kiln();
+        c.env("XDG_CACHE_HOME", t.join("cache"))
+            .arg("routes")
+            .arg(t.join("img"))
+            .arg("--topsrcdir")
+            .arg(t)
+            .arg("--json");
+        c
+    };
+    // No store holds the base: the pin is its digest in the index digest.
+    let v = json(&ok(&mut routes(&format!(
+        "FROM registry.example/base:1@{pin}\n"
+    ))));
+    assert_eq!(v["parents"], serde_json::json!([pin]));
+    // Without a pin, the missing base is an error naming its line.
+    let err = fails(&mut routes("FROM registry.example/base:1\n"));
+    assert!(
+        err.contains("Dockerfile:1") && err.contains("registry.example/base:1"),
+        "{err}"
+    );
+}

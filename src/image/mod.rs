@@ -261,6 +261,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fields_kiln_does_not_model_survive_a_rewrite() {
+        let index = r#"{"annotations":{"a":"b"},"manifests":[{"artifactType":"x/y","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","mediaType":"application/vnd.oci.image.manifest.v1+json","platform":{"architecture":"amd64","os":"windows","os.features":["f"],"os.version":"10.0"},"size":1,"urls":["https://example.org/b"]}],"mediaType":"application/vnd.oci.image.index.v1+json","schemaVersion":2,"subject":{"digest":"sha256:2222222222222222222222222222222222222222222222222222222222222222","mediaType":"application/vnd.oci.image.manifest.v1+json","size":2}}"#;
+        let parsed: Index = serde_json::from_str(index).unwrap();
+        assert_eq!(String::from_utf8(canonical_json(&parsed)).unwrap(), index);
+        let config = r#"{"architecture":"amd64","config":{"ArgsEscaped":true,"Cmd":["x"]},"container_config":{"Hostname":"h"},"docker_version":"20.10","history":[{"created_by":"x","extra":1}],"os":"linux","rootfs":{"diff_ids":[],"type":"layers"}}"#;
+        let parsed: ImageConfig = serde_json::from_str(config).unwrap();
+        assert_eq!(String::from_utf8(canonical_json(&parsed)).unwrap(), config);
+        let manifest = r#"{"artifactType":"x/y","config":{"digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","mediaType":"application/vnd.oci.image.config.v1+json","size":1},"layers":[],"schemaVersion":2}"#;
+        let parsed: Manifest = serde_json::from_str(manifest).unwrap();
+        assert_eq!(
+            String::from_utf8(canonical_json(&parsed)).unwrap(),
+            manifest
+        );
+        // A digest that is not one is refused when read, not carried along.
+        assert!(serde_json::from_str::<Descriptor>(
+            r#"{"digest":"sha256:xyz","mediaType":"a","size":1}"#
+        )
+        .is_err());
+    }
+
+    #[test]
     fn canonical_json_sorts_keys_without_spaces() {
         let cfg = ImageConfig {
             architecture: "amd64".into(),
