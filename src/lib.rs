@@ -30,6 +30,7 @@ pub mod copy;
 pub mod diff;
 pub mod digest;
 pub mod dockerfile;
+pub mod fsx;
 pub mod image;
 pub mod index;
 pub mod layer;

@@ -11,8 +11,23 @@ use std::sync::Arc;
 pub const MAX_RATIO: u64 = 1000;
 /// ...only below this many bytes (small, very compressible files are fine).
 pub const RATIO_FREE_BYTES: u64 = 1 << 30;
-/// Manifests, indexes and configs larger than this are refused.
-pub const MAX_JSON_BLOB: u64 = 16 << 20;
+/// Manifests, indexes and configs larger than this are refused, when kiln
+/// reads them and when a build would write one: 4 MiB, what the
+/// distribution registry accepts for a manifest and containers/image
+/// (podman, skopeo, buildah) reads for a manifest or config, so kiln never
+/// writes an image it, or they, would refuse.
+pub const MAX_JSON_BLOB: u64 = 4 << 20;
+/// A store's `index.json` (one entry per name) larger than this is refused.
+pub const MAX_STORE_INDEX: u64 = 64 << 20;
+/// Parent directories a COPY, ADD or WORKDIR creates get layer entries of
+/// their own down to this path length; deeper ones (no kernel call takes
+/// such a path whole) are left implied, and every extractor creates them
+/// 0755. Keeps a destination of 64,000 components linear.
+pub const MAX_EXPLICIT_PARENT: usize = 4096;
+/// A Dockerfile line, or an instruction with its continuation lines,
+/// longer than this is refused (Docker's own parser has no limit, and
+/// slows down long before it).
+pub const MAX_DOCKERFILE_LINE: usize = 1 << 20;
 
 /// Counts the bytes read through it (the compressed side).
 pub struct Counted<R> {

@@ -431,6 +431,9 @@ fn pull(
         names
     };
     let desc = kiln::registry::pull(&client, &r, &s, &names, None)
+        .inspect_err(|_| {
+            s.abandon();
+        })
         .with_context(|| format!("pulling {reference}"))?
         .ok_or_else(|| anyhow!("{reference}: the registry has no such image"))?;
     if let Some(out) = &output {
@@ -605,7 +608,11 @@ fn store(cmd: StoreCommand) -> Result<()> {
                 all_platforms: true,
                 ..Default::default()
             };
-            let copied = kiln::copy(&src, &s, &sel).with_context(|| {
+            let copied = kiln::copy(&src, &s, &sel)
+                .inspect_err(|_| {
+                    s.abandon();
+                })
+                .with_context(|| {
                 format!(
                     "importing {} into the store {}",
                     image.display(),
@@ -634,8 +641,8 @@ fn store(cmd: StoreCommand) -> Result<()> {
             println!("removed {n} name(s); run `kiln store gc` to free unreferenced blobs");
         }
         StoreCommand::Gc { store } => {
-            let (n, bytes) = store.store().gc()?;
-            println!("deleted {n} blob(s), {bytes} bytes");
+            let swept = store.store().gc()?;
+            println!("{}", swept.render());
         }
     }
     Ok(())

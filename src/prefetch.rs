@@ -7,7 +7,6 @@
 //! The readers are plain threads, not rayon tasks: consumers may run on
 //! rayon workers and block on these channels.
 
-use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -154,7 +153,7 @@ impl Batch {
 
 fn read_one(path: &Path, size: u64, batch: &mut Batch) -> Result<(), ()> {
     let mut send = |m| batch.push(m);
-    let mut f = match File::open(path) {
+    let mut f = match crate::fsx::open_deep(path) {
         Ok(f) => f,
         Err(e) => return send(Msg::Err(path.to_path_buf(), e)),
     };

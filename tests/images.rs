@@ -105,12 +105,12 @@ fn store_add_ls_rm_gc_keep_digests_and_free_blobs() {
         .arg(&store));
     assert_eq!(store_ls(&store).as_array().unwrap().len(), 1);
     let gc = ok(kiln().args(["store", "gc", "--store"]).arg(&store));
-    assert!(gc.starts_with("deleted 0 blob(s)"), "{gc}");
+    assert!(gc.starts_with("removed 0 blobs (0 bytes)"), "{gc}");
     ok(kiln()
         .args(["store", "rm", "t/again:1", "--store"])
         .arg(&store));
     let gc = ok(kiln().args(["store", "gc", "--store"]).arg(&store));
-    assert!(gc.starts_with("deleted 5 blob(s)"), "{gc}");
+    assert!(gc.starts_with("removed 5 blobs ("), "{gc}");
     assert_eq!(blobs(), 0);
     let err = fails(
         kiln()

@@ -487,9 +487,7 @@ fn entry_for(
 fn add_parents(layer: &mut Entries, image: &ImageFs, (uid, gid): (u64, u64)) {
     let mut missing = Vec::new();
     for p in layer.keys() {
-        let mut cur = &p[..];
-        while let Some(i) = cur.iter().rposition(|&c| c == b'/') {
-            cur = &cur[..i];
+        for cur in parents(p) {
             if layer.contains_key(cur) {
                 break;
             }
@@ -503,6 +501,31 @@ fn add_parents(layer: &mut Entries, image: &ImageFs, (uid, gid): (u64, u64)) {
         };
         layer.entry(m).or_insert(e);
     }
+}
+
+/// The parent directories of `path` that get layer entries of their own,
+/// deepest first: those no longer than
+/// [`crate::limits::MAX_EXPLICIT_PARENT`]. Deeper ones are left implied
+/// (every extractor creates a missing parent 0755), which keeps a path of
+/// 64,000 components linear instead of 64,000 entries of ever longer names.
+pub(super) fn parents(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let max = crate::limits::MAX_EXPLICIT_PARENT;
+    // The deepest parent within the limit: a cut at a '/' at most `max` in.
+    let mut cur = if path.len() > max {
+        let window = &path[..=max];
+        match window.iter().rposition(|&c| c == b'/') {
+            Some(i) => Some(&path[..i]),
+            None => None,
+        }
+    } else {
+        path.iter().rposition(|&c| c == b'/').map(|i| &path[..i])
+    };
+    std::iter::from_fn(move || {
+        let here = cur?;
+        cur = here.iter().rposition(|&c| c == b'/').map(|i| &here[..i]);
+        Some(here)
+    })
+    .filter(|p| !p.is_empty())
 }
 
 fn archive_path(e: &crate::context::Entry) -> Option<PathBuf> {

@@ -199,50 +199,67 @@ impl ImageFs {
     }
 
     /// Follows symlinks in `path` (all components) as the image would,
-    /// never leaving the image root.
+    /// never leaving the image root. Linear in the path's length: only
+    /// prefixes no longer than the image's longest symlink path are looked up.
     pub fn resolve(&self, path: &[u8]) -> Vec<u8> {
-        let mut todo: Vec<Vec<u8>> = path
-            .split(|&c| c == b'/')
-            .filter(|c| !c.is_empty())
-            .map(<[u8]>::to_vec)
-            .rev()
-            .collect();
-        let mut out: Vec<Vec<u8>> = Vec::new();
+        let longest = self
+            .nodes
+            .iter()
+            .filter(|(_, e)| matches!(e.content, Content::Symlink(_)))
+            .map(|(k, _)| k.len())
+            .max()
+            .unwrap_or(0);
+        let comps = |p: &'_ [u8]| -> Vec<Vec<u8>> {
+            p.split(|&c| c == b'/')
+                .filter(|c| !c.is_empty())
+                .map(<[u8]>::to_vec)
+                .rev()
+                .collect()
+        };
+        let mut todo = comps(path);
+        let mut out: Vec<u8> = Vec::new();
+        // Where each component of `out` starts (its '/' included).
+        let mut starts: Vec<usize> = Vec::new();
         let mut hops = 0;
         while let Some(c) = todo.pop() {
             match c.as_slice() {
                 b"." => continue,
                 b".." => {
-                    out.pop();
+                    if let Some(s) = starts.pop() {
+                        out.truncate(s);
+                    }
                     continue;
                 }
                 _ => {}
             }
-            out.push(c);
-            let cur = out.join(&b'/');
+            let start = out.len();
+            starts.push(start);
+            if start > 0 {
+                out.push(b'/');
+            }
+            out.extend_from_slice(&c);
+            if out.len() > longest {
+                continue;
+            }
             if let Some(LayerEntry {
                 content: Content::Symlink(target),
                 ..
-            }) = self.nodes.get(&cur)
+            }) = self.nodes.get(&out)
             {
                 hops += 1;
                 if hops > 40 {
                     break;
                 }
-                out.pop();
+                out.truncate(start);
+                starts.pop();
                 if target.starts_with(b"/") {
                     out.clear();
+                    starts.clear();
                 }
-                todo.extend(
-                    target
-                        .split(|&c| c == b'/')
-                        .filter(|c| !c.is_empty())
-                        .map(<[u8]>::to_vec)
-                        .rev(),
-                );
+                todo.extend(comps(target));
             }
         }
-        out.join(&b'/')
+        out
     }
 
     /// Reads the files `wanted` (image paths) out of their base layer blobs

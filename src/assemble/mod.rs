@@ -196,8 +196,11 @@ pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error
     execute(plan, opts, Dest::Output).map(|(r, _)| r)
 }
 
-/// Executes a plan: the image goes to `dest`, and always to `opts.output`.
-/// Returns the result and the manifest descriptor.
+/// Executes a plan: the image goes to `dest`; with [`Dest::Output`] that
+/// is `opts.output`, with [`Dest::Store`] the caller writes the output
+/// ([`write_output`]) once everything else has succeeded, so a failed
+/// build never publishes one. Returns the result and the manifest
+/// descriptor.
 pub fn execute(
     plan: Plan,
     opts: &BuildOptions,
@@ -211,13 +214,14 @@ pub fn execute(
             path: opts.output.clone(),
             source,
         })?;
-    let blobs = match &dest {
+    let blob_dir = match &dest {
         Dest::Store { store, .. } => {
             store.create()?;
-            store.blobs()
+            store.blob_dir()?
         }
-        Dest::Output => work.path().join("blobs/sha256"),
+        Dest::Output => file::BlobDir::plain(&work.path().join("blobs/sha256"))?,
     };
+    let blobs = blob_dir.path().to_path_buf();
     let spool = work.path().join("spool");
 
     let planned = stage::run(&plan, opts, &spool).map_err(|e| stage_error(&plan.context, e))?;
@@ -232,6 +236,14 @@ pub fn execute(
         })
         .collect();
     let context_hash = plan.context_hash.clone();
+    // The longest instruction: where an oversized config most likely grew.
+    let longest = plan
+        .dockerfile
+        .instructions
+        .iter()
+        .max_by_key(|i| i.text.len())
+        .map(|i| (plan.context.original_line(i.line), i.text.len()));
+    let dockerfile_path = plan.context.dockerfile_path();
     // The layers hold what they need (shared paths); the context's own
     // metadata for every file is dead weight while they are written.
     drop(plan);
@@ -282,7 +294,7 @@ pub fn execute(
         None => planned
             .layers
             .par_iter()
-            .map(|entries| layer::write_layer(entries, ts, level, &blobs, &step))
+            .map(|entries| layer::write_layer(entries, ts, level, &blob_dir, &step))
             .collect::<Result<_, _>>()?,
     };
     step.finish();
@@ -296,9 +308,10 @@ pub fn execute(
         diff_ids,
     };
     let config_bytes = canonical_json(&config);
+    too_large("config", config_bytes.len(), &dockerfile_path, longest)?;
     let config_desc = Descriptor::new(
         MediaType::OciConfig,
-        file::write_bytes_blob(&blobs, &config_bytes)?,
+        blob_dir.write_bytes(&config_bytes)?,
         config_bytes.len() as u64,
     );
     // Base layers pass through: same descriptors, same blob files.
@@ -325,9 +338,10 @@ pub fn execute(
         extra: Default::default(),
     };
     let manifest_bytes = canonical_json(&manifest);
+    too_large("manifest", manifest_bytes.len(), &dockerfile_path, longest)?;
     let manifest_desc = Descriptor::new(
         MediaType::OciManifest,
-        file::write_bytes_blob(&blobs, &manifest_bytes)?,
+        blob_dir.write_bytes(&manifest_bytes)?,
         manifest_bytes.len() as u64,
     );
     let built = BuildBlobs {
@@ -347,9 +361,8 @@ pub fn execute(
         }
         (None, Dest::Store { store, name }) => {
             // Base layers from other stores join the image in this one.
+            // The output is the caller's to write, last.
             copy(&built, store, &Selection::image(&manifest_desc, &[name]))?;
-            let out = Output::create(&opts.output, opts.format, ts)?;
-            copy(store, &out, &sel)?;
         }
         (None, Dest::Output) => unreachable!("an output was created"),
     }
@@ -368,12 +381,43 @@ pub fn execute(
     Ok((result, manifest_desc))
 }
 
+/// Copies an image from a store to `opts.output` (the last step of a
+/// build: the output appears only when everything else succeeded).
+pub fn write_output(store: &Store, desc: &Descriptor, opts: &BuildOptions) -> Result<(), Error> {
+    let out = Output::create(&opts.output, opts.format, opts.timestamp)?;
+    copy(store, &out, &Selection::image(desc, &opts.tags))?;
+    Ok(())
+}
+
+/// Refuses to write a config or manifest larger than kiln (and registries,
+/// and containers/image) read back: [`crate::limits::MAX_JSON_BLOB`].
+fn too_large(
+    what: &str,
+    size: usize,
+    dockerfile: &Path,
+    longest: Option<(usize, usize)>,
+) -> Result<(), Error> {
+    let max = crate::limits::MAX_JSON_BLOB;
+    if size as u64 <= max {
+        return Ok(());
+    }
+    let hint = longest.map_or(String::new(), |(line, len)| {
+        format!("; its longest instruction is line {line} ({len} bytes)")
+    });
+    Err(Error::Stage {
+        dockerfile: dockerfile.to_path_buf(),
+        message: format!(
+            "the image {what} would be {size} bytes, more than the {max} bytes (4 MiB) kiln, registries and Docker's tools read back{hint}; move large data into a file and COPY it"
+        ),
+    })
+}
+
 /// Checks that no context file changed (size or mtime) since it was
 /// collected: the layers were read after the hash was computed.
 fn unchanged(watch: &[(Arc<Path>, u64, i64)]) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
     watch.par_iter().try_for_each(|(p, size, mtime)| {
-        let now = std::fs::symlink_metadata(p).ok();
+        let now = crate::fsx::lstat_deep(p).ok();
         let same = now.as_ref().is_some_and(|m| {
             m.len() == *size && m.mtime() * 1_000_000_000 + m.mtime_nsec() == *mtime
         });

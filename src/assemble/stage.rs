@@ -436,16 +436,11 @@ impl<'a> State<'a> {
                         self.resolve_ids(&self.user, "USER")?
                     };
                     let mut layer = Entries::new();
-                    let mut cur: &[u8] = &path;
-                    loop {
+                    for cur in std::iter::once(&path[..]).chain(copy::parents(&path)) {
                         if !self.fs.is_dir(cur) {
                             layer.insert(cur.to_vec(), LayerEntry::dir(0o755, uid, gid));
                         } else {
                             layer.insert(cur.to_vec(), self.fs.nodes[cur].clone());
-                        }
-                        match cur.iter().rposition(|&c| c == b'/') {
-                            Some(i) => cur = &cur[..i],
-                            None => break,
                         }
                     }
                     self.push_layer(ins, layer);

@@ -7,7 +7,6 @@
 //! A Dockerfile given with `-f` is not a context entry; it is hashed as one
 //! last line named `/Dockerfile`, a name no entry can have.
 
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 
 use rayon::prelude::*;
@@ -27,7 +26,7 @@ pub fn entry_sha256(entry: &Entry) -> Result<[u8; 32], Error> {
         Source::Bytes(b) => Ok(Sha256::digest(b).into()),
         Source::Symlink { target, .. } => Ok(Sha256::digest(target.as_os_str().as_bytes()).into()),
         Source::File(path) => {
-            let f = File::open(path).map_err(|e| Error::io(path, e))?;
+            let f = crate::fsx::open_deep(path).map_err(|e| Error::io(path, e))?;
             hash_reader(f, path, entry.size, &Step::none())
         }
     }

@@ -92,24 +92,76 @@ pub fn hash_reader(
     Ok(h.finalize().into())
 }
 
-/// Walks the directory `path` into archive names under `prefix` (ending in `/` or empty).
-pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<Walked, Error> {
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| io(path, e))?;
-    walk_dir(fd, path, prefix, w, root)
+/// One directory still to read: opened relative to its parent's
+/// descriptor, which stays open only while some of its subdirectories wait.
+struct Pending {
+    parent: Option<Arc<OwnedFd>>,
+    name: Vec<u8>,
+    path: PathBuf,
+    /// Archive prefix of its entries (ends in `/` or is empty).
+    prefix: Vec<u8>,
 }
 
-fn walk_dir(
-    fd: OwnedFd,
-    dir: &Path,
-    prefix: &[u8],
-    w: &Walker<'_>,
-    root: &Path,
-) -> Result<Walked, Error> {
+/// Directories read per parallel round.
+const ROUND: usize = 64;
+
+/// Walks the directory `path` into archive names under `prefix` (ending in
+/// `/` or empty). The walk is iterative (an explicit stack, never recursion,
+/// so depth cannot overflow a stack) and resolves every name relative to its
+/// directory's descriptor (so full paths longer than `PATH_MAX` are no
+/// limit). Directories are read in parallel rounds; the result is sorted.
+pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<Walked, Error> {
+    let mut stack = vec![Pending {
+        parent: None,
+        name: Vec::new(),
+        path: path.to_path_buf(),
+        prefix: prefix.to_vec(),
+    }];
+    let mut out = Walked::default();
+    while !stack.is_empty() {
+        let round: Vec<Pending> = stack.split_off(stack.len().saturating_sub(ROUND));
+        let results: Vec<(Walked, Vec<Pending>)> = round
+            .into_par_iter()
+            .map(|p| read_dir(p, w, root))
+            .collect::<Result<_, Error>>()?;
+        for (found, subdirs) in results {
+            out.entries.extend(found.entries);
+            out.dirs.extend(found.dirs);
+            // Reversed so the stack pops them in name order.
+            stack.extend(subdirs.into_iter().rev());
+        }
+    }
+    // Archive-path order: a directory sorts as its name plus '/', which is
+    // what full paths of files do bytewise; directories compare with '/'.
+    out.entries.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    out.dirs.par_sort_unstable_by(|a, b| {
+        a.0.iter()
+            .chain(b"/")
+            .cmp(b.0.iter().chain(b"/"))
+    });
+    Ok(out)
+}
+
+/// Reads one directory: its files become entries, its subdirectories
+/// (opened, their modes recorded) are returned to walk next.
+fn read_dir(p: Pending, w: &Walker<'_>, root: &Path) -> Result<(Walked, Vec<Pending>), Error> {
+    let dir = &p.path;
+    let fd = match &p.parent {
+        None => rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ),
+        Some(parent) => openat(
+            &**parent,
+            p.name.as_slice(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ),
+    }
+    .map_err(|e| io(dir, e))?;
+    // The parent's descriptor is no longer needed for this one.
+    drop(p.parent);
     let mut listing = Vec::new();
     {
         let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| io(dir, e))?;
@@ -126,33 +178,19 @@ fn walk_dir(
     if w.reverse {
         listing.reverse();
     }
-    // Emit in archive-path order: a directory sorts as its name plus '/', so
-    // "a-b" comes before everything under "a/" and the concatenated results
-    // are already sorted.
-    listing.sort_unstable_by(|(a, at), (b, bt)| {
-        let key = |n: &[u8], t: &FileType| {
-            n.iter()
-                .copied()
-                .chain((*t == FileType::Directory).then_some(b'/'))
-                .collect::<Vec<u8>>()
-        };
-        if *at != FileType::Directory && *bt != FileType::Directory {
-            a.cmp(b)
-        } else {
-            key(a, at).cmp(&key(b, bt))
-        }
-    });
-    let results: Vec<Walked> = listing
+    listing.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let fd = Arc::new(fd);
+    let results: Vec<(Walked, Option<Pending>)> = listing
         .into_par_iter()
         .with_max_len(64)
         .map(|(name, mut ft)| {
             let path = dir.join(OsStr::from_bytes(&name));
-            let mut archive = prefix.to_vec();
+            let mut archive = p.prefix.clone();
             archive.extend_from_slice(&name);
             let mut out = Walked::default();
             if ft == FileType::Unknown {
                 ft = FileType::from_raw_mode(
-                    statat(&fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                    statat(&*fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
                         .map_err(|e| io(&path, e))?
                         .st_mode,
                 );
@@ -160,34 +198,36 @@ fn walk_dir(
             match ft {
                 FileType::Directory => {
                     if name == b"__pycache__" {
-                        return Ok(out);
+                        return Ok((out, None));
                     }
-                    let sub = openat(
-                        &fd,
-                        name.as_slice(),
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| io(&path, e))?;
-                    let st = rustix::fs::fstat(&sub).map_err(|e| io(&path, e))?;
+                    let st = statat(&*fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| io(&path, e))?;
                     out.dirs.push((archive.clone(), st.st_mode & 0o7777));
                     archive.push(b'/');
-                    let nested = walk_dir(sub, &path, &archive, w, root)?;
-                    out.entries = nested.entries;
-                    out.dirs.extend(nested.dirs);
+                    let sub = Pending {
+                        parent: Some(fd.clone()),
+                        name,
+                        path,
+                        prefix: archive,
+                    };
+                    return Ok((out, Some(sub)));
                 }
-                FileType::RegularFile => out.entries.push((archive, regular(&fd, &name, path, w)?)),
+                FileType::RegularFile => {
+                    out.entries.push((archive, regular(&fd, &name, path, w)?))
+                }
                 _ => out.entries.push((archive, file_entry(&path, root)?)),
             }
-            Ok(out)
+            Ok((out, None))
         })
         .collect::<Result<_, Error>>()?;
     let mut out = Walked::default();
-    for r in results {
+    let mut subdirs = Vec::new();
+    for (r, sub) in results {
         out.entries.extend(r.entries);
         out.dirs.extend(r.dirs);
+        subdirs.extend(sub);
     }
-    Ok(out)
+    Ok((out, subdirs))
 }
 
 /// A regular file: stat it (and hash it, when asked) relative to its directory.

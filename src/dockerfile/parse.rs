@@ -305,6 +305,17 @@ fn convert(text: &str, escape: char, ins: &pd::Instruction<'_>) -> (usize, Kind)
 pub fn parse(text: &str) -> Result<Dockerfile, Error> {
     // A byte-order mark is not part of the first instruction (Docker drops it too).
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let max = crate::limits::MAX_DOCKERFILE_LINE;
+    if let Some((i, l)) = text.split('\n').enumerate().find(|(_, l)| l.len() > max) {
+        return Err(Error::Syntax {
+            line: i + 1,
+            column: 1,
+            message: format!(
+                "the line is {} bytes; kiln reads Dockerfile lines of at most {max} bytes (1 MiB)",
+                l.len()
+            ),
+        });
+    }
     let df = pd::parse(text).map_err(|e| {
         let msg = e.to_string();
         let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
@@ -333,6 +344,16 @@ pub fn parse(text: &str) -> Result<Dockerfile, Error> {
             }
         })
         .collect();
+    if let Some(ins) = instructions.iter().find(|i| i.text.len() > max) {
+        return Err(Error::Syntax {
+            line: ins.line,
+            column: ins.column,
+            message: format!(
+                "the instruction is {} bytes with its continuation lines; kiln reads instructions of at most {max} bytes (1 MiB)",
+                ins.text.len()
+            ),
+        });
+    }
     // Docker quietly runs a broken JSON array as a shell command
     // (`CMD ["a", "b"` runs `/bin/sh -c '["a", "b"'`); kiln refuses it.
     for ins in &instructions {

@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::{Entry, Error, LocalIndex, RouteOptions};
 use crate::assemble::{self, BuildOptions, BuildResult, Dest, Parent, Plan};
 use crate::context::Context;
-use crate::copy::{copy, Selection};
 use crate::image::Reference;
-use crate::sink::Output;
 use crate::source::resolve;
 use crate::store::Store;
 
@@ -130,6 +128,21 @@ pub fn build_cached(
             }
         }
     }
+    // A failed build takes back the blobs it put into the store.
+    miss(plan, opts, io, store_name, digest).inspect_err(|_| {
+        io.store.abandon();
+    })
+}
+
+/// Builds what the index did not have: into the store, filed, pushed, and
+/// then, last, written to the output.
+fn miss(
+    plan: Plan,
+    opts: &BuildOptions,
+    io: &IndexOptions,
+    store_name: String,
+    digest: String,
+) -> Result<Cached, Error> {
     let (result, desc) = assemble::execute(
         plan,
         opts,
@@ -163,6 +176,9 @@ pub fn build_cached(
         crate::registry::push(&reg.client, &io.store, &desc, &repo, &tags, &push)?;
         reg.pushed.lock().unwrap().push(repo);
     }
+    // Last: the output appears only once the store, the index and the
+    // registry hold the image.
+    assemble::write_output(&io.store, &desc, opts)?;
     Ok(Cached {
         result,
         parent: Parent {
@@ -194,8 +210,7 @@ fn export(
         return Ok(None);
     };
     let image = resolve(&io.store, &desc, None)?;
-    let out = Output::create(&opts.output, opts.format, opts.timestamp)?;
-    copy(&io.store, &out, &Selection::image(&desc, &opts.tags))?;
+    assemble::write_output(&io.store, &desc, opts)?;
     let result = BuildResult {
         context_hash: context_hash.to_string(),
         image_id: image.manifest.config.digest.clone(),

@@ -83,7 +83,7 @@ pub struct LayerInfo {
 pub enum Error {
     #[error("reading {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
-    #[error("writing layer blob in {}: {source}", dir.display())]
+    #[error("writing layer blob {}: {source}", dir.display())]
     Write { dir: PathBuf, source: io::Error },
     #[error("{}: the file changed while kiln read it ({expected} bytes expected, {got} read); the tree changed under the build, run it again on a quiet tree", path.display())]
     Changed {
@@ -254,27 +254,29 @@ pub fn write_layer(
     entries: &Entries,
     mtime: u64,
     compression: Compression,
-    blobs: &Path,
+    blobs: &crate::sink::file::BlobDir,
     step: &Step,
 ) -> Result<LayerInfo, Error> {
     let werr = |e: io::Error| Error::Write {
-        dir: blobs.to_path_buf(),
+        dir: blobs.path().to_path_buf(),
         source: e,
     };
     let werr2 = |e: crate::source::Error| match e {
         crate::source::Error::Write { source, .. } => werr(source),
         e => werr(io::Error::other(e.to_string())),
     };
-    let pending = crate::sink::file::Pending::create(blobs, "blob", blobs).map_err(werr2)?;
+    let pending = blobs.pending("layer").map_err(werr2)?;
     let file = pending.file().try_clone().map_err(werr)?;
     let (info, _) =
         write_layer_to(entries, mtime, compression, file, step).map_err(|e| match e {
-            Error::Write { source, .. } => werr(source),
+            // A full disk names the file being written.
+            Error::Write { source, .. } => Error::Write {
+                dir: pending.temp_path(),
+                source,
+            },
             e => e,
         })?;
-    pending
-        .commit(&blobs.join(info.digest.hex()))
-        .map_err(werr2)?;
+    blobs.commit(pending, &info.digest).map_err(werr2)?;
     Ok(info)
 }
 
@@ -393,8 +395,8 @@ mod tests {
         ] {
             let d1 = tempfile::tempdir().unwrap();
             let d2 = tempfile::tempdir().unwrap();
-            let a = write_layer(&e, 0, c, d1.path(), &Step::none()).unwrap();
-            let b = write_layer(&e, 0, c, d2.path(), &Step::none()).unwrap();
+            let a = write_layer(&e, 0, c, &crate::sink::file::BlobDir::plain(d1.path()).unwrap(), &Step::none()).unwrap();
+            let b = write_layer(&e, 0, c, &crate::sink::file::BlobDir::plain(d2.path()).unwrap(), &Step::none()).unwrap();
             assert_eq!(a, b);
             assert_eq!(
                 std::fs::read(d1.path().join(a.digest.hex())).unwrap().len() as u64,
@@ -408,7 +410,7 @@ mod tests {
         let mut e = Entries::new();
         e.insert(b"f".to_vec(), file(b"x", 0o644));
         let d = tempfile::tempdir().unwrap();
-        let info = write_layer(&e, 0, Compression::None, d.path(), &Step::none()).unwrap();
+        let info = write_layer(&e, 0, Compression::None, &crate::sink::file::BlobDir::plain(d.path()).unwrap(), &Step::none()).unwrap();
         assert_eq!(info.digest, info.diff_id);
     }
 }

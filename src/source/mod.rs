@@ -48,6 +48,8 @@ pub enum Error {
     },
     #[error("{}: {message}", path.display())]
     Invalid { path: PathBuf, message: String },
+    #[error("{}: the store's list of names is corrupt ({message}); run `kiln store repair --store {}` to rebuild it from the store's blobs and kiln's index (or remove the file: the blobs stay, the names go)", path.display(), path.parent().unwrap_or(path).display())]
+    Corrupt { path: PathBuf, message: String },
     #[error("{message}")]
     NotFound { message: String },
     #[error("{0}")]

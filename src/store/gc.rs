@@ -1,23 +1,30 @@
-//! `kiln store gc`: deletes the blobs no named image references.
+//! `kiln store gc`: deletes the blobs no named image references and no
+//! running kiln holds (see [`super::lease`]), and the leftovers of kiln
+//! processes that are gone. The same sweep undoes a failed command's
+//! blobs ([`Store::abandon`]).
 
 use std::collections::BTreeSet;
-use std::fs;
 
+use super::lease::Swept;
 use super::{Error, Store};
 use crate::image::{Descriptor, Digest, Index, Manifest};
 
 impl Store {
-    /// Deletes every blob no named image references; returns (blobs, bytes) freed.
-    pub fn gc(&self) -> Result<(usize, u64), Error> {
-        let _lock = self.lock()?;
+    /// Every blob the named images reference (manifests, indexes, configs,
+    /// layers), as far as they can be read.
+    fn named_closure(&self) -> Result<BTreeSet<Digest>, Error> {
         let mut keep: BTreeSet<Digest> = BTreeSet::new();
+        let root = self.root()?;
         // Manifests and indexes to read; configs and layers are leaves, kept unread.
         let mut todo: Vec<Descriptor> = self.index()?.manifests;
         while let Some(d) = todo.pop() {
             if !keep.insert(d.digest.clone()) || d.size > crate::limits::MAX_JSON_BLOB {
                 continue;
             }
-            let Ok(bytes) = fs::read(self.blob_path(&d.digest)) else {
+            let Ok(bytes) = root.read(
+                format!("blobs/sha256/{}", d.digest.hex()),
+                crate::limits::MAX_JSON_BLOB,
+            ) else {
                 continue;
             };
             if d.media_type.is_index_with(&bytes) {
@@ -29,19 +36,33 @@ impl Store {
                 keep.extend(m.layers.into_iter().map(|l| l.digest));
             }
         }
-        let (mut n, mut bytes) = (0, 0);
-        let blobs = self.blobs();
-        for e in fs::read_dir(&blobs).map_err(self.io(&blobs))? {
-            let e = e.map_err(self.io(&blobs))?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            if Digest::from_hex(&name).is_some_and(|d| keep.contains(&d)) {
-                continue;
-            }
-            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-            fs::remove_file(e.path()).map_err(self.io(&e.path()))?;
-            n += 1;
-            bytes += size;
+        Ok(keep)
+    }
+
+    /// Deletes every blob no named image references and no running kiln
+    /// holds, and what finished kiln processes left behind.
+    pub fn gc(&self) -> Result<Swept, Error> {
+        let _lock = self.lock()?;
+        let keep = self.named_closure()?;
+        self.sweep(keep, None)
+    }
+
+    /// Undoes a failed command: removes the blobs this process put into
+    /// the store that no named image references and no other running kiln
+    /// holds. Best effort; returns what it removed.
+    pub fn abandon(&self) -> Swept {
+        let Some(lease) = self.lease() else {
+            return Swept::default();
+        };
+        let created = lease.created();
+        if created.is_empty() {
+            return Swept::default();
         }
-        Ok((n, bytes))
+        let run = || {
+            let _lock = self.lock()?;
+            let keep = self.named_closure()?;
+            self.sweep(keep, Some(&created))
+        };
+        run().unwrap_or_default()
     }
 }

@@ -13,6 +13,7 @@
 //! store too.
 
 mod gc;
+mod lease;
 mod names;
 mod search;
 
@@ -21,11 +22,12 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+pub use lease::{Lease, Swept};
 pub use names::Listed;
 pub use search::Stores;
 
 use crate::image::{Descriptor, Digest, ImageConfig, Platform, Reference};
-use crate::sink::{file::write_blob, Blob, Sink};
+use crate::sink::{file::BlobDir, Blob, Sink};
 pub use crate::source::Error;
 use crate::source::{BlobFile, Source};
 
@@ -111,6 +113,20 @@ impl Store {
         Ok(())
     }
 
+    /// Where new blobs go: `blobs/sha256`, by way of `.kiln/tmp`, under
+    /// this process's lease.
+    pub fn blob_dir(&self) -> Result<BlobDir, Error> {
+        let werr = |path: PathBuf| move |source| Error::Write { path, source };
+        let root = crate::fsx::DirFd::create(&self.dir).map_err(werr(self.dir.clone()))?;
+        let blobs = root
+            .create_dir("blobs/sha256")
+            .map_err(werr(self.blobs()))?;
+        let tmp = root
+            .create_dir(lease::TMP_DIR)
+            .map_err(werr(self.dir.join(lease::TMP_DIR)))?;
+        Ok(BlobDir::leased(blobs, tmp, self.lease()))
+    }
+
     /// Checks a blob file against its descriptor (once per process) and returns its path.
     pub fn verify(&self, d: &Descriptor) -> Result<PathBuf, Error> {
         let p = self.blob_path(&d.digest);
@@ -135,21 +151,24 @@ impl Store {
             }
             // A manifest held by the store but not named (one platform of
             // an index); a blob too large to be one is not read.
-            let p = self.blob_path(d);
-            let Some(md) = std::fs::metadata(&p)
+            let Some(len) = self
+                .root()?
+                .stat(format!("blobs/sha256/{}", d.hex()))
                 .ok()
-                .filter(|m| m.len() <= crate::limits::MAX_JSON_BLOB)
+                .flatten()
+                .map(|st| st.st_size as u64)
+                .filter(|&n| n <= crate::limits::MAX_JSON_BLOB)
             else {
                 return Ok(None);
             };
-            let probe = Descriptor::new(crate::image::MediaType::default(), d.clone(), md.len());
+            let probe = Descriptor::new(crate::image::MediaType::default(), d.clone(), len);
             let bytes = self.read_blob(&probe)?;
             let media_type = if crate::image::json_is_index(&bytes) {
                 crate::image::MediaType::OciIndex
             } else {
                 crate::image::MediaType::OciManifest
             };
-            return Ok(Some(Descriptor::new(media_type, d.clone(), md.len())));
+            return Ok(Some(Descriptor::new(media_type, d.clone(), len)));
         }
         let name = r.name();
         Ok(index
@@ -240,8 +259,30 @@ impl Source for Store {
         ))
     }
 
+    /// Opens a blob beneath the store with no links followed (a link or
+    /// anything but a regular file is an error naming it; nothing about
+    /// its target is read), leased so gc keeps it while this process runs.
     fn open_blob(&self, d: &Descriptor) -> Result<Box<dyn Read + Send + '_>, Error> {
-        crate::source::open_file(&self.blob_path(&d.digest), &self.dir, d)
+        let rel = format!("blobs/sha256/{}", d.digest.hex());
+        let open = || {
+            let root = self.root()?;
+            match root.open_file(&rel) {
+                Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))
+                    as Box<dyn Read + Send>),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
+                    path: self.dir.clone(),
+                    what: format!("blob {}", d.digest),
+                }),
+                Err(source) => Err(Error::Io {
+                    path: root.join(&rel),
+                    source,
+                }),
+            }
+        };
+        match self.lease() {
+            Some(l) => l.hold(&d.digest, false, open),
+            None => open(),
+        }
     }
 
     fn blob_file(&self, d: &Descriptor) -> Option<BlobFile> {
@@ -255,22 +296,22 @@ impl Sink for Store {
     }
 
     fn has_blob(&self, d: &Descriptor) -> Result<bool, Error> {
-        Ok(std::fs::metadata(self.blob_path(&d.digest))
-            .is_ok_and(|m| m.is_file() && m.len() == d.size))
+        self.blob_dir()?.has(d)
     }
 
     /// Always a copy, never a hard link: a store blob never shares its
     /// inode with a file outside the store that could change under it.
     fn put_blob(&self, blob: Blob<'_>) -> Result<(), Error> {
-        write_blob(&self.blobs(), blob.desc, &mut blob.reader()?, blob.from())?;
+        self.blob_dir()?
+            .write_blob(blob.desc, &mut blob.reader()?, blob.from())?;
         Ok(())
     }
 
     fn put_manifest(&self, d: &Descriptor, bytes: &[u8]) -> Result<(), Error> {
-        if self.has_blob(d)? {
-            return Ok(());
+        let dir = self.blob_dir()?;
+        if !dir.has(d)? {
+            dir.write_blob(d, &mut &bytes[..], PathBuf::from("(memory)"))?;
         }
-        write_blob(&self.blobs(), d, &mut &bytes[..], PathBuf::from("(memory)"))?;
         Ok(())
     }
 

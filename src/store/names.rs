@@ -1,7 +1,7 @@
 //! A store's `index.json`: read, written atomically under the store's lock
 //! file, and the names in it (`tag`, `list`, `remove`).
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io;
 use std::path::Path;
 
@@ -69,11 +69,15 @@ pub(super) fn name_entries(
 impl Store {
     pub(super) fn index(&self) -> Result<Index, Error> {
         let p = self.dir.join("index.json");
-        match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| Error::Json {
+        let root = match crate::fsx::DirFd::open(&self.dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Index::new()),
+            Err(e) => return Err(self.io(&self.dir)(e)),
+        };
+        match root.read("index.json", crate::limits::MAX_STORE_INDEX) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| Error::Corrupt {
                 path: p,
-                what: "index.json".into(),
-                source,
+                message: source.to_string(),
             }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Index::new()),
             Err(e) => Err(self.io(&p)(e)),
@@ -81,18 +85,27 @@ impl Store {
     }
 
     pub(super) fn write_index(&self, index: &Index) -> Result<(), Error> {
-        crate::sink::file::write_atomic(&self.dir.join("index.json"), &canonical_json(index))
+        let root = self.root()?;
+        let tmp = root
+            .create_dir(super::lease::TMP_DIR)
+            .map_err(self.io(&self.dir.join(super::lease::TMP_DIR)))?;
+        crate::sink::file::write_atomic_in(&root, tmp, "index.json", &canonical_json(index))
     }
 
     /// Creates the layout if needed and takes the store's write lock.
     pub(super) fn lock(&self) -> Result<File, Error> {
-        fs::create_dir_all(self.blobs()).map_err(self.io(&self.dir))?;
-        let layout = self.dir.join("oci-layout");
-        if !layout.exists() {
-            crate::sink::file::write_atomic(&layout, crate::sink::OCI_LAYOUT)?;
+        let wio = |path: std::path::PathBuf| move |source| Error::Write { path, source };
+        let root = crate::fsx::DirFd::create(&self.dir).map_err(wio(self.dir.clone()))?;
+        root.create_dir("blobs/sha256")
+            .map_err(wio(self.blobs()))?;
+        let tmp = root
+            .create_dir(super::lease::TMP_DIR)
+            .map_err(wio(self.dir.join(super::lease::TMP_DIR)))?;
+        if root.stat("oci-layout").map_err(self.io(&self.dir))?.is_none() {
+            crate::sink::file::write_atomic_in(&root, tmp, "oci-layout", crate::sink::OCI_LAYOUT)?;
         }
         let lock = self.dir.join(".kiln-lock");
-        let f = File::create(&lock).map_err(self.io(&lock))?;
+        let f = root.open_rw(".kiln-lock").map_err(wio(lock.clone()))?;
         rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| self.io(&lock)(e.into()))?;
         Ok(f)

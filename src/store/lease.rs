@@ -1,0 +1,271 @@
+//! Leases: what a live kiln process holds in a store, so `kiln store gc`
+//! running beside it removes none of it (containerd's content store has
+//! the same idea).
+//!
+//! Each process that writes to (or reads from) a store takes a lease: a
+//! file `.kiln/leases/<pid>-<random>` it holds an exclusive `flock` on for
+//! as long as it runs. Before a blob is renamed into place, or found
+//! already there and used, its digest is appended to the lease; that and
+//! the rename (or the check) happen under a shared lock on
+//! `.kiln/gc.lock`. gc takes that lock exclusively, so it sees every
+//! lease line of every blob it could see. A lease whose lock can be taken
+//! belongs to a process that is gone: gc removes it and that process's
+//! temporary files in `.kiln/tmp`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{self, BufRead, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rustix::fs::{flock, FlockOperation};
+
+use super::{Error, Store};
+use crate::fsx::DirFd;
+use crate::Digest;
+
+/// kiln's own directory inside a store.
+pub const KILN_DIR: &str = ".kiln";
+/// Temporary files of blobs and index files being written.
+pub const TMP_DIR: &str = ".kiln/tmp";
+pub const LEASES_DIR: &str = ".kiln/leases";
+const GC_LOCK: &str = ".kiln/gc.lock";
+
+/// This process's lease on one store.
+pub struct Lease {
+    root: DirFd,
+    file: Mutex<File>,
+    name: OsString,
+    /// Blobs this process renamed into place (it made them).
+    created: Mutex<Vec<Digest>>,
+    /// Digests already written to the lease file.
+    recorded: Mutex<HashSet<Digest>>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lease({})", self.root.join(LEASES_DIR).join(&self.name).display())
+    }
+}
+
+fn leases() -> &'static Mutex<HashMap<PathBuf, Arc<Lease>>> {
+    static L: OnceLock<Mutex<HashMap<PathBuf, Arc<Lease>>>> = OnceLock::new();
+    L.get_or_init(Default::default)
+}
+
+/// Takes the gc lock (shared for writers, exclusive for gc).
+fn gc_lock(root: &DirFd, exclusive: bool) -> io::Result<File> {
+    let f = root.open_rw(GC_LOCK)?;
+    let op = if exclusive {
+        FlockOperation::LockExclusive
+    } else {
+        FlockOperation::LockShared
+    };
+    flock(&f, op)?;
+    Ok(f)
+}
+
+impl Lease {
+    /// Runs `f` under the shared gc lock (gc cannot be between its scan
+    /// of leases and its deletions meanwhile).
+    pub fn guard<T>(&self, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+        let _shared = gc_lock(&self.root, false).map_err(|source| Error::Write {
+            path: self.root.join(GC_LOCK),
+            source,
+        })?;
+        f()
+    }
+
+    /// Records `digest` in the lease, then runs `f` (a rename into place,
+    /// or a check that the blob is there) under the shared gc lock.
+    /// `created` says `f` puts the blob there.
+    pub fn hold<T>(
+        &self,
+        digest: &Digest,
+        created: bool,
+        f: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.guard(|| {
+            if self.recorded.lock().unwrap().insert(digest.clone()) {
+                let mut file = self.file.lock().unwrap();
+                writeln!(file, "{}", digest.hex()).map_err(|source| Error::Write {
+                    path: self.root.join(LEASES_DIR).join(&self.name),
+                    source,
+                })?;
+            }
+            let r = f()?;
+            if created {
+                self.created.lock().unwrap().push(digest.clone());
+            }
+            Ok(r)
+        })
+    }
+
+    /// Blobs this process put into the store.
+    pub fn created(&self) -> Vec<Digest> {
+        self.created.lock().unwrap().clone()
+    }
+}
+
+/// What a sweep of a store removed.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Swept {
+    pub blobs: usize,
+    pub bytes: u64,
+    /// Temporary files of processes that are gone.
+    pub temps: usize,
+    pub temp_bytes: u64,
+    /// Leases of processes that are gone.
+    pub leases: usize,
+}
+
+impl Swept {
+    /// One line for people.
+    pub fn render(&self) -> String {
+        format!(
+            "removed {} blobs ({} bytes), {} temporary files of finished processes ({} bytes), {} stale leases",
+            self.blobs, self.bytes, self.temps, self.temp_bytes, self.leases
+        )
+    }
+}
+
+impl Store {
+    /// The store's directory, opened (its own path may hold links; nothing
+    /// beneath it is followed).
+    pub fn root(&self) -> Result<DirFd, Error> {
+        DirFd::open(&self.dir).map_err(|source| Error::Io {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+
+    /// This process's lease on the store (taken on first use). `None`
+    /// where the store cannot be written (a read-only `vendor-images/`).
+    fn lease_key(&self) -> PathBuf {
+        std::path::absolute(&self.dir).unwrap_or_else(|_| self.dir.clone())
+    }
+
+    pub fn lease(&self) -> Option<Arc<Lease>> {
+        let key = self.lease_key();
+        let mut all = leases().lock().unwrap();
+        if let Some(l) = all.get(&key) {
+            return Some(l.clone());
+        }
+        let root = self.root().ok()?;
+        let dir = root.create_dir(LEASES_DIR).ok()?;
+        root.create_dir(TMP_DIR).ok()?;
+        let _shared = gc_lock(&root, false).ok()?;
+        let name = OsString::from(format!(
+            "{}-{:08x}",
+            std::process::id(),
+            crate::sink::file::rand_u64() & 0xffff_ffff
+        ));
+        let file = dir.create_new(&name).ok()?;
+        flock(&file, FlockOperation::LockExclusive).ok()?;
+        let lease = Arc::new(Lease {
+            root,
+            file: Mutex::new(file),
+            name,
+            created: Mutex::default(),
+            recorded: Mutex::default(),
+        });
+        all.insert(key, lease.clone());
+        Some(lease)
+    }
+
+    /// Removes every blob that no named image references and no live
+    /// lease holds, the leases and temporary files of processes that are
+    /// gone; with `only`, just those blobs (undoing a failed command).
+    pub(super) fn sweep(&self, keep: BTreeSet<Digest>, only: Option<&[Digest]>) -> Result<Swept, Error> {
+        let root = self.root()?;
+        let ioe = |p: PathBuf| move |source| Error::Io { path: p, source };
+        let own = leases()
+            .lock()
+            .unwrap()
+            .get(&self.lease_key())
+            .map(|l| l.name.clone());
+        root.create_dir(KILN_DIR).map_err(ioe(root.join(KILN_DIR)))?;
+        let _gc = gc_lock(&root, true).map_err(ioe(root.join(GC_LOCK)))?;
+        let mut keep = keep;
+        let mut swept = Swept::default();
+        let mut live_pids = BTreeSet::new();
+        if let Ok(dir) = root.dir(LEASES_DIR) {
+            for name in dir.names().map_err(ioe(dir.path.clone()))? {
+                let pid = name
+                    .to_str()
+                    .and_then(|n| n.split('-').next())
+                    .and_then(|p| p.parse::<u32>().ok());
+                if Some(&name) == own.as_ref() {
+                    // Our own lease: undoing our blobs must not keep them.
+                    live_pids.extend(pid);
+                    continue;
+                }
+                let Ok(f) = dir.open_rw(&name) else {
+                    continue;
+                };
+                match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => {
+                        // Its process is gone.
+                        if only.is_none() {
+                            let _ = dir.remove(&name);
+                            swept.leases += 1;
+                        }
+                    }
+                    Err(_) => {
+                        live_pids.extend(pid);
+                        for line in io::BufReader::new(&f).lines().map_while(Result::ok) {
+                            keep.extend(Digest::from_hex(line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        if only.is_none() {
+            if let Ok(tmp) = root.dir(TMP_DIR) {
+                for name in tmp.names().map_err(ioe(tmp.path.clone()))? {
+                    let pid = crate::sink::file::temp_pid(&name);
+                    if pid.is_some_and(|p| live_pids.contains(&p)) {
+                        continue;
+                    }
+                    let size = tmp.stat(&name).ok().flatten().map_or(0, |s| s.st_size as u64);
+                    if tmp.remove(&name).is_ok() {
+                        swept.temps += 1;
+                        swept.temp_bytes += size;
+                    }
+                }
+            }
+        }
+        let blobs = match root.dir("blobs/sha256") {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(swept),
+            Err(e) => return Err(ioe(root.join("blobs/sha256"))(e)),
+        };
+        let names: Vec<OsString> = match only {
+            Some(list) => list.iter().map(|d| OsString::from(d.hex())).collect(),
+            None => blobs.names().map_err(ioe(blobs.path.clone()))?,
+        };
+        for name in names {
+            let digest = name.to_str().and_then(Digest::from_hex);
+            if digest.as_ref().is_some_and(|d| keep.contains(d)) {
+                continue;
+            }
+            // Temporary files of kiln before 0.2 lay beside the blobs.
+            if let Some(pid) = crate::sink::file::temp_pid(&name) {
+                if live_pids.contains(&pid) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                    continue;
+                }
+            }
+            let Some(st) = blobs.stat(&name).ok().flatten() else {
+                continue;
+            };
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory {
+                continue;
+            }
+            blobs.remove(&name).map_err(ioe(blobs.join(&name)))?;
+            swept.blobs += 1;
+            swept.bytes += st.st_size as u64;
+        }
+        Ok(swept)
+    }
+}
