@@ -83,8 +83,14 @@ fn benches(c: &mut Criterion) {
     ] {
         g.bench_function(name, |b| {
             b.iter(|| {
-                layer::write_layer(&entries, 0, comp, &kiln::sink::file::BlobDir::plain(out.path()).unwrap(), &kiln::progress::Step::none())
-                    .unwrap()
+                layer::write_layer(
+                    &entries,
+                    0,
+                    comp,
+                    &kiln::sink::file::BlobDir::plain(out.path()).unwrap(),
+                    &kiln::progress::Step::none(),
+                )
+                .unwrap()
             })
         });
     }

@@ -161,10 +161,23 @@ pub enum StoreCommand {
         #[command(flatten)]
         store: StoreArg,
     },
-    /// Delete blobs no named image references.
+    /// Delete blobs no named image references and no running kiln holds, and what finished kiln
+    /// processes left behind (temporary files, leases).
     Gc {
         #[command(flatten)]
         store: StoreArg,
+    },
+    /// Rebuild the store's index.json (its names) from its blobs and kiln's index: for a store
+    /// whose index.json is corrupt or was lost.
+    Repair {
+        #[command(flatten)]
+        store: StoreArg,
+        /// The local index whose entries name the store's images (default $XDG_CACHE_HOME/kiln/index).
+        #[arg(long, value_name = "DIR")]
+        index: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -179,8 +179,13 @@ impl DirFd {
     /// that is not a regular file is an error naming it.
     pub fn open_file(&self, rel: impl AsRef<Path>) -> io::Result<File> {
         let rel = rel.as_ref();
-        let fd = open_beneath(self.fd(), rel, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
-            .map_err(|e| self.link_error(rel, e))?;
+        let fd = open_beneath(
+            self.fd(),
+            rel,
+            OFlags::RDONLY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| self.link_error(rel, e))?;
         let st = rustix::fs::fstat(&fd)?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(not_regular(&self.join(rel), describe(&st)));
@@ -398,7 +403,10 @@ mod tests {
         assert_eq!(std::fs::read(&outside).unwrap(), b"secret");
         assert!(!d.has_file("blobs/x", 6));
         let e = d.read("../outside", 100).unwrap_err();
-        assert!(e.raw_os_error().is_some() || e.to_string().contains("relative"), "{e}");
+        assert!(
+            e.raw_os_error().is_some() || e.to_string().contains("relative"),
+            "{e}"
+        );
     }
 
     #[test]

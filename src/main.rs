@@ -26,12 +26,31 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    raise_open_file_limit();
     let cli = Cli::parse();
-    match run(cli) {
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kiln: error: {}", error_text(&e));
             ExitCode::from(1)
+        }
+    };
+    kiln::store::release_leases();
+    code
+}
+
+/// The walk keeps a directory open while its subdirectories wait; a deep,
+/// branching tree needs more descriptors than the usual soft limit of 1024.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
     }
 }
@@ -613,12 +632,12 @@ fn store(cmd: StoreCommand) -> Result<()> {
                     s.abandon();
                 })
                 .with_context(|| {
-                format!(
-                    "importing {} into the store {}",
-                    image.display(),
-                    s.dir.display()
-                )
-            })?;
+                    format!(
+                        "importing {} into the store {}",
+                        image.display(),
+                        s.dir.display()
+                    )
+                })?;
             for (d, names) in copied.images {
                 for n in names {
                     println!("{n}\t{}", d.digest);
@@ -639,6 +658,37 @@ fn store(cmd: StoreCommand) -> Result<()> {
         StoreCommand::Rm { reference, store } => {
             let n = store.store().remove(&reference)?;
             println!("removed {n} name(s); run `kiln store gc` to free unreferenced blobs");
+        }
+        StoreCommand::Repair { store, index, json } => {
+            let s = store.store();
+            let idx = kiln::index::LocalIndex::new(
+                index.unwrap_or_else(kiln::index::LocalIndex::default_dir),
+            );
+            let known: Vec<_> = idx
+                .list(None)?
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.manifest_digest,
+                        format!("kiln.local/index/{}:{}", e.name, e.index_digest),
+                    )
+                })
+                .collect();
+            let r = s.repair(&known)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                if let Some(m) = &r.moved {
+                    println!("moved the unreadable index.json to {}", m.display());
+                }
+                println!("kept {} name(s) from index.json", r.kept);
+                for n in &r.restored {
+                    println!("restored {n} (from kiln's index)");
+                }
+                for n in &r.recovered {
+                    println!("recovered {n} (an image with no name left)");
+                }
+            }
         }
         StoreCommand::Gc { store } => {
             let swept = store.store().gc()?;

@@ -513,10 +513,7 @@ pub(super) fn parents(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     // The deepest parent within the limit: a cut at a '/' at most `max` in.
     let mut cur = if path.len() > max {
         let window = &path[..=max];
-        match window.iter().rposition(|&c| c == b'/') {
-            Some(i) => Some(&path[..i]),
-            None => None,
-        }
+        window.iter().rposition(|&c| c == b'/').map(|i| &path[..i])
     } else {
         path.iter().rposition(|&c| c == b'/').map(|i| &path[..i])
     };

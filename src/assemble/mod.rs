@@ -241,6 +241,7 @@ pub fn execute(
         .dockerfile
         .instructions
         .iter()
+        .rev()
         .max_by_key(|i| i.text.len())
         .map(|i| (plan.context.original_line(i.line), i.text.len()));
     let dockerfile_path = plan.context.dockerfile_path();

@@ -59,7 +59,18 @@ impl HashCache {
             fresh: Mutex::new(Vec::new()),
             hits: Default::default(),
         };
-        let Ok(bytes) = fs::read(path) else {
+        // Never through a link (a cache is kiln's own file).
+        let read = || -> io::Result<Vec<u8>> {
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let name = path
+                .file_name()
+                .ok_or_else(|| io::Error::other("no file name"))?;
+            crate::fsx::DirFd::open(dir)?.read(name, u64::MAX / 2)
+        };
+        let Ok(bytes) = read() else {
             return cache;
         };
         if bytes.len() < 24 || &bytes[..8] != MAGIC || (bytes.len() - 24) % RECORD != 0 {

@@ -134,11 +134,8 @@ pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<W
     // Archive-path order: a directory sorts as its name plus '/', which is
     // what full paths of files do bytewise; directories compare with '/'.
     out.entries.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    out.dirs.par_sort_unstable_by(|a, b| {
-        a.0.iter()
-            .chain(b"/")
-            .cmp(b.0.iter().chain(b"/"))
-    });
+    out.dirs
+        .par_sort_unstable_by(|a, b| a.0.iter().chain(b"/").cmp(b.0.iter().chain(b"/")));
     Ok(out)
 }
 
@@ -212,9 +209,7 @@ fn read_dir(p: Pending, w: &Walker<'_>, root: &Path) -> Result<(Walked, Vec<Pend
                     };
                     return Ok((out, Some(sub)));
                 }
-                FileType::RegularFile => {
-                    out.entries.push((archive, regular(&fd, &name, path, w)?))
-                }
+                FileType::RegularFile => out.entries.push((archive, regular(&fd, &name, path, w)?)),
                 _ => out.entries.push((archive, file_entry(&path, root)?)),
             }
             Ok((out, None))

@@ -395,8 +395,22 @@ mod tests {
         ] {
             let d1 = tempfile::tempdir().unwrap();
             let d2 = tempfile::tempdir().unwrap();
-            let a = write_layer(&e, 0, c, &crate::sink::file::BlobDir::plain(d1.path()).unwrap(), &Step::none()).unwrap();
-            let b = write_layer(&e, 0, c, &crate::sink::file::BlobDir::plain(d2.path()).unwrap(), &Step::none()).unwrap();
+            let a = write_layer(
+                &e,
+                0,
+                c,
+                &crate::sink::file::BlobDir::plain(d1.path()).unwrap(),
+                &Step::none(),
+            )
+            .unwrap();
+            let b = write_layer(
+                &e,
+                0,
+                c,
+                &crate::sink::file::BlobDir::plain(d2.path()).unwrap(),
+                &Step::none(),
+            )
+            .unwrap();
             assert_eq!(a, b);
             assert_eq!(
                 std::fs::read(d1.path().join(a.digest.hex())).unwrap().len() as u64,
@@ -410,7 +424,14 @@ mod tests {
         let mut e = Entries::new();
         e.insert(b"f".to_vec(), file(b"x", 0o644));
         let d = tempfile::tempdir().unwrap();
-        let info = write_layer(&e, 0, Compression::None, &crate::sink::file::BlobDir::plain(d.path()).unwrap(), &Step::none()).unwrap();
+        let info = write_layer(
+            &e,
+            0,
+            Compression::None,
+            &crate::sink::file::BlobDir::plain(d.path()).unwrap(),
+            &Step::none(),
+        )
+        .unwrap();
         assert_eq!(info.digest, info.diff_id);
     }
 }

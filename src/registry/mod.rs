@@ -200,6 +200,29 @@ impl Client {
         headers: &[(&str, String)],
         payload: &Payload<'_>,
     ) -> Result<http::Response<ureq::Body>, Error> {
+        self.send_with(method, url, headers, payload, self.retries)
+    }
+
+    /// Waits the backoff before retry number `attempt` (1, 2, ...).
+    pub fn backoff(&self, attempt: u32) {
+        std::thread::sleep(self.backoff * 2u32.pow(attempt.saturating_sub(1)));
+    }
+
+    /// Retries after the first attempt.
+    pub fn retries(&self) -> u32 {
+        self.retries
+    }
+
+    /// [`Client::send`] with at most `retries` retries (0: an upload to a
+    /// session, which a failure may have ended: the caller starts anew).
+    fn send_with(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, String)],
+        payload: &Payload<'_>,
+        retries: u32,
+    ) -> Result<http::Response<ureq::Body>, Error> {
         let mut authorization = self.cached_authorization(url);
         let mut authed = false;
         let mut attempt = 0;
@@ -221,13 +244,13 @@ impl Client {
                         url: url.to_string(),
                     })
                 }
-                Ok(resp) if resp.status().is_server_error() && attempt < self.retries => {
+                Ok(resp) if resp.status().is_server_error() && attempt < retries => {
                     attempt += 1;
-                    std::thread::sleep(self.backoff * 2u32.pow(attempt - 1));
+                    self.backoff(attempt);
                 }
-                Err(Error::Transport { .. }) if attempt < self.retries => {
+                Err(Error::Transport { .. }) if attempt < retries => {
                     attempt += 1;
-                    std::thread::sleep(self.backoff * 2u32.pow(attempt - 1));
+                    self.backoff(attempt);
                 }
                 other => return other,
             }
@@ -389,6 +412,66 @@ impl Client {
         }
     }
 
+    /// Sends one request of an upload session, never retried on its own (a
+    /// failure may have ended the session; the caller opens a new one).
+    /// Large bodies ask `Expect: 100-continue`, so a registry that refuses
+    /// the upload says why before the body is sent; if sending still
+    /// fails, the session's status is asked and reported with the error.
+    fn send_upload(
+        &self,
+        method: &str,
+        url: &str,
+        session: &str,
+        headers: &[(&str, String)],
+        payload: &Payload<'_>,
+    ) -> Result<http::Response<ureq::Body>, Error> {
+        let mut headers = headers.to_vec();
+        if payload.len() >= 64 << 10 {
+            headers.push(("Expect", "100-continue".to_string()));
+        }
+        match self.send_with(method, url, &headers, payload, 0) {
+            Err(Error::Transport {
+                method,
+                url,
+                message,
+            }) => {
+                let status = match self.send_with("GET", session, &[], &Payload::Empty, 0) {
+                    Ok(mut resp) => {
+                        let body = resp
+                            .body_mut()
+                            .with_config()
+                            .limit(4096)
+                            .read_to_string()
+                            .unwrap_or_default();
+                        format!(
+                            "; the registry then answered {}{}{}",
+                            resp.status().as_u16(),
+                            if body.trim().is_empty() { "" } else { ": " },
+                            body.trim()
+                        )
+                    }
+                    Err(_) => "; the registry did not answer a status request either".into(),
+                };
+                Err(Error::Transport {
+                    method,
+                    url,
+                    message: format!("{message}{status}"),
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// Whether an upload failure is worth a new session: the connection
+    /// failed, the registry failed (5xx), or it forgot the session (404).
+    pub fn upload_retryable(e: &Error) -> bool {
+        match e {
+            Error::Transport { .. } => true,
+            Error::Http { status, .. } => *status >= 500 || *status == 404,
+            _ => false,
+        }
+    }
+
     /// Uploads a blob at `location`: one PUT if it fits in `chunk` bytes
     /// (or `chunk` is 0), else PATCHes of `chunk` bytes and a closing PUT.
     pub fn upload(
@@ -406,7 +489,7 @@ impl Client {
         let octet = ("Content-Type", "application/octet-stream".to_string());
         if chunk == 0 || size <= chunk {
             let url = with_digest(location);
-            let resp = self.send("PUT", &url, &[octet], src)?;
+            let resp = self.send_upload("PUT", &url, location, &[octet], src)?;
             if resp.status().as_u16() != 201 {
                 return Err(Self::fail("PUT", &url, resp));
             }
@@ -425,8 +508,9 @@ impl Client {
                     Payload::Empty => Payload::Empty,
                 };
                 let range = format!("{start}-{}", start + len - 1);
-                let resp = self.send(
+                let resp = self.send_upload(
                     "PATCH",
+                    &loc,
                     &loc,
                     &[octet.clone(), ("Content-Range", range)],
                     &part,
@@ -438,7 +522,7 @@ impl Client {
                 start += len;
             }
             let url = with_digest(&loc);
-            let resp = self.send("PUT", &url, &[octet], &Payload::Empty)?;
+            let resp = self.send_upload("PUT", &url, &loc, &[octet], &Payload::Empty)?;
             if resp.status().as_u16() != 201 {
                 return Err(Self::fail("PUT", &url, resp));
             }

@@ -234,7 +234,7 @@ impl BlobDir {
             Some(l) => l.hold(digest, true, put)?,
             None => put()?,
         }
-        Ok(self.blobs.join(&name))
+        Ok(self.blobs.join(name))
     }
 
     /// Whether the blob is there, as a regular file of its size (leased
@@ -250,9 +250,13 @@ impl BlobDir {
     /// Writes a blob from a stream that must be exactly the blob `d` names:
     /// verified as it is written; on a mismatch nothing is left. `from`
     /// names the source in errors.
-    pub fn write_blob(&self, d: &Descriptor, r: &mut dyn Read, from: PathBuf) -> Result<PathBuf, Error> {
+    pub fn write_blob(
+        &self,
+        d: &Descriptor,
+        r: &mut dyn Read,
+        from: PathBuf,
+    ) -> Result<PathBuf, Error> {
         let p = self.pending("blob")?;
-        let target = self.blobs.join(d.digest.hex());
         // A write error names the file being written.
         let werr = |p: &Pending, source| Error::Write {
             path: p.temp_path(),
@@ -281,7 +285,6 @@ impl BlobDir {
                 return Err(werr(&p, e));
             }
         }
-        let _ = &target;
         self.commit(p, &d.digest)
     }
 
@@ -327,11 +330,16 @@ pub fn clean_stale(dir: &Path) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let name = e.file_name();
-        let kind_ok = name.to_str().and_then(|n| n.strip_prefix(".kiln-")).is_some_and(|r| {
-            ["out-", "build-", "old-", "blob-", "file-", "layer-", "pull-"]
+        let kind_ok = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".kiln-"))
+            .is_some_and(|r| {
+                [
+                    "out-", "build-", "old-", "blob-", "file-", "layer-", "pull-", "read-",
+                ]
                 .iter()
                 .any(|k| r.starts_with(k))
-        });
+            });
         let Some(pid) = temp_pid(&name).filter(|_| kind_ok) else {
             continue;
         };
@@ -369,14 +377,18 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let good = Descriptor::new(crate::image::MediaType::OciConfig, Digest::of(b"abc"), 3);
         let dir = BlobDir::plain(d.path()).unwrap();
-        let p = dir.write_blob(&good, &mut &b"abc"[..], "src".into()).unwrap();
+        let p = dir
+            .write_blob(&good, &mut &b"abc"[..], "src".into())
+            .unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"abc");
         assert_eq!(
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o644
         );
         let bad = Descriptor::new(crate::image::MediaType::OciConfig, Digest::of(b"xyz"), 3);
-        let e = dir.write_blob(&bad, &mut &b"abc"[..], "src".into()).unwrap_err();
+        let e = dir
+            .write_blob(&bad, &mut &b"abc"[..], "src".into())
+            .unwrap_err();
         assert!(e.to_string().contains("does not match"), "{e}");
         let left: Vec<_> = fs::read_dir(d.path()).unwrap().collect();
         assert_eq!(left.len(), 1, "only the good blob remains");

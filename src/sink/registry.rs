@@ -134,14 +134,29 @@ impl Sink for RegistrySink {
                 Some(loc) => location = Some(loc),
             }
         }
-        let location = match location {
-            Some(l) => l,
-            None => self
-                .client
-                .start_upload(&self.repo, d.digest.as_str(), None)?
-                .expect("an upload without a mount gives a location"),
-        };
-        self.upload(&location, &blob)?;
+        // A failed upload session is not retried: a new one is opened (the
+        // registry may have restarted and forgotten the old one).
+        let mut attempt = 0;
+        loop {
+            let location = match location.take() {
+                Some(l) => l,
+                None => self
+                    .client
+                    .start_upload(&self.repo, d.digest.as_str(), None)?
+                    .expect("an upload without a mount gives a location"),
+            };
+            match self.upload(&location, &blob) {
+                Ok(()) => break,
+                Err(Error::Registry(e))
+                    if attempt < self.client.retries()
+                        && crate::registry::Client::upload_retryable(&e) =>
+                {
+                    attempt += 1;
+                    self.client.backoff(attempt);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let mut r = self.report.lock().unwrap();
         r.uploaded += 1;
         r.bytes_uploaded += d.size;

@@ -88,9 +88,13 @@ impl ImageFile {
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             let mut t = tempfile::Builder::new()
-                .prefix(".kiln-read-")
+                .prefix(&crate::sink::file::temp_prefix("read"))
                 .tempfile_in(dir)
-                .or_else(|_| tempfile::NamedTempFile::new())
+                .or_else(|_| {
+                    tempfile::Builder::new()
+                        .prefix(&crate::sink::file::temp_prefix("read"))
+                        .tempfile()
+                })
                 .map_err(ioe)?;
             let mut dec = decoder(
                 Codec::Zstd,
@@ -98,7 +102,23 @@ impl ImageFile {
                 &path.display().to_string(),
             )
             .map_err(ioe)?;
-            io::copy(&mut dec, t.as_file_mut()).map_err(ioe)?;
+            // A read error names the input; a write error (a full disk)
+            // names the temporary file it was decompressed into.
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = match dec.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(ioe(e)),
+                };
+                io::Write::write_all(t.as_file_mut(), &buf[..n]).map_err(|source| {
+                    Error::Write {
+                        path: t.path().to_path_buf(),
+                        source,
+                    }
+                })?;
+            }
             let tp = t.into_temp_path();
             (tp.to_path_buf(), Some(tp))
         } else {
@@ -224,10 +244,15 @@ impl ImageFile {
     /// Opens a member for streaming.
     fn open_member(&self, name: &str) -> Result<Option<Box<dyn Read + Send + '_>>, Error> {
         match &self.backing {
-            Backing::Dir(d) => match File::open(d.join(name)) {
+            // Beneath the layout with no links followed: a blob that is a
+            // link is an error naming it, its target never read.
+            Backing::Dir(d) => match crate::fsx::DirFd::open(d).and_then(|d| d.open_file(name)) {
                 Ok(f) => Ok(Some(Box::new(BufReader::with_capacity(1 << 20, f)))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(self.io(e)),
+                Err(e) => Err(Error::Io {
+                    path: d.join(name),
+                    source: e,
+                }),
             },
             Backing::Tar { file, members, .. } => {
                 let Some(&(off, size)) = members.get(name) else {

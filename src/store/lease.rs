@@ -45,7 +45,11 @@ pub struct Lease {
 
 impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Lease({})", self.root.join(LEASES_DIR).join(&self.name).display())
+        write!(
+            f,
+            "Lease({})",
+            self.root.join(LEASES_DIR).join(&self.name).display()
+        )
     }
 }
 
@@ -105,6 +109,17 @@ impl Lease {
     /// Blobs this process put into the store.
     pub fn created(&self) -> Vec<Digest> {
         self.created.lock().unwrap().clone()
+    }
+}
+
+/// Ends this process's leases (at exit: what they held is named by now,
+/// or was abandoned). A lease left by a killed process is gc's to remove.
+pub fn release_leases() {
+    let all: Vec<Arc<Lease>> = leases().lock().unwrap().drain().map(|(_, l)| l).collect();
+    for l in all {
+        if let Ok(dir) = l.root.dir(LEASES_DIR) {
+            let _ = dir.remove(&l.name);
+        }
     }
 }
 
@@ -177,7 +192,11 @@ impl Store {
     /// Removes every blob that no named image references and no live
     /// lease holds, the leases and temporary files of processes that are
     /// gone; with `only`, just those blobs (undoing a failed command).
-    pub(super) fn sweep(&self, keep: BTreeSet<Digest>, only: Option<&[Digest]>) -> Result<Swept, Error> {
+    pub(super) fn sweep(
+        &self,
+        keep: BTreeSet<Digest>,
+        only: Option<&[Digest]>,
+    ) -> Result<Swept, Error> {
         let root = self.root()?;
         let ioe = |p: PathBuf| move |source| Error::Io { path: p, source };
         let own = leases()
@@ -185,7 +204,8 @@ impl Store {
             .unwrap()
             .get(&self.lease_key())
             .map(|l| l.name.clone());
-        root.create_dir(KILN_DIR).map_err(ioe(root.join(KILN_DIR)))?;
+        root.create_dir(KILN_DIR)
+            .map_err(ioe(root.join(KILN_DIR)))?;
         let _gc = gc_lock(&root, true).map_err(ioe(root.join(GC_LOCK)))?;
         let mut keep = keep;
         let mut swept = Swept::default();
@@ -228,7 +248,11 @@ impl Store {
                     if pid.is_some_and(|p| live_pids.contains(&p)) {
                         continue;
                     }
-                    let size = tmp.stat(&name).ok().flatten().map_or(0, |s| s.st_size as u64);
+                    let size = tmp
+                        .stat(&name)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |s| s.st_size as u64);
                     if tmp.remove(&name).is_ok() {
                         swept.temps += 1;
                         swept.temp_bytes += size;
@@ -252,7 +276,9 @@ impl Store {
             }
             // Temporary files of kiln before 0.2 lay beside the blobs.
             if let Some(pid) = crate::sink::file::temp_pid(&name) {
-                if live_pids.contains(&pid) || std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                if live_pids.contains(&pid)
+                    || std::path::Path::new(&format!("/proc/{pid}")).exists()
+                {
                     continue;
                 }
             }

@@ -15,6 +15,7 @@
 mod gc;
 mod lease;
 mod names;
+mod repair;
 mod search;
 
 use std::collections::HashSet;
@@ -22,8 +23,9 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-pub use lease::{Lease, Swept};
+pub use lease::{release_leases, Lease, Swept};
 pub use names::Listed;
+pub use repair::Repaired;
 pub use search::Stores;
 
 use crate::image::{Descriptor, Digest, ImageConfig, Platform, Reference};
@@ -267,8 +269,9 @@ impl Source for Store {
         let open = || {
             let root = self.root()?;
             match root.open_file(&rel) {
-                Ok(f) => Ok(Box::new(io::BufReader::with_capacity(1 << 20, f))
-                    as Box<dyn Read + Send>),
+                Ok(f) => {
+                    Ok(Box::new(io::BufReader::with_capacity(1 << 20, f)) as Box<dyn Read + Send>)
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
                     path: self.dir.clone(),
                     what: format!("blob {}", d.digest),

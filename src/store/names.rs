@@ -96,12 +96,15 @@ impl Store {
     pub(super) fn lock(&self) -> Result<File, Error> {
         let wio = |path: std::path::PathBuf| move |source| Error::Write { path, source };
         let root = crate::fsx::DirFd::create(&self.dir).map_err(wio(self.dir.clone()))?;
-        root.create_dir("blobs/sha256")
-            .map_err(wio(self.blobs()))?;
+        root.create_dir("blobs/sha256").map_err(wio(self.blobs()))?;
         let tmp = root
             .create_dir(super::lease::TMP_DIR)
             .map_err(wio(self.dir.join(super::lease::TMP_DIR)))?;
-        if root.stat("oci-layout").map_err(self.io(&self.dir))?.is_none() {
+        if root
+            .stat("oci-layout")
+            .map_err(self.io(&self.dir))?
+            .is_none()
+        {
             crate::sink::file::write_atomic_in(&root, tmp, "oci-layout", crate::sink::OCI_LAYOUT)?;
         }
         let lock = self.dir.join(".kiln-lock");
