@@ -1,7 +1,11 @@
-//! Limits on what untrusted images and archives can make kiln do: a cap on
-//! the decompression ratio (a small archive that inflates to terabytes is
-//! refused as a decompression bomb instead of filling the disk or burning
-//! hours), and on the declared size of JSON blobs read into memory.
+//! Every limit kiln puts on what untrusted input can make it do, named
+//! once here and listed in README's Security section: the decompression
+//! ratio (a small archive that inflates to terabytes is refused as a
+//! decompression bomb), the JSON kiln reads into memory and writes (the
+//! same limit both ways, so kiln never writes what it refuses to read),
+//! Dockerfile lines, parent directories given entries of their own, and
+//! symlink hops. Directory depth and path length have no limit: every
+//! walk is iterative and resolves names relative to a directory.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,6 +23,15 @@ pub const RATIO_FREE_BYTES: u64 = 1 << 30;
 pub const MAX_JSON_BLOB: u64 = 4 << 20;
 /// A store's `index.json` (one entry per name) larger than this is refused.
 pub const MAX_STORE_INDEX: u64 = 64 << 20;
+/// An entry of the local index (a few hundred bytes) larger than this is ignored.
+pub const MAX_INDEX_ENTRY: u64 = 1 << 20;
+/// A token answer from a registry's auth server larger than this is refused.
+pub const MAX_TOKEN_ANSWER: u64 = 1 << 20;
+/// `/etc/passwd` and `/etc/group` of a base image larger than this are not
+/// read for `USER` and `--chown` names.
+pub const MAX_USER_DB: u64 = 16 << 20;
+/// Symlinks followed while resolving one path inside an image (Linux's own limit).
+pub const MAX_SYMLINK_HOPS: usize = 40;
 /// Parent directories a COPY, ADD or WORKDIR creates get layer entries of
 /// their own down to this path length; deeper ones (no kernel call takes
 /// such a path whole) are left implied, and every extractor creates them

@@ -695,3 +695,286 @@ fn a_bearer_token_is_fetched_once_per_scope_and_reused() {
     assert_eq!(unauthorized, 1, "{heads:#?}");
     assert_eq!(api.len(), 3, "{heads:#?}");
 }
+
+/// Starts `cmd` and kills it with SIGKILL after `after` (if still running).
+fn kill_after(cmd: &mut Command, after: std::time::Duration) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < after {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap().signal() == Some(9)
+}
+
+/// An OCI archive with a layer of `mb` MB of noise.
+fn big_image(d: &Path, mb: usize) -> PathBuf {
+    let mut x: u64 = 99;
+    let noise: Vec<u8> = (0..mb << 20)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    write(d, "big/Dockerfile", b"FROM scratch\nCOPY n /n\n");
+    write(d, "big/n", &noise);
+    let out = d.join("big.oci.tar");
+    ok(kiln()
+        .arg("build")
+        .arg(d.join("big"))
+        .arg("--no-index")
+        .arg("-o")
+        .arg(&out)
+        .args(["-t", "t/big:1"]));
+    out
+}
+
+#[test]
+fn kill_9_during_pull_and_push_leaves_a_store_and_registry_that_work() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let archive = big_image(d.path(), 16);
+    let to = format!("{}/kiln/big:1", reg.addr);
+    let store = d.path().join("store");
+    let mut killed = 0;
+    for ms in [10u64, 40, 100, 200, 400] {
+        killed += kill_after(
+            kiln().arg("push").arg(&archive).arg("--to").arg(&to).args([
+                "--insecure",
+                "--chunk-size",
+                "1048576",
+            ]),
+            std::time::Duration::from_millis(ms),
+        ) as usize;
+    }
+    ok(kiln()
+        .arg("push")
+        .arg(&archive)
+        .arg("--to")
+        .arg(&to)
+        .arg("--insecure"));
+    for ms in [10u64, 40, 100, 200, 400] {
+        killed += kill_after(
+            kiln()
+                .arg("pull")
+                .arg(&to)
+                .args(["--insecure", "--store"])
+                .arg(&store),
+            std::time::Duration::from_millis(ms),
+        ) as usize;
+        if store.join("index.json").exists() {
+            ok(kiln().arg("verify").arg(&store));
+        }
+    }
+    assert!(killed >= 3, "only {killed} transfers were killed mid-way");
+    let gc = ok(kiln().args(["store", "gc", "--store"]).arg(&store));
+    for dir in [".kiln/tmp", ".kiln/leases"] {
+        let left: Vec<_> = fs::read_dir(store.join(dir)).map_or(Vec::new(), |r| r.collect());
+        assert!(left.is_empty(), "{dir}: {left:?} after {gc}");
+    }
+    ok(kiln()
+        .arg("pull")
+        .arg(&to)
+        .args(["--insecure", "--store"])
+        .arg(&store));
+    let v = ok(kiln().arg("verify").arg(&store));
+    assert!(v.starts_with("ok: "), "{v}");
+}
+
+#[test]
+fn pull_onto_a_full_disk_names_the_local_file_and_leaves_nothing() {
+    let Some(disk) = Tmpfs::mount("2m") else {
+        return;
+    };
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let archive = big_image(d.path(), 4);
+    let to = format!("{}/kiln/full:1", reg.addr);
+    ok(kiln()
+        .arg("push")
+        .arg(&archive)
+        .arg("--to")
+        .arg(&to)
+        .arg("--insecure"));
+    let store = disk.path().join("store");
+    let err = fails(
+        kiln()
+            .arg("pull")
+            .arg(&to)
+            .args(["--insecure", "--store"])
+            .arg(&store),
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains(&format!("writing {}", store.display())),
+        "the local file, not the URL: {err}"
+    );
+    let left: Vec<String> = disk
+        .files()
+        .into_iter()
+        .filter(|f| f.contains("blobs/sha256/") || f.contains(".kiln/tmp/"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "{err}");
+}
+
+/// A registry whose first `fail` upload sessions answer the blob PUT with
+/// 500 (and hang up without reading the body), as one whose storage failed
+/// or that restarted mid-push; later sessions work. Returns the server and
+/// the request heads it saw.
+fn flaky_uploads(fail: usize) -> Hostile {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let h = heads.clone();
+    let sessions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (h, sessions) = (h.clone(), sessions.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut w = stream;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    h.lock().unwrap().push(head.clone());
+                    let lower = head.to_ascii_lowercase();
+                    let len: usize = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let first = head.lines().next().unwrap_or("").to_string();
+                    let reply =
+                        |w: &mut std::net::TcpStream, status: &str, extra: &str, body: &str| {
+                            let _ = w.write_all(
+                                format!(
+                                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+                                    body.len()
+                                )
+                                .as_bytes(),
+                            );
+                        };
+                    if first.starts_with("HEAD ") {
+                        reply(&mut w, "404 Not Found", "", "");
+                    } else if first.starts_with("POST ") && first.contains("/blobs/uploads/") {
+                        let n = sessions.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                        reply(
+                            &mut w,
+                            "202 Accepted",
+                            &format!("Location: /v2/x/y/blobs/uploads/s{n}\r\n"),
+                            "",
+                        );
+                    } else if first.starts_with("GET ") && first.contains("/blobs/uploads/") {
+                        reply(
+                            &mut w,
+                            "404 Not Found",
+                            "",
+                            r#"{"errors":[{"code":"BLOB_UPLOAD_UNKNOWN"}]}"#,
+                        );
+                    } else if first.starts_with("PUT ") && first.contains("/blobs/uploads/s") {
+                        let n: usize = first
+                            .split("/blobs/uploads/s")
+                            .nth(1)
+                            .and_then(|t| t.split(['?', ' ']).next())
+                            .and_then(|t| t.parse().ok())
+                            .unwrap_or(0);
+                        if n <= fail {
+                            // Refuse without reading the body, and hang up.
+                            reply(
+                                &mut w,
+                                "500 Internal Server Error",
+                                "Connection: close\r\n",
+                                "storage driver: disk is full",
+                            );
+                            return;
+                        }
+                        if lower.contains("expect: 100-continue") {
+                            let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        }
+                        let mut body = vec![0u8; len];
+                        if r.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        reply(&mut w, "201 Created", "", "");
+                    } else if first.starts_with("PUT ") && first.contains("/manifests/") {
+                        let mut body = vec![0u8; len];
+                        if r.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        reply(
+                            &mut w,
+                            "201 Created",
+                            &format!("Docker-Content-Digest: sha256:{}\r\n", sha256_hex(&body)),
+                            "",
+                        );
+                    } else {
+                        reply(&mut w, "404 Not Found", "", "");
+                    }
+                }
+            });
+        }
+    });
+    Hostile { addr, heads }
+}
+
+#[test]
+fn a_failed_upload_session_is_replaced_and_its_500_is_reported() {
+    let d = tempfile::tempdir().unwrap();
+    let archive = big_image(d.path(), 2);
+    // The first session fails: kiln opens a second one and succeeds.
+    let h = flaky_uploads(1);
+    ok(kiln()
+        .arg("push")
+        .arg(&archive)
+        .arg("--to")
+        .arg(format!("{}/x/y:1", h.addr))
+        .arg("--insecure"));
+    let heads = h.heads.lock().unwrap().clone();
+    let on_s1 = heads
+        .iter()
+        .filter(|h| h.starts_with("PUT /v2/x/y/blobs/uploads/s1"))
+        .count();
+    assert_eq!(on_s1, 1, "the dead session is not retried: {heads:#?}");
+    assert!(
+        heads
+            .iter()
+            .any(|h| h.starts_with("PUT /v2/x/y/blobs/uploads/s2")),
+        "{heads:#?}"
+    );
+    // Every session fails: the error carries the registry's status and body,
+    // not a bare broken pipe.
+    let h = flaky_uploads(usize::MAX);
+    let err = fails(
+        kiln()
+            .arg("push")
+            .arg(&archive)
+            .arg("--to")
+            .arg(format!("{}/x/y:1", h.addr))
+            .arg("--insecure"),
+    );
+    assert!(
+        err.contains("500") && err.contains("storage driver: disk is full"),
+        "{err}"
+    );
+}

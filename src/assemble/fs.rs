@@ -157,7 +157,7 @@ impl ImageFs {
             } else if et.is_file() || et == tar::EntryType::Continuous {
                 let size = entry.size();
                 sizes.insert(path.clone(), size);
-                if SMALL.contains(&path.as_slice()) && size <= 16 << 20 {
+                if SMALL.contains(&path.as_slice()) && size <= crate::limits::MAX_USER_DB {
                     let mut b = Vec::with_capacity(size as usize);
                     entry.read_to_end(&mut b)?;
                     let e = LayerEntry::file(FileSource::Bytes(Arc::from(b)), size, mode, uid, gid);
@@ -247,7 +247,7 @@ impl ImageFs {
             }) = self.nodes.get(&out)
             {
                 hops += 1;
-                if hops > 40 {
+                if hops > crate::limits::MAX_SYMLINK_HOPS {
                     break;
                 }
                 out.truncate(start);
@@ -321,7 +321,7 @@ impl ImageFs {
                 let mut out = Vec::new();
                 File::open(p)
                     .ok()?
-                    .take(16 << 20)
+                    .take(crate::limits::MAX_USER_DB)
                     .read_to_end(&mut out)
                     .ok()?;
                 Some(out)

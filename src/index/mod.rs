@@ -237,7 +237,7 @@ impl LocalIndex {
         // Never through a link; an entry is a few hundred bytes.
         let bytes = crate::fsx::DirFd::open(&self.dir)
             .ok()?
-            .read(route, 1 << 20)
+            .read(route, crate::limits::MAX_INDEX_ENTRY)
             .ok()?;
         serde_json::from_slice(&bytes).ok()
     }

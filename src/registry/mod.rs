@@ -307,7 +307,7 @@ impl Client {
             let text = resp
                 .body_mut()
                 .with_config()
-                .limit(1 << 20)
+                .limit(crate::limits::MAX_TOKEN_ANSWER)
                 .read_to_string()
                 .map_err(|e| Error::Transport {
                     method: "GET".into(),

@@ -254,3 +254,54 @@ pub fn build(dir: &Path, out: &str, extra: &[&str]) -> serde_json::Value {
 pub fn build_fails(dir: &Path, out: &str, extra: &[&str]) -> String {
     fails(&mut build_cmd(dir, out, extra))
 }
+
+/// A small tmpfs at a fresh directory (as root), unmounted on drop.
+pub struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI runs as root: the full-disk tests need it to mount a tmpfs"
+            );
+            eprintln!("not root: the full-disk test cannot mount a tmpfs; run it as root");
+            return None;
+        }
+        let d = tempfile::tempdir().unwrap();
+        ok(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(d.path()));
+        Some(Tmpfs(d))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Every file left on it, by relative path.
+    pub fn files(&self) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            for e in fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                let p = e.path();
+                if e.file_type().unwrap().is_dir() {
+                    walk(root, &p, out);
+                } else {
+                    out.push(p.strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.path(), self.path(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
