@@ -38,8 +38,8 @@ pub const MAX_SYMLINK_HOPS: usize = 40;
 /// 0755. Keeps a destination of 64,000 components linear.
 pub const MAX_EXPLICIT_PARENT: usize = 4096;
 /// A Dockerfile line, or an instruction with its continuation lines,
-/// longer than this is refused (Docker's own parser has no limit, and
-/// slows down long before it).
+/// longer than this is refused (Docker's classic builder refuses lines
+/// over 65,535 bytes; kiln allows more, and stays linear).
 pub const MAX_DOCKERFILE_LINE: usize = 1 << 20;
 
 /// Counts the bytes read through it (the compressed side).
