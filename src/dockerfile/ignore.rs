@@ -185,16 +185,55 @@ impl Glob {
     }
 
     fn matches_chars(&self, names: &[Vec<u32>]) -> bool {
-        fn rec(p: &[Option<Vec<Tok>>], n: &[Vec<u32>]) -> bool {
-            match p.first() {
-                None => n.is_empty(),
-                Some(None) => (0..=n.len()).any(|k| rec(&p[1..], &n[k..])),
-                Some(Some(toks)) => {
-                    !n.is_empty() && match_tokens(toks, &n[0]) && rec(&p[1..], &n[1..])
+        // The pattern as an automaton, run over the names: `active` holds
+        // each i such that the first i pattern components can match the
+        // names read so far. Linear in the path for a literal pattern,
+        // O(pattern × path) at worst, and no recursion, so neither a deep
+        // path nor a pattern of many `**` can blow the stack or the clock.
+        let p = &self.comps;
+        let mut seen = vec![usize::MAX; p.len() + 1];
+        let add = |set: &mut Vec<usize>, seen: &mut Vec<usize>, step: usize, i: usize| {
+            if seen[i] != step {
+                seen[i] = step;
+                set.push(i);
+            }
+        };
+        // Adds what `**` reaches by matching nothing.
+        let close = |set: &mut Vec<usize>, seen: &mut Vec<usize>, step: usize| {
+            let mut k = 0;
+            while k < set.len() {
+                let i = set[k];
+                if i < p.len() && p[i].is_none() {
+                    add(set, seen, step, i + 1);
+                }
+                k += 1;
+            }
+        };
+        let mut active = Vec::new();
+        add(&mut active, &mut seen, 0, 0);
+        close(&mut active, &mut seen, 0);
+        for (step, name) in names.iter().enumerate() {
+            let step = step + 1;
+            let mut next = Vec::new();
+            for &i in &active {
+                match p.get(i) {
+                    None => {}
+                    // `**` takes this name and may take more.
+                    Some(None) => add(&mut next, &mut seen, step, i),
+                    Some(Some(toks)) => {
+                        if match_tokens(toks, name) {
+                            add(&mut next, &mut seen, step, i + 1);
+                        }
+                    }
                 }
             }
+            close(&mut next, &mut seen, step);
+            if next.is_empty() {
+                return false;
+            }
+            active = next;
         }
-        rec(&self.comps, names)
+        active.contains(&p.len())
     }
 }
 
@@ -282,6 +321,23 @@ pub fn clean(p: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn deep_paths_and_many_double_stars_match_without_recursion() {
+        // Each pattern: 100,000 components, or 30 `**` (exponential when backtracking).
+        let long = "a/".repeat(100_000);
+        let path = format!("{long}f");
+        assert!(Glob::new(path.as_bytes()).matches(path.as_bytes()));
+        assert!(!Glob::new(format!("{long}g").as_bytes()).matches(path.as_bytes()));
+        let stars = format!("{}x", "**/".repeat(30));
+        let deep = format!("{}y", "a/".repeat(10_000));
+        assert!(!Glob::new(stars.as_bytes()).matches(deep.as_bytes()));
+        assert!(Glob::new(stars.as_bytes()).matches(format!("{}x", "a/".repeat(10_000)).as_bytes()));
+        assert!(Glob::new(b"**").matches(b"a/b"));
+        assert!(Glob::new(b"a/**/b").matches(b"a/b"));
+        assert!(Glob::new(b"a/**/b").matches(b"a/x/y/b"));
+        assert!(!Glob::new(b"a/**/b").matches(b"a/x/y/c"));
+    }
     use super::*;
 
     #[test]

@@ -191,7 +191,23 @@ pub(crate) fn open_file(
     owner: &std::path::Path,
     d: &Descriptor,
 ) -> Result<Box<dyn Read + Send + 'static>, Error> {
-    match File::open(path) {
+    // Never through a link: blob files are kiln's own or a store's.
+    let open = || -> io::Result<File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => crate::fsx::not_regular(path, "a symbolic link"),
+                _ => e,
+            })?;
+        if !f.metadata()?.is_file() {
+            return Err(crate::fsx::not_regular(path, "not a regular file"));
+        }
+        Ok(f)
+    };
+    match open() {
         Ok(f) => Ok(Box::new(BufReader::with_capacity(1 << 20, f))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
             path: owner.to_path_buf(),
@@ -206,7 +222,11 @@ pub(crate) fn open_file(
 
 /// A blob kept as a whole file, if the file is there.
 pub(crate) fn whole_file(path: PathBuf) -> Option<BlobFile> {
-    let len = std::fs::metadata(&path).ok()?.len();
+    let md = std::fs::symlink_metadata(&path).ok()?;
+    if !md.is_file() {
+        return None;
+    }
+    let len = md.len();
     Some(BlobFile {
         path,
         offset: 0,

@@ -123,6 +123,68 @@ pub fn release_leases() {
     }
 }
 
+fn lease_pid(name: &std::ffi::OsStr) -> Option<u32> {
+    name.to_str()?.split('-').next()?.parse().ok()
+}
+
+/// With the gc lock held exclusively: the live leases' pids and the
+/// digests they hold (`own`, this process's lease, is counted live and not
+/// read). With `clean`, also removes the leases of processes that are gone
+/// and every temporary file no live process owns, tallying them there.
+fn sweep_dead(
+    root: &DirFd,
+    own: Option<&OsString>,
+    mut clean: Option<&mut Swept>,
+) -> io::Result<(BTreeSet<u32>, BTreeSet<Digest>)> {
+    let (mut pids, mut digests) = (BTreeSet::new(), BTreeSet::new());
+    if let Ok(dir) = root.dir(LEASES_DIR) {
+        for name in dir.names()? {
+            let pid = lease_pid(&name);
+            if Some(&name) == own {
+                pids.extend(pid);
+                continue;
+            }
+            let Ok(f) = dir.open_rw(&name) else { continue };
+            match flock(&f, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {
+                    // Its process is gone.
+                    if let Some(swept) = clean.as_deref_mut() {
+                        let _ = dir.remove(&name);
+                        swept.leases += 1;
+                    }
+                }
+                Err(_) => {
+                    pids.extend(pid);
+                    for line in io::BufReader::new(&f).lines().map_while(Result::ok) {
+                        digests.extend(Digest::from_hex(line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    let Some(swept) = clean else {
+        return Ok((pids, digests));
+    };
+    if let Ok(tmp) = root.dir(TMP_DIR) {
+        for name in tmp.names()? {
+            let pid = crate::sink::file::temp_pid(&name);
+            if pid.is_some_and(|p| pids.contains(&p)) {
+                continue;
+            }
+            let size = tmp
+                .stat(&name)
+                .ok()
+                .flatten()
+                .map_or(0, |s| s.st_size as u64);
+            if tmp.remove(&name).is_ok() {
+                swept.temps += 1;
+                swept.temp_bytes += size;
+            }
+        }
+    }
+    Ok((pids, digests))
+}
+
 /// What a sweep of a store removed.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct Swept {
@@ -186,7 +248,21 @@ impl Store {
             recorded: Mutex::default(),
         });
         all.insert(key, lease.clone());
+        drop(all);
+        drop(_shared);
+        self.clean_dead(&lease.root);
         Some(lease)
+    }
+
+    /// Removes the leases and temporary files of kiln processes that are
+    /// gone, if no gc or writer holds the gc lock right now (never waits;
+    /// `kiln store gc` does the same, and blobs too).
+    fn clean_dead(&self, root: &DirFd) {
+        let Ok(f) = root.open_rw(GC_LOCK) else { return };
+        if flock(&f, FlockOperation::NonBlockingLockExclusive).is_err() {
+            return;
+        }
+        let _ = sweep_dead(root, None, Some(&mut Swept::default()));
     }
 
     /// Removes every blob that no named image references and no live
@@ -209,57 +285,11 @@ impl Store {
         let _gc = gc_lock(&root, true).map_err(ioe(root.join(GC_LOCK)))?;
         let mut keep = keep;
         let mut swept = Swept::default();
-        let mut live_pids = BTreeSet::new();
-        if let Ok(dir) = root.dir(LEASES_DIR) {
-            for name in dir.names().map_err(ioe(dir.path.clone()))? {
-                let pid = name
-                    .to_str()
-                    .and_then(|n| n.split('-').next())
-                    .and_then(|p| p.parse::<u32>().ok());
-                if Some(&name) == own.as_ref() {
-                    // Our own lease: undoing our blobs must not keep them.
-                    live_pids.extend(pid);
-                    continue;
-                }
-                let Ok(f) = dir.open_rw(&name) else {
-                    continue;
-                };
-                match flock(&f, FlockOperation::NonBlockingLockExclusive) {
-                    Ok(()) => {
-                        // Its process is gone.
-                        if only.is_none() {
-                            let _ = dir.remove(&name);
-                            swept.leases += 1;
-                        }
-                    }
-                    Err(_) => {
-                        live_pids.extend(pid);
-                        for line in io::BufReader::new(&f).lines().map_while(Result::ok) {
-                            keep.extend(Digest::from_hex(line.trim()));
-                        }
-                    }
-                }
-            }
-        }
-        if only.is_none() {
-            if let Ok(tmp) = root.dir(TMP_DIR) {
-                for name in tmp.names().map_err(ioe(tmp.path.clone()))? {
-                    let pid = crate::sink::file::temp_pid(&name);
-                    if pid.is_some_and(|p| live_pids.contains(&p)) {
-                        continue;
-                    }
-                    let size = tmp
-                        .stat(&name)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |s| s.st_size as u64);
-                    if tmp.remove(&name).is_ok() {
-                        swept.temps += 1;
-                        swept.temp_bytes += size;
-                    }
-                }
-            }
-        }
+        // Undoing our own blobs (`only`) cleans nothing else.
+        let clean = only.is_none().then_some(&mut swept);
+        let (live_pids, leased) =
+            sweep_dead(&root, own.as_ref(), clean).map_err(ioe(root.join(KILN_DIR)))?;
+        keep.extend(leased);
         let blobs = match root.dir("blobs/sha256") {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(swept),
