@@ -220,11 +220,10 @@ impl Glob {
                     None => {}
                     // `**` takes this name and may take more.
                     Some(None) => add(&mut next, &mut seen, step, i),
-                    Some(Some(toks)) => {
-                        if match_tokens(toks, name) {
-                            add(&mut next, &mut seen, step, i + 1);
-                        }
+                    Some(Some(toks)) if match_tokens(toks, name) => {
+                        add(&mut next, &mut seen, step, i + 1)
                     }
+                    Some(Some(_)) => {}
                 }
             }
             close(&mut next, &mut seen, step);
