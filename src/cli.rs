@@ -251,6 +251,14 @@ pub struct BuildArgs {
     /// (`parent:`, used as FROM $DOCKER_IMAGE_PARENT) or a FROM naming another image of the tree.
     #[arg(long)]
     pub all: bool,
+    /// The network RUN steps get: host (the default: Dockerfiles install packages) or none (only
+    /// loopback). `RUN --network=…` overrides it for one step.
+    #[arg(long, value_name = "host|none", default_value = "host", value_parser = ["host", "none", "default"])]
+    pub network: String,
+    /// A secret for `RUN --mount=type=secret,id=ID`: id=ID,src=FILE (or env=VAR). Never in a
+    /// layer, the history, the config or the index key.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE")]
+    pub secrets: Vec<String>,
     /// Build twice (the second time with another thread count, directory entries read in reverse
     /// order, and another temporary directory) and fail with a `kiln diff` report if anything differs.
     #[arg(long)]

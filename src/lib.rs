@@ -38,6 +38,7 @@ pub mod limits;
 pub mod prefetch;
 pub mod progress;
 pub mod registry;
+pub mod sandbox;
 pub mod sink;
 pub mod source;
 pub mod store;

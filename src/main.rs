@@ -26,6 +26,11 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // The RUN sandbox's helper: kiln re-executed, single-threaded.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 3 && args[1] == kiln::sandbox::HELPER {
+        kiln::sandbox::helper_main(std::path::Path::new(&args[2]));
+    }
     raise_open_file_limit();
     let cli = Cli::parse();
     let code = match run(cli) {
@@ -567,8 +572,43 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         stores,
         parents: Default::default(),
         progress,
+        network: kiln::sandbox::Network::parse(&b.network).unwrap_or_default(),
+        secrets: secrets(&b.secrets)?,
     };
     Ok(opts)
+}
+
+/// `--secret id=ID,src=FILE` (or `env=VAR`, copied to a private file).
+fn secrets(specs: &[String]) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut out = std::collections::BTreeMap::new();
+    for spec in specs {
+        let kv: std::collections::BTreeMap<&str, &str> =
+            spec.split(',').filter_map(|p| p.split_once('=')).collect();
+        let id = kv
+            .get("id")
+            .ok_or_else(|| anyhow!("--secret {spec}: expected id=ID,src=FILE"))?;
+        let path = match (kv.get("src").or_else(|| kv.get("source")), kv.get("env")) {
+            (Some(src), _) => {
+                let p = PathBuf::from(src);
+                if !p.is_file() {
+                    bail!("--secret {spec}: {src} is not a file");
+                }
+                std::path::absolute(&p)?
+            }
+            (None, Some(var)) => {
+                let value = std::env::var(var)
+                    .map_err(|_| anyhow!("--secret {spec}: ${var} is not set"))?;
+                let f = tempfile::Builder::new()
+                    .prefix(".kiln-secret-")
+                    .tempfile()?;
+                std::fs::write(f.path(), value)?;
+                f.into_temp_path().keep()?
+            }
+            _ => bail!("--secret {spec}: expected id=ID,src=FILE or id=ID,env=VAR"),
+        };
+        out.insert(id.to_string(), path);
+    }
+    Ok(out)
 }
 
 fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {

@@ -90,6 +90,19 @@ impl Step {
         Progress::none().step("", 0, 0)
     }
 
+    /// A line a RUN command printed: in `plain` mode printed under the
+    /// step, on a terminal the step's live tail.
+    pub fn line(&self, text: &str) {
+        let i = &self.inner;
+        if i.plain {
+            eprintln!("kiln: {}: {text}", i.name);
+        }
+        if let Some(bar) = &i.bar {
+            let short: String = text.chars().take(100).collect();
+            bar.set_message(format!("{}: {short}", i.name));
+        }
+    }
+
     /// Records `bytes` more bytes and `files` more files done.
     pub fn inc(&self, bytes: u64, files: u64) {
         let i = &self.inner;

@@ -14,6 +14,7 @@ mod copy;
 mod fs;
 mod plan;
 mod reproduce;
+mod run;
 mod stage;
 #[cfg(test)]
 mod tests;
@@ -41,7 +42,7 @@ use crate::store::{Store, Stores};
 pub use copy::{detect_archive, ArchiveKind};
 pub use plan::{collect, Base, Bases, Parent, Plan};
 pub use reproduce::{check_reproducible, Reproduced, PERTURB_ENV};
-pub use stage::StageError;
+pub use stage::{StageError, DEFAULT_PATH};
 
 /// Everything a build needs to know.
 #[derive(Clone, Debug)]
@@ -63,6 +64,10 @@ pub struct BuildOptions {
     /// Images built earlier in the same run (`--all`), by qualified name;
     /// they win over the stores.
     pub parents: Arc<BTreeMap<String, Parent>>,
+    /// The network RUN steps get (`--network`; `RUN --network` overrides).
+    pub network: crate::sandbox::Network,
+    /// `--secret id=ID,src=FILE`: files `RUN --mount=type=secret` binds.
+    pub secrets: BTreeMap<String, PathBuf>,
 }
 
 /// What a build produced.
@@ -249,15 +254,11 @@ pub fn execute(
     // metadata for every file is dead weight while they are written.
     drop(plan);
 
-    let (bytes, files) =
-        planned
-            .layers
-            .iter()
-            .flat_map(|l| l.values())
-            .fold((0, 0), |(b, f), e| match &e.content {
-                layer::Content::File { size, .. } => (b + size, f + 1),
-                _ => (b, f),
-            });
+    let (bytes, files) = planned
+        .layers
+        .iter()
+        .map(layer::Planned::totals)
+        .fold((0, 0), |(b, f), (lb, lf)| (b + lb, f + lf));
     let step = opts.progress.step("writing layers", bytes, files);
     let (level, ts) = (opts.compression, opts.timestamp);
     let output = match dest {

@@ -14,11 +14,12 @@ use super::fs::ImageFs;
 use super::plan::{Bases, Plan};
 use super::BuildOptions;
 use crate::dockerfile::expand::{expand_vars_only, expand_word, split_words, Vars};
-use crate::dockerfile::{CommandForm, CopySource, CopySpec, Instr, Kind};
+use crate::dockerfile::{CommandForm, CopySource, CopySpec, Instr, Kind, RunSpec};
 use crate::image::{
     host_platform, rfc3339, Descriptor, Digest, Empty, History, ImageConfig, Platform, RunConfig,
 };
-use crate::layer::{Content, Entries, FileSource, LayerEntry};
+use crate::layer::{Content, Entries, FileSource, LayerEntry, Planned as Layer};
+use crate::sandbox::{self, Network};
 use crate::store::BaseImage;
 
 /// Docker's default PATH, set on images whose base has none (as BuildKit does).
@@ -41,7 +42,10 @@ pub enum StageError {
 #[derive(Clone)]
 pub struct Planned {
     pub base: Vec<(Descriptor, PathBuf)>,
-    pub layers: Vec<Entries>,
+    pub layers: Vec<Layer>,
+    /// Each own layer's unpacked directory, once a RUN needed it (a RUN's
+    /// is its upper directory).
+    pub dirs: Vec<Option<PathBuf>>,
     pub config: ImageConfig,
     pub fs: ImageFs,
 }
@@ -68,7 +72,10 @@ struct State<'a> {
     cmd_set: bool,
     author: Option<String>,
     fs: ImageFs,
-    layers: Vec<Entries>,
+    layers: Vec<Layer>,
+    dirs: Vec<Option<PathBuf>>,
+    /// The diff_ids of the base layers (the config's grow with own layers).
+    base_diff_ids: Vec<Digest>,
     history: Vec<History>,
     created: String,
     spool: &'a Path,
@@ -104,9 +111,12 @@ pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, St
         );
         st.fs.keep_all = keep_all[n];
         let from = &df.instructions[d.start];
-        let makes_layers = df.instructions[d.start + 1..d.end]
-            .iter()
-            .any(|i| matches!(i.kind, Kind::Copy(_) | Kind::Add(_) | Kind::Workdir(_)));
+        let makes_layers = df.instructions[d.start + 1..d.end].iter().any(|i| {
+            matches!(
+                i.kind,
+                Kind::Copy(_) | Kind::Add(_) | Kind::Workdir(_) | Kind::Run(_)
+            )
+        });
         st.from(from, global, makes_layers || keep_all[n])?;
         for ins in &df.instructions[d.start + 1..d.end] {
             st.instruction(ins, global).map_err(|m| at(ins, m))?;
@@ -169,6 +179,8 @@ impl<'a> State<'a> {
             author: None,
             fs: ImageFs::default(),
             layers: Vec::new(),
+            dirs: Vec::new(),
+            base_diff_ids: Vec::new(),
             history: Vec::new(),
             created: rfc3339(opts.timestamp),
             spool,
@@ -263,7 +275,10 @@ impl<'a> State<'a> {
             self.inherit(&prev.config);
             self.history = prev.config.history.clone();
             self.base = prev.base;
+            self.base_diff_ids = self.diff_ids.clone();
+            self.base_diff_ids.truncate(self.base.len());
             self.layers = prev.layers;
+            self.dirs = prev.dirs;
             self.fs = prev.fs;
             self.fs.keep_all |= keep_all;
             return Ok(());
@@ -298,6 +313,7 @@ impl<'a> State<'a> {
             }
         }
         self.base = base.layers;
+        self.base_diff_ids = base.config.rootfs.diff_ids.clone();
         Ok(())
     }
 
@@ -517,18 +533,230 @@ impl<'a> State<'a> {
                     .push(t.clone());
                 self.history_entry(ins, true);
             }
-            Kind::Run => {
-                return Err("kiln does not execute commands: RUN is not supported. Produce the files in the source tree (or a build step before kiln) and COPY them in".into());
-            }
+            Kind::Run(spec) => self.run_step(ins, spec)?,
+            Kind::Unknown => return Err("unknown instruction".into()),
             Kind::Copy(spec) => self.copy(ins, spec, false)?,
             Kind::Add(spec) => self.copy(ins, spec, true)?,
         }
         Ok(())
     }
 
+    /// The lower directories of another stage or image, for
+    /// `RUN --mount=type=bind,from=…`.
+    fn stack_of(&mut self, from: &str) -> Result<Vec<PathBuf>, String> {
+        if let Some(n) = self.earlier.find(from, true) {
+            let Some(prev) = self.earlier.done[n].as_ref() else {
+                return Err(format!("--mount from={from}: stage {n} was not built"));
+            };
+            let ids: Vec<Digest> = prev.config.rootfs.diff_ids.clone();
+            let mut dirs = prev.dirs.clone();
+            return super::run::lowers(
+                &prev.base,
+                &ids,
+                &prev.layers,
+                &mut dirs,
+                self.spool,
+                self.opts.timestamp,
+            );
+        }
+        let base = self
+            .resolve_image(from, None)
+            .map_err(|m| format!("--mount from={from}: no stage is named {from}, and {m}"))?;
+        super::run::lowers(
+            &base.layers,
+            &base.config.rootfs.diff_ids,
+            &[],
+            &mut [],
+            self.spool,
+            self.opts.timestamp,
+        )
+    }
+
+    /// RUN: the command in kiln's sandbox on this stage's filesystem; its
+    /// changes become a layer.
+    fn run_step(&mut self, ins: &Instr, spec: &RunSpec) -> Result<(), String> {
+        let vars = self.vars();
+        let mut network = self.opts.network;
+        let mut mounts = Vec::new();
+        let mut locks = Vec::new();
+        let mut stacks: Vec<(String, String, String)> = Vec::new();
+        for (name, value) in &spec.flags {
+            let v = value
+                .as_deref()
+                .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
+                .transpose()?
+                .unwrap_or_default();
+            match name.as_str() {
+                "network" => {
+                    network = Network::parse(&v)
+                        .ok_or_else(|| format!("--network={v}: expected default, none or host"))?
+                }
+                "security" if v == "sandbox" => {}
+                "security" => {
+                    return Err(format!(
+                        "--security={v}: kiln runs every step sandboxed; insecure is not supported"
+                    ))
+                }
+                "mount" => {
+                    // Binds from another stage or image need its layers.
+                    let kv: BTreeMap<&str, &str> =
+                        v.split(',').filter_map(|p| p.split_once('=')).collect();
+                    if kv.get("type").is_none_or(|t| *t == "bind") {
+                        if let Some(from) = kv.get("from") {
+                            let target = kv
+                                .get("target")
+                                .or_else(|| kv.get("dst"))
+                                .ok_or_else(|| format!("--mount={v}: needs target=PATH"))?;
+                            let source = kv.get("source").or_else(|| kv.get("src")).unwrap_or(&"");
+                            stacks.push((from.to_string(), source.to_string(), target.to_string()));
+                            continue;
+                        }
+                    }
+                    let ctx = self.view.ctx.image_dir.clone();
+                    let no_stage = |_: &str| -> Result<PathBuf, String> { unreachable!() };
+                    if let Some((m, lock)) =
+                        super::run::parse_mount(&v, &ctx, &self.opts.secrets, &no_stage)?
+                    {
+                        mounts.push(m);
+                        locks.extend(lock);
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown flag --{other} (RUN takes --mount and --network)"
+                    ))
+                }
+            }
+        }
+        for (from, source, target) in stacks {
+            let lowers = self.stack_of(&from)?;
+            mounts.push(sandbox::Mount::Stack {
+                lowers,
+                source,
+                target,
+            });
+        }
+        let argv = self.command(&spec.command);
+        // The environment: ENV, then the stage's ARGs (never in the config).
+        let mut env: Vec<(String, String)> = self.env.clone();
+        for (k, v) in &self.args {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        let (uid, gid) = if self.user.is_empty() {
+            (0, 0)
+        } else {
+            self.resolve_ids(&self.user, "USER")?
+        };
+        let passwd = self.fs.read_small(b"etc/passwd").unwrap_or_default();
+        let group = self.fs.read_small(b"etc/group").unwrap_or_default();
+        let user_name = match self.user.split(':').next() {
+            Some(u) if u.parse::<u64>().is_err() => u.to_string(),
+            _ => String::from_utf8_lossy(&passwd)
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+                })
+                .unwrap_or_default(),
+        };
+        let groups = super::run::supplementary_groups(&group, &user_name, gid as u32);
+        for (k, v) in [
+            (
+                "HOME",
+                super::run::home_of(&passwd, uid).unwrap_or_else(|| {
+                    if uid == 0 {
+                        "/root".into()
+                    } else {
+                        "/".into()
+                    }
+                }),
+            ),
+            ("SOURCE_DATE_EPOCH", self.opts.timestamp.to_string()),
+        ] {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.to_string(), v));
+            }
+        }
+        let n = self.layers.len();
+        let lowers = super::run::lowers(
+            &self.base,
+            &self.base_diff_ids,
+            &self.layers,
+            &mut self.dirs,
+            self.spool,
+            self.opts.timestamp,
+        )?;
+        let step_dir = self.spool.join(format!("run-{n}-{}", ins.line));
+        let (upper, work, merged) = (
+            step_dir.join("upper"),
+            step_dir.join("work"),
+            step_dir.join("merged"),
+        );
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let capture = step_dir.join("layer.tar");
+        let run = sandbox::RunSpec {
+            lowers,
+            upper: upper.clone(),
+            work,
+            merged,
+            argv: argv.clone(),
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: self.workdir.clone(),
+            uid: uid as u32,
+            gid: gid as u32,
+            groups,
+            network,
+            hostname: "kiln".into(),
+            etc: super::run::etc_files(&step_dir, n, network)?,
+            mounts,
+            capture: capture.clone(),
+            timestamp: self.opts.timestamp,
+        };
+        let step = self
+            .opts
+            .progress
+            .step(&format!("RUN (line {})", ins.line), 0, 0);
+        let shown = argv.join(" ");
+        sandbox::run(
+            &sandbox::Spec {
+                rootless: sandbox::rootless(),
+                action: sandbox::Action::Run(Box::new(run)),
+            },
+            self.spool,
+            |line| step.line(line),
+        )
+        .map_err(|e| e.to_string())?;
+        step.finish();
+        drop(locks);
+        self.fs
+            .apply_blob(&capture)
+            .map_err(|e| format!("reading the step's layer {}: {e}", capture.display()))?;
+        let size = std::fs::metadata(&capture).map_or(0, |m| m.len());
+        self.layers.push(Layer::Tar {
+            path: capture,
+            size,
+            files: 0,
+        });
+        self.dirs.push(Some(upper));
+        // History as Docker records it: the command, never a secret's value.
+        self.history.push(History {
+            created: Some(self.created.clone()),
+            created_by: Some(format!("RUN {shown}")),
+            comment: Some("kiln".into()),
+            empty_layer: false,
+            extra: Default::default(),
+        });
+        Ok(())
+    }
+
     fn push_layer(&mut self, ins: &Instr, layer: Entries) {
         self.fs.apply(&layer);
-        self.layers.push(layer);
+        self.layers.push(Layer::Entries(layer));
+        self.dirs.push(None);
         self.history_entry(ins, false);
     }
 
@@ -669,6 +897,7 @@ impl<'a> State<'a> {
         Planned {
             base: self.base,
             layers: self.layers,
+            dirs: self.dirs,
             config,
             fs: self.fs,
         }

@@ -32,6 +32,8 @@ fn options(root: &Path, output: &Path) -> BuildOptions {
         progress: crate::progress::Progress::none(),
         stores: crate::store::Stores::default(),
         parents: Default::default(),
+        network: Default::default(),
+        secrets: Default::default(),
     }
 }
 

@@ -6,7 +6,9 @@ pub mod expand;
 pub mod ignore;
 pub mod parse;
 
-pub use parse::{parse, CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind};
+pub use parse::{
+    parse, CommandForm, CopySource, CopySpec, Dockerfile, Health, Instr, Kind, RunSpec,
+};
 
 /// A Dockerfile syntax error.
 #[derive(Debug, thiserror::Error)]

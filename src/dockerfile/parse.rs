@@ -68,7 +68,19 @@ pub enum Kind {
     Shell(Vec<String>),
     Onbuild(String),
     Maintainer(String),
-    Run,
+    Run(RunSpec),
+    /// An instruction kiln does not know (the parser refuses them first).
+    Unknown,
+}
+
+/// RUN: its flags (`--mount`, `--network`) and the command. A shell-form
+/// command with here-documents is one shell script (the first line, then
+/// each document and its delimiter, as a POSIX shell reads them); a RUN
+/// that is nothing but one here-document runs that document as the script.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSpec {
+    pub flags: Vec<(String, Option<String>)>,
+    pub command: CommandForm,
 }
 
 /// One instruction with where it stands.
@@ -140,6 +152,39 @@ fn command(c: &pd::Command<'_>) -> CommandForm {
         }
         pd::Command::Shell(s) => CommandForm::Shell(s.value.trim().to_string()),
         _ => CommandForm::Shell(String::new()),
+    }
+}
+
+fn run_spec(r: &pd::RunInstruction<'_>) -> RunSpec {
+    let command = match (&r.arguments, r.here_docs.as_slice()) {
+        (pd::Command::Shell(s), docs) if !docs.is_empty() => {
+            let first = s.value.trim();
+            let names = heredoc_names(first);
+            let only_doc = docs.len() == 1 && {
+                let rest = first.trim_start_matches("<<").trim_start_matches('-');
+                let rest = rest.trim_matches(|c| c == '"' || c == '\'');
+                names.first().is_some_and(|n| rest == n)
+            };
+            if only_doc {
+                CommandForm::Shell(docs[0].value.to_string())
+            } else {
+                let mut script = first.to_string();
+                for (i, d) in docs.iter().enumerate() {
+                    script.push('\n');
+                    script.push_str(&d.value);
+                    if !d.value.ends_with('\n') {
+                        script.push('\n');
+                    }
+                    script.push_str(names.get(i).map_or("EOF", String::as_str));
+                }
+                CommandForm::Shell(script)
+            }
+        }
+        (c, _) => command(c),
+    };
+    RunSpec {
+        flags: flags(&r.options),
+        command,
     }
 }
 
@@ -296,8 +341,8 @@ fn convert(text: &str, escape: char, ins: &pd::Instruction<'_>) -> (usize, Kind)
             m.maintainer.span.start,
             Kind::Maintainer(m.name.value.to_string()),
         ),
-        I::Run(r) => (r.run.span.start, Kind::Run),
-        _ => (0, Kind::Run),
+        I::Run(r) => (r.run.span.start, Kind::Run(run_spec(r))),
+        _ => (0, Kind::Unknown),
     }
 }
 

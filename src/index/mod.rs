@@ -50,8 +50,14 @@ pub fn builder_line(opts: &crate::assemble::BuildOptions) -> String {
         crate::context::ModePolicy::Preserve => "preserve",
     };
     let p = crate::image::host_platform();
+    // The RUN network, where it is not the default (host): existing index
+    // digests stay as they were.
+    let network = match opts.network {
+        crate::sandbox::Network::Host => String::new(),
+        n => format!(" network={}", n.name()),
+    };
     format!(
-        "kiln-builder:{LAYER_FORMAT_VERSION} layers={compression} mtime={} modes={modes} target={} platform={}/{}",
+        "kiln-builder:{LAYER_FORMAT_VERSION} layers={compression} mtime={} modes={modes} target={} platform={}/{}{network}",
         opts.timestamp,
         opts.target.as_deref().unwrap_or(""),
         p.os,

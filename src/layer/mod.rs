@@ -7,7 +7,7 @@ pub mod tar;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -91,6 +91,32 @@ pub enum Error {
         expected: u64,
         got: u64,
     },
+}
+
+/// A layer to write: entries kiln lays out itself (COPY, ADD, WORKDIR), or
+/// a tar a RUN step left, complete and deterministic already.
+#[derive(Clone, Debug)]
+pub enum Planned {
+    Entries(Entries),
+    Tar {
+        path: PathBuf,
+        /// Its size, and the files in it, for progress.
+        size: u64,
+        files: u64,
+    },
+}
+
+impl Planned {
+    /// Bytes of file content and files, for progress.
+    pub fn totals(&self) -> (u64, u64) {
+        match self {
+            Planned::Entries(e) => e.values().fold((0, 0), |(b, f), e| match &e.content {
+                Content::File { size, .. } => (b + size, f + 1),
+                _ => (b, f),
+            }),
+            Planned::Tar { size, files, .. } => (*size, *files),
+        }
+    }
 }
 
 /// Writes the tar stream of `entries` to `w` with every mtime set to `mtime`.
@@ -251,7 +277,7 @@ impl Write for Offload {
 /// Files are read ahead on reader threads, and the compressed stream is
 /// hashed and written on a thread of its own.
 pub fn write_layer(
-    entries: &Entries,
+    entries: &Planned,
     mtime: u64,
     compression: Compression,
     blobs: &crate::sink::file::BlobDir,
@@ -283,7 +309,7 @@ pub fn write_layer(
 /// Writes a layer's compressed stream to `file` at its current position and
 /// returns what was written and the file (positioned after the stream).
 pub fn write_layer_to(
-    entries: &Entries,
+    entries: &Planned,
     mtime: u64,
     compression: Compression,
     file: File,
@@ -309,7 +335,29 @@ pub fn write_layer_to(
         let result = (|| {
             let comp = compression.writer(offload).map_err(werr)?;
             let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
-            write_tar(entries, mtime, &mut inner, step)?;
+            match entries {
+                Planned::Entries(entries) => write_tar(entries, mtime, &mut inner, step)?,
+                Planned::Tar { path, .. } => {
+                    // A RUN's layer, already a deterministic tar: hashed
+                    // and compressed as it is.
+                    let mut f = File::open(path).map_err(|source| Error::Read {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = f.read(&mut buf).map_err(|source| Error::Read {
+                            path: path.to_path_buf(),
+                            source,
+                        })?;
+                        if n == 0 {
+                            break;
+                        }
+                        inner.write_all(&buf[..n]).map_err(werr)?;
+                        step.inc(n as u64, 0);
+                    }
+                }
+            }
             let (diff_id, _, comp) = inner.finish();
             let comp = comp.into_inner().map_err(|e| werr(e.into_error()))?;
             let mut offload = comp.finish().map_err(werr)?;

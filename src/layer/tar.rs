@@ -114,7 +114,20 @@ fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
 
 /// Writes the header (and any PAX extended header it needs) of a layer entry.
 pub fn write_ustar<W: Write>(w: &mut W, h: &Header<'_>) -> io::Result<u64> {
+    write_ustar_pax(w, h, &[])
+}
+
+/// [`write_ustar`] with extra PAX records (`SCHILY.xattr.NAME` for
+/// extended attributes), written in the order given.
+pub fn write_ustar_pax<W: Write>(
+    w: &mut W,
+    h: &Header<'_>,
+    extra: &[(String, Vec<u8>)],
+) -> io::Result<u64> {
     let mut pax = Vec::new();
+    for (k, v) in extra {
+        pax_record(&mut pax, k, v);
+    }
     if h.name.len() > 100 {
         pax_record(&mut pax, "path", h.name);
     }

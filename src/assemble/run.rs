@@ -1,0 +1,284 @@
+//! RUN: the root filesystem a command sees (base layers unpacked once into
+//! kiln's cache, keyed by diff_id; the stage's own layers unpacked into the
+//! build's spool; earlier RUNs' upper directories), its `--mount`s, and the
+//! sandbox call that leaves the step's layer tar.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::image::{Descriptor, Digest};
+use crate::layer::Planned as Layer;
+use crate::progress::Step;
+use crate::sandbox::{self, Action, Mount, Network, Spec};
+
+/// Where unpacked base layers live: `$XDG_CACHE_HOME/kiln/layers/<diff_id>`.
+pub fn layer_cache() -> PathBuf {
+    crate::cache_dir().join("layers")
+}
+
+/// Unpacks a layer (blob or tar) into `dir` with the sandbox helper (in the
+/// user namespace when rootless, so owners map), unless it is there.
+fn unpack(tar: &Path, dir: &Path, spool: &Path) -> Result<(), String> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+    }
+    let spec = Spec {
+        rootless: sandbox::rootless(),
+        action: Action::Extract {
+            tar: tar.to_path_buf(),
+            dir: dir.to_path_buf(),
+        },
+    };
+    sandbox::run(&spec, spool, |_| {}).map_err(|e| format!("unpacking {}: {e}", tar.display()))
+}
+
+/// The lower directories of a RUN, topmost first: every base layer (from
+/// the cache), then every own layer (unpacked on first need; a RUN's is its
+/// upper directory). `dirs` records what was unpacked.
+pub fn lowers(
+    base: &[(Descriptor, PathBuf)],
+    base_diff_ids: &[Digest],
+    layers: &[Layer],
+    dirs: &mut [Option<PathBuf>],
+    spool: &Path,
+    mtime: u64,
+) -> Result<Vec<PathBuf>, String> {
+    let mut out = Vec::new();
+    let cache = layer_cache();
+    for (i, (d, blob)) in base.iter().enumerate() {
+        let id = base_diff_ids
+            .get(i)
+            .ok_or_else(|| format!("base layer {} has no diff_id in its config", d.digest))?;
+        let dir = cache.join(id.hex());
+        unpack(blob, &dir, spool)?;
+        out.push(dir);
+    }
+    for (i, layer) in layers.iter().enumerate() {
+        if let Some(d) = &dirs[i] {
+            out.push(d.clone());
+            continue;
+        }
+        let tar = match layer {
+            Layer::Tar { path, .. } => path.clone(),
+            Layer::Entries(entries) => {
+                let tar = spool.join(format!("layer-{i}.tar"));
+                let f = std::fs::File::create(&tar)
+                    .map_err(|e| format!("writing {}: {e}", tar.display()))?;
+                let mut w = std::io::BufWriter::new(f);
+                crate::layer::write_tar(entries, mtime, &mut w, &Step::none())
+                    .map_err(|e| e.to_string())?;
+                std::io::Write::flush(&mut w).map_err(|e| e.to_string())?;
+                tar
+            }
+        };
+        let dir = spool.join(format!("lower-{i}"));
+        unpack(&tar, &dir, spool)?;
+        dirs[i] = Some(dir.clone());
+        out.push(dir);
+    }
+    if out.is_empty() {
+        // FROM scratch: overlay needs one lower directory.
+        let empty = spool.join("empty");
+        std::fs::create_dir_all(&empty).map_err(|e| format!("{}: {e}", empty.display()))?;
+        out.push(empty);
+    }
+    out.reverse();
+    Ok(out)
+}
+
+/// Parses one `RUN --mount=…` into a sandbox mount; `context_dir` and the
+/// secrets are where binds and secrets come from.
+pub fn parse_mount(
+    value: &str,
+    context_dir: &Path,
+    secrets: &BTreeMap<String, PathBuf>,
+    stage_dir: &dyn Fn(&str) -> Result<PathBuf, String>,
+) -> Result<Option<(Mount, Option<std::fs::File>)>, String> {
+    let mut kv: BTreeMap<String, String> = BTreeMap::new();
+    for part in value.split(',') {
+        let (k, v) = part.split_once('=').unwrap_or((part, "true"));
+        kv.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    let kind = kv.get("type").map_or("bind", String::as_str).to_string();
+    let target = kv
+        .get("target")
+        .or_else(|| kv.get("dst"))
+        .or_else(|| kv.get("destination"))
+        .cloned();
+    let need_target = || {
+        target
+            .clone()
+            .ok_or_else(|| format!("--mount={value}: type={kind} needs target=PATH"))
+    };
+    match kind.as_str() {
+        "cache" => {
+            let target = need_target()?;
+            let id = kv.get("id").cloned().unwrap_or_else(|| target.clone());
+            let sharing = kv.get("sharing").map_or("shared", String::as_str);
+            if !matches!(sharing, "shared" | "locked" | "private") {
+                return Err(format!(
+                    "--mount={value}: sharing={sharing}: expected shared, locked or private"
+                ));
+            }
+            let key = crate::Digest::of(id.as_bytes());
+            let dir = crate::cache_dir().join("run-cache").join(&key.hex()[..32]);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // locked (and private, which kiln treats alike): one build at a time.
+            let lock = if sharing == "shared" {
+                None
+            } else {
+                let f = std::fs::File::create(dir.with_extension("lock"))
+                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+                    .map_err(|e| format!("locking the cache {id}: {e}"))?;
+                Some(f)
+            };
+            Ok(Some((
+                Mount::Bind {
+                    source: dir,
+                    target,
+                    readonly: false,
+                },
+                lock,
+            )))
+        }
+        "bind" => {
+            let target = need_target()?;
+            let source = kv
+                .get("source")
+                .or_else(|| kv.get("src"))
+                .cloned()
+                .unwrap_or_default();
+            let base = match kv.get("from") {
+                Some(from) => stage_dir(from)?,
+                None => context_dir.to_path_buf(),
+            };
+            let rel = crate::dockerfile::ignore::clean(source.as_bytes());
+            let path = base.join(String::from_utf8_lossy(&rel).as_ref());
+            if std::fs::symlink_metadata(&path).is_err() {
+                return Err(format!(
+                    "--mount={value}: {} does not exist in {}",
+                    if source.is_empty() { "." } else { &source },
+                    if kv.contains_key("from") {
+                        "that stage or image"
+                    } else {
+                        "the build context"
+                    }
+                ));
+            }
+            let rw = kv.get("rw").or_else(|| kv.get("readwrite")).is_some();
+            if rw {
+                return Err(format!("--mount={value}: read-write bind mounts are not supported (kiln binds read-only, so the build cannot change its inputs)"));
+            }
+            Ok(Some((
+                Mount::Bind {
+                    source: path,
+                    target,
+                    readonly: true,
+                },
+                None,
+            )))
+        }
+        "secret" => {
+            let id = kv
+                .get("id")
+                .cloned()
+                .or_else(|| {
+                    target
+                        .as_ref()
+                        .and_then(|t| t.rsplit('/').next().map(String::from))
+                })
+                .ok_or_else(|| format!("--mount={value}: type=secret needs id=ID"))?;
+            let target = target.unwrap_or_else(|| format!("/run/secrets/{id}"));
+            let required = kv.get("required").is_some_and(|v| v == "true");
+            match secrets.get(&id) {
+                Some(src) => Ok(Some((
+                    Mount::Bind {
+                        source: src.clone(),
+                        target,
+                        readonly: true,
+                    },
+                    None,
+                ))),
+                None if required => Err(format!(
+                    "--mount={value}: no secret {id}; give it with kiln build --secret id={id},src=FILE"
+                )),
+                // As BuildKit: a missing optional secret is simply absent.
+                None => Ok(None),
+            }
+        }
+        "tmpfs" => Ok(Some((
+            Mount::Tmpfs {
+                target: need_target()?,
+            },
+            None,
+        ))),
+        "ssh" => Err(format!(
+            "--mount={value}: type=ssh is not supported; use a secret mount"
+        )),
+        other => Err(format!(
+            "--mount={value}: unknown type={other} (bind, cache, secret and tmpfs are supported)"
+        )),
+    }
+}
+
+/// `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` for the sandbox, as
+/// copies in the spool (a command's edits stay there, never in a layer).
+pub fn etc_files(
+    spool: &Path,
+    n: usize,
+    network: Network,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    let dir = spool.join(format!("etc-{n}"));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let resolv = match network {
+        Network::Host => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+        Network::None => Vec::new(),
+    };
+    let files = [
+        (
+            "hosts",
+            b"127.0.0.1\tlocalhost kiln\n::1\tlocalhost ip6-localhost ip6-loopback\n".to_vec(),
+        ),
+        ("hostname", b"kiln\n".to_vec()),
+        ("resolv.conf", resolv),
+    ];
+    let mut out = Vec::new();
+    for (name, bytes) in files {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        out.push((name.to_string(), p));
+    }
+    Ok(out)
+}
+
+/// A user's supplementary groups from an `/etc/group` text (members named).
+pub fn supplementary_groups(group: &[u8], user: &str, primary: u32) -> Vec<u32> {
+    let mut out = vec![primary];
+    for line in String::from_utf8_lossy(group).lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 4 {
+            continue;
+        }
+        if f[3].split(',').any(|m| m == user) {
+            if let Ok(g) = f[2].parse::<u32>() {
+                if !out.contains(&g) {
+                    out.push(g);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A user's home directory from an `/etc/passwd` text.
+pub fn home_of(passwd: &[u8], uid: u64) -> Option<String> {
+    String::from_utf8_lossy(passwd).lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() > 5 && f[2] == uid.to_string()).then(|| f[5].to_string())
+    })
+}

@@ -1,0 +1,228 @@
+//! Writes a RUN step's upper directory as its layer: a deterministic tar
+//! (entries sorted by path; numeric owners as the command left them, no
+//! user or group names; modes as left; mtimes clamped to the build
+//! timestamp, as BuildKit's rewrite-timestamp does; extended attributes
+//! kept except overlay's own). Overlay's whiteouts (0/0 character devices)
+//! become `.wh.NAME` entries; an opaque directory gets `.wh..wh..opq` only
+//! where a lower layer had that directory (overlay marks brand-new
+//! directories opaque too). Mount points the sandbox made, still empty,
+//! are left out.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::layer::tar::{self, Header, Kind};
+
+/// One thing found in the upper directory.
+enum Found {
+    Dir { opaque: bool },
+    File,
+    Symlink(Vec<u8>),
+    Whiteout,
+}
+
+fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut names = vec![0u8; 4096];
+    let Ok(n) = rustix::fs::llistxattr(path, &mut names) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for name in names[..n].split(|&c| c == 0).filter(|n| !n.is_empty()) {
+        let key = String::from_utf8_lossy(name).into_owned();
+        if key.starts_with("trusted.overlay.") || key.starts_with("user.overlay.") {
+            continue;
+        }
+        let mut value = vec![0u8; 65536];
+        if let Ok(len) = rustix::fs::lgetxattr(path, name, &mut value) {
+            value.truncate(len);
+            out.push((format!("SCHILY.xattr.{key}"), value));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn is_opaque(path: &Path) -> bool {
+    let mut v = [0u8; 8];
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|k| rustix::fs::lgetxattr(path, *k, &mut v).is_ok_and(|n| &v[..n] == b"y"))
+}
+
+/// Whether the topmost lower layer that has `rel` has a directory there.
+fn lower_has_dir(lowers: &[PathBuf], rel: &Path) -> bool {
+    for l in lowers {
+        match fs::symlink_metadata(l.join(rel)) {
+            Ok(m) if m.is_dir() => return true,
+            Ok(_) => return false,
+            Err(_) => continue,
+        }
+    }
+    false
+}
+
+/// Writes `upper` as a layer tar at `out`.
+pub fn capture(
+    upper: &Path,
+    lowers: &[PathBuf],
+    mountpoints: &[String],
+    out: &Path,
+    timestamp: u64,
+) -> io::Result<()> {
+    let skip: HashSet<&str> = mountpoints.iter().map(String::as_str).collect();
+    // Walk iteratively; collect (archive path, what, metadata).
+    let mut found: BTreeMap<Vec<u8>, (Found, fs::Metadata)> = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = upper.join(&rel);
+        for e in fs::read_dir(&dir)? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let p = upper.join(&r);
+            let md = fs::symlink_metadata(&p)?;
+            let ft = md.file_type();
+            let key = r.as_os_str().as_bytes().to_vec();
+            let made = skip.contains(r.to_string_lossy().as_ref());
+            let what = if ft.is_dir() {
+                let empty = fs::read_dir(&p)?.next().is_none();
+                if made && empty {
+                    continue;
+                }
+                stack.push(r.clone());
+                Found::Dir {
+                    opaque: is_opaque(&p) && lower_has_dir(lowers, &r),
+                }
+            } else if ft.is_file() {
+                if made && md.len() == 0 {
+                    continue;
+                }
+                Found::File
+            } else if ft.is_symlink() {
+                Found::Symlink(fs::read_link(&p)?.as_os_str().as_bytes().to_vec())
+            } else if ft.is_char_device() && md.rdev() == 0 {
+                Found::Whiteout
+            } else {
+                // Devices, FIFOs, sockets a command left: not in images.
+                continue;
+            };
+            found.insert(key, (what, md));
+        }
+    }
+    // Whiteouts and opaque markers under their archive names, sorted.
+    let mut entries: BTreeMap<Vec<u8>, (&Found, &fs::Metadata, Vec<u8>)> = BTreeMap::new();
+    for (path, (what, md)) in &found {
+        let (dir, base) = match path.iter().rposition(|&c| c == b'/') {
+            Some(i) => (&path[..=i], &path[i + 1..]),
+            None => (&b""[..], &path[..]),
+        };
+        match what {
+            Found::Whiteout => {
+                let mut name = dir.to_vec();
+                name.extend_from_slice(b".wh.");
+                name.extend_from_slice(base);
+                entries.insert(name, (what, md, path.clone()));
+            }
+            Found::Dir { opaque } => {
+                entries.insert(path.clone(), (what, md, path.clone()));
+                if *opaque {
+                    let mut name = path.clone();
+                    name.extend_from_slice(b"/.wh..wh..opq");
+                    entries.insert(name, (&Found::Whiteout, md, Vec::new()));
+                }
+            }
+            _ => {
+                entries.insert(path.clone(), (what, md, path.clone()));
+            }
+        }
+    }
+    let file = File::create(out)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for (name, (what, md, real)) in &entries {
+        let mtime = (md.mtime().max(0) as u64).min(timestamp);
+        let (uid, gid) = (md.uid() as u64, md.gid() as u64);
+        let mode = md.mode() & 0o7777;
+        let src = upper.join(OsStr::from_bytes(real));
+        fn h<'a>(
+            name: &'a [u8],
+            kind: Kind,
+            mode: u32,
+            size: u64,
+            link: &'a [u8],
+            (uid, gid, mtime): (u64, u64, u64),
+        ) -> Header<'a> {
+            Header {
+                name,
+                kind,
+                mode,
+                uid,
+                gid,
+                size,
+                mtime,
+                link,
+            }
+        }
+        let ids = (uid, gid, mtime);
+        match what {
+            Found::Whiteout => {
+                let wh = Header {
+                    uid: 0,
+                    gid: 0,
+                    ..h(name, Kind::File, 0, 0, b"", ids)
+                };
+                tar::write_ustar(&mut w, &wh)?;
+            }
+            Found::Dir { .. } => {
+                let mut n = name.clone();
+                n.push(b'/');
+                tar::write_ustar_pax(&mut w, &h(&n, Kind::Dir, mode, 0, b"", ids), &xattrs(&src))?;
+            }
+            Found::Symlink(target) => {
+                tar::write_ustar_pax(
+                    &mut w,
+                    &h(name, Kind::Symlink, 0o777, 0, target, ids),
+                    &xattrs(&src),
+                )?;
+            }
+            Found::File => {
+                if md.nlink() > 1 {
+                    if let Some(first) = links.get(&(md.dev(), md.ino())) {
+                        tar::write_ustar(&mut w, &h(name, Kind::HardLink, mode, 0, first, ids))?;
+                        continue;
+                    }
+                    links.insert((md.dev(), md.ino()), name.clone());
+                }
+                let mut f = File::open(&src)?;
+                let size = md.len();
+                tar::write_ustar_pax(
+                    &mut w,
+                    &h(name, Kind::File, mode, size, b"", ids),
+                    &xattrs(&src),
+                )?;
+                let mut left = size;
+                while left > 0 {
+                    let n = f.read(&mut buf[..(left.min(1 << 20) as usize)])?;
+                    if n == 0 {
+                        return Err(io::Error::other(format!(
+                            "{} shrank while kiln read it",
+                            src.display()
+                        )));
+                    }
+                    w.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                tar::pad(&mut w, size)?;
+            }
+        }
+    }
+    tar::finish(&mut w)?;
+    w.flush()?;
+    w.get_ref().sync_all()?;
+    Ok(())
+}

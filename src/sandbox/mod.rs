@@ -1,0 +1,376 @@
+//! kiln's own sandbox for `RUN`: no daemon, no runtime binary.
+//!
+//! kiln re-executes itself (`/proc/self/exe __sandbox SPEC`): the helper is
+//! single-threaded, which `unshare(CLONE_NEWUSER)` demands. The helper
+//!
+//! 1. as an unprivileged user, enters a new user namespace, which kiln maps
+//!    with `newuidmap`/`newgidmap` from the user's `/etc/subuid` and
+//!    `/etc/subgid` ranges (or, without a range, to the user alone);
+//! 2. runs its action: [`Action::Extract`] unpacks a layer into a lower
+//!    directory (whiteouts as overlay's 0/0 devices, opaque directories as
+//!    overlay's xattr), [`Action::Run`] runs a command;
+//! 3. for a command, enters new PID, mount, UTS and IPC namespaces (and a
+//!    network namespace with only `lo` for `--network none`); its child is
+//!    PID 1, which mounts the overlay (lower directories, the step's upper
+//!    directory), a fresh `/proc`, a tmpfs `/dev` with the usual devices,
+//!    `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname` (copies, never
+//!    captured), the `RUN --mount`s, pivots into the root and runs the
+//!    command as its child, reaping zombies; when the command ends, PID 1
+//!    exits and the kernel kills whatever is left and drops every mount;
+//! 4. writes the upper directory as the step's layer tar ([`capture`]).
+//!
+//! The parent (kiln) streams the command's output and reports failures.
+
+pub mod capture;
+pub mod extract;
+mod helper;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+pub use helper::helper_main;
+
+/// The hidden subcommand the helper runs as.
+pub const HELPER: &str = "__sandbox";
+/// The helper's exit code when it could not set the sandbox up.
+pub const SETUP_FAILED: i32 = 125;
+/// The prefix of the helper's own error line on stderr.
+pub const ERROR_PREFIX: &str = "kiln-sandbox-error: ";
+/// The prefix of the helper's report of how the command ended.
+pub const STATUS_PREFIX: &str = "kiln-sandbox-status: ";
+
+/// The network a command sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// The host's network (the default: Dockerfiles install packages).
+    #[default]
+    Host,
+    /// A namespace of its own with only loopback, brought up.
+    None,
+}
+
+impl Network {
+    pub fn parse(s: &str) -> Option<Network> {
+        match s {
+            "host" | "default" => Some(Network::Host),
+            "none" => Some(Network::None),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Network::Host => "host",
+            Network::None => "none",
+        }
+    }
+}
+
+/// A `RUN --mount`, resolved to host paths.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Mount {
+    /// A host directory or file bound at `target`.
+    Bind {
+        source: PathBuf,
+        target: String,
+        readonly: bool,
+    },
+    Tmpfs {
+        target: String,
+    },
+    /// Read-only: `source` inside the stack of `lowers` (another stage's or
+    /// image's filesystem, topmost first), bound at `target`.
+    Stack {
+        lowers: Vec<PathBuf>,
+        source: String,
+        target: String,
+    },
+}
+
+/// What the helper does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Action {
+    /// Unpacks a layer (a tar, compressed or not) into `dir`, which must
+    /// not exist; it appears only when complete.
+    Extract { tar: PathBuf, dir: PathBuf },
+    /// Runs a command on an overlay of `lowers` (topmost first) and
+    /// `upper`, then writes `upper` as a deterministic tar at `capture`.
+    Run(Box<RunSpec>),
+}
+
+/// A command and the root filesystem it runs in.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub merged: PathBuf,
+    pub argv: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub network: Network,
+    pub hostname: String,
+    /// Files bound over `/etc/<name>` (copies: a command's edits stay there).
+    pub etc: Vec<(String, PathBuf)>,
+    pub mounts: Vec<Mount>,
+    /// The layer tar to write, and the build timestamp mtimes are clamped to.
+    pub capture: PathBuf,
+    pub timestamp: u64,
+}
+
+/// Everything the helper needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Spec {
+    /// Inside a user namespace (kiln is not root).
+    pub rootless: bool,
+    pub action: Action,
+}
+
+/// Why a sandbox could not run a command, or how the command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{}", describe_exit(*code, *signal, tail))]
+    Failed {
+        code: Option<i32>,
+        signal: Option<i32>,
+        tail: Vec<String>,
+    },
+    #[error("starting the sandbox helper ({}): {source}", path.display())]
+    Spawn {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn describe_exit(code: Option<i32>, signal: Option<i32>, tail: &[String]) -> String {
+    let how = match (code, signal) {
+        (_, Some(s)) => format!("was killed by signal {s}"),
+        (Some(c), _) => format!("exited with code {c}"),
+        _ => "failed".into(),
+    };
+    if tail.is_empty() {
+        format!("the command {how} (it printed nothing)")
+    } else {
+        format!(
+            "the command {how}; its last lines:\n    {}",
+            tail.join("\n    ")
+        )
+    }
+}
+
+/// How many of a failed command's last lines the error shows.
+pub const TAIL_LINES: usize = 20;
+
+/// Whether kiln runs as an unprivileged user (then RUN needs a user namespace).
+pub fn rootless() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() != 0 }
+}
+
+/// A user's subordinate id range from `/etc/subuid` or `/etc/subgid`.
+pub fn subid_range(file: &str, user: &str, id: u32) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        let (who, start, count) = (f.next()?, f.next()?, f.next()?);
+        (who == user || who == id.to_string())
+            .then(|| Some((start.parse().ok()?, count.parse().ok()?)))
+            .flatten()
+    })
+}
+
+/// The current user's name (from `/etc/passwd`, else `$USER`).
+fn user_name(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|t| {
+            t.lines().find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+            })
+        })
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_default()
+}
+
+/// What kiln found it can do rootless, and the warning to print, if any.
+#[derive(Clone, Debug)]
+pub struct UserMap {
+    pub uid: (u32, Option<(u32, u32)>),
+    pub gid: (u32, Option<(u32, u32)>),
+}
+
+impl UserMap {
+    pub fn current() -> UserMap {
+        // SAFETY: getuid/getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let name = user_name(uid);
+        UserMap {
+            uid: (uid, subid_range("/etc/subuid", &name, uid)),
+            gid: (gid, subid_range("/etc/subgid", &name, uid)),
+        }
+    }
+
+    /// The warning for a user without subordinate ranges.
+    pub fn warning(&self) -> Option<String> {
+        (self.uid.1.is_none() || self.gid.1.is_none()).then(|| {
+            format!(
+                "kiln: warning: no /etc/subuid and /etc/subgid range for uid {}: RUN maps only root to you, so chown, setgroups and apt's sandbox user fail; add a range (usermod --add-subuids 100000-165535 --add-subgids 100000-165535 USER)",
+                self.uid.0
+            )
+        })
+    }
+
+    /// Runs newuidmap/newgidmap for `pid`; false where a range is missing
+    /// (the helper then maps itself alone).
+    fn apply(&self, pid: u32) -> Result<bool, Error> {
+        let (Some((us, uc)), Some((gs, gc))) = (self.uid.1, self.gid.1) else {
+            return Ok(false);
+        };
+        for (tool, own, start, count) in [
+            ("newuidmap", self.uid.0, us, uc),
+            ("newgidmap", self.gid.0, gs, gc),
+        ] {
+            let out = Command::new(tool)
+                .arg(pid.to_string())
+                .args(["0", &own.to_string(), "1"])
+                .args(["1", &start.to_string(), &count.to_string()])
+                .output()
+                .map_err(|e| {
+                    Error::Setup(if e.kind() == std::io::ErrorKind::NotFound {
+                        format!("RUN as an unprivileged user needs {tool} (Debian's and Ubuntu's package uidmap, Fedora's shadow-utils): install it, or build as root")
+                    } else {
+                        format!("running {tool}: {e}")
+                    })
+                })?;
+            if !out.status.success() {
+                return Err(Error::Setup(format!(
+                    "{tool} {pid} refused to map your /etc/sub{} range ({}): check that the range is yours and that {tool} is setuid root (or has cap_set{}id)",
+                    if tool == "newuidmap" { "uid" } else { "gid" },
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    if tool == "newuidmap" { "u" } else { "g" },
+                )));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Runs the helper for `spec`; `output` gets each line the command prints.
+/// Returns when the helper has finished (the layer tar written, for a run).
+pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<(), Error> {
+    let _ = std::fs::create_dir_all(spool);
+    let spec_file = tempfile::Builder::new()
+        .prefix(".kiln-sandbox-")
+        .tempfile_in(spool)
+        .map_err(|e| {
+            Error::Setup(format!(
+                "writing the sandbox spec in {}: {e}",
+                spool.display()
+            ))
+        })?;
+    serde_json::to_writer(spec_file.as_file(), spec).expect("specs serialize");
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let (mut out_r, out_w) = std::io::pipe().map_err(|e| Error::Spawn {
+        path: exe.clone(),
+        source: e,
+    })?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg(HELPER)
+        .arg(spec_file.path())
+        .stdin(Stdio::piped())
+        .stdout(out_w.try_clone().map_err(|e| Error::Spawn {
+            path: exe.clone(),
+            source: e,
+        })?)
+        .stderr(out_w);
+    let map = spec.rootless.then(UserMap::current);
+    let mut child = cmd.spawn().map_err(|source| Error::Spawn {
+        path: exe.clone(),
+        source,
+    })?;
+    drop(cmd);
+    let mut stdin = child.stdin.take().expect("piped");
+    // The helper's first line says it is in its user namespace; kiln maps
+    // it and answers on stdin.
+    let mut reader = BufReader::new(&mut out_r);
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    let mut setup_error = None;
+    let mut line = Vec::new();
+    let mut mapped = false;
+    let mut ended: Option<(Option<i32>, Option<i32>)> = None;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if text == "kiln-sandbox-userns" && !mapped {
+            mapped = true;
+            let answer = match &map {
+                Some(m) => match m.apply(child.id()) {
+                    Ok(true) => "mapped\n",
+                    Ok(false) => "self\n",
+                    Err(e) => {
+                        setup_error = Some(e);
+                        "abort\n"
+                    }
+                },
+                None => "self\n",
+            };
+            let _ = stdin.write_all(answer.as_bytes());
+            let _ = stdin.flush();
+            continue;
+        }
+        if let Some(msg) = text.strip_prefix(ERROR_PREFIX) {
+            setup_error.get_or_insert(Error::Setup(msg.to_string()));
+            continue;
+        }
+        if let Some(st) = text.strip_prefix(STATUS_PREFIX) {
+            let num = |k: &str| st.strip_prefix(k).and_then(|v| v.parse().ok());
+            ended = Some((num("code="), num("signal=")));
+            continue;
+        }
+        output(text);
+        if tail.len() == TAIL_LINES {
+            tail.pop_front();
+        }
+        tail.push_back(text.to_string());
+    }
+    drop(reader);
+    let mut rest = Vec::new();
+    let _ = out_r.read_to_end(&mut rest);
+    let status = child
+        .wait()
+        .map_err(|source| Error::Spawn { path: exe, source })?;
+    if let Some(e) = setup_error {
+        return Err(e);
+    }
+    if status.success() {
+        return Ok(());
+    }
+    let (code, signal) = match ended {
+        Some(e) => e,
+        None => {
+            return Err(Error::Setup(format!(
+                "the sandbox helper ended ({status}) before the command did"
+            )))
+        }
+    };
+    Err(Error::Failed {
+        code,
+        signal,
+        tail: tail.into_iter().collect(),
+    })
+}
