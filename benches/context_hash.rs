@@ -73,6 +73,7 @@ fn benches(c: &mut Criterion) {
         }
     }
     let out = tempfile::tempdir().unwrap();
+    let entries = layer::Planned::Entries(entries);
     let mut g = c.benchmark_group("layer");
     g.throughput(Throughput::Bytes(bytes));
     g.sample_size(10);

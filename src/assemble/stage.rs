@@ -601,7 +601,7 @@ impl<'a> State<'a> {
                     // Binds from another stage or image need its layers.
                     let kv: BTreeMap<&str, &str> =
                         v.split(',').filter_map(|p| p.split_once('=')).collect();
-                    if kv.get("type").is_none_or(|t| *t == "bind") {
+                    if kv.get("type").map_or(true, |t| *t == "bind") {
                         if let Some(from) = kv.get("from") {
                             let target = kv
                                 .get("target")

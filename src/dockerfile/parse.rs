@@ -155,27 +155,44 @@ fn command(c: &pd::Command<'_>) -> CommandForm {
     }
 }
 
-fn run_spec(r: &pd::RunInstruction<'_>) -> RunSpec {
+fn run_spec(text: &str, r: &pd::RunInstruction<'_>) -> RunSpec {
+    // parse-dockerfile takes the `<<NAME` markers out of the command line:
+    // what is left is the command the documents feed (empty: the document
+    // is the script).
     let command = match (&r.arguments, r.here_docs.as_slice()) {
         (pd::Command::Shell(s), docs) if !docs.is_empty() => {
-            let first = s.value.trim();
-            let names = heredoc_names(first);
-            let only_doc = docs.len() == 1 && {
-                let rest = first.trim_start_matches("<<").trim_start_matches('-');
-                let rest = rest.trim_matches(|c| c == '"' || c == '\'');
-                names.first().is_some_and(|n| rest == n)
-            };
-            if only_doc {
+            let rest = s.value.trim();
+            if rest.is_empty() && docs.len() == 1 {
                 CommandForm::Shell(docs[0].value.to_string())
             } else {
-                let mut script = first.to_string();
+                let first_line = text[floor_boundary(text, r.run.span.start)..]
+                    .split('\n')
+                    .next()
+                    .unwrap_or("");
+                let names = heredoc_names(first_line);
+                let mut script = rest.to_string();
                 for (i, d) in docs.iter().enumerate() {
+                    let name = names
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| format!("KILN_EOF_{i}"));
+                    if d.expand {
+                        script.push_str(&format!(" <<{name}"));
+                    } else {
+                        script.push_str(&format!(" <<'{name}'"));
+                    }
+                }
+                for (i, d) in docs.iter().enumerate() {
+                    let name = names
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| format!("KILN_EOF_{i}"));
                     script.push('\n');
                     script.push_str(&d.value);
                     if !d.value.ends_with('\n') {
                         script.push('\n');
                     }
-                    script.push_str(names.get(i).map_or("EOF", String::as_str));
+                    script.push_str(&name);
                 }
                 CommandForm::Shell(script)
             }
@@ -341,7 +358,7 @@ fn convert(text: &str, escape: char, ins: &pd::Instruction<'_>) -> (usize, Kind)
             m.maintainer.span.start,
             Kind::Maintainer(m.name.value.to_string()),
         ),
-        I::Run(r) => (r.run.span.start, Kind::Run(run_spec(r))),
+        I::Run(r) => (r.run.span.start, Kind::Run(run_spec(text, r))),
         _ => (0, Kind::Unknown),
     }
 }

@@ -443,8 +443,9 @@ mod tests {
         ] {
             let d1 = tempfile::tempdir().unwrap();
             let d2 = tempfile::tempdir().unwrap();
+            let e2 = Planned::Entries(e.clone());
             let a = write_layer(
-                &e,
+                &e2,
                 0,
                 c,
                 &crate::sink::file::BlobDir::plain(d1.path()).unwrap(),
@@ -452,7 +453,7 @@ mod tests {
             )
             .unwrap();
             let b = write_layer(
-                &e,
+                &e2,
                 0,
                 c,
                 &crate::sink::file::BlobDir::plain(d2.path()).unwrap(),
@@ -473,7 +474,7 @@ mod tests {
         e.insert(b"f".to_vec(), file(b"x", 0o644));
         let d = tempfile::tempdir().unwrap();
         let info = write_layer(
-            &e,
+            &Planned::Entries(e),
             0,
             Compression::None,
             &crate::sink::file::BlobDir::plain(d.path()).unwrap(),

@@ -89,10 +89,8 @@ pub fn capture(
             let key = r.as_os_str().as_bytes().to_vec();
             let made = skip.contains(r.to_string_lossy().as_ref());
             let what = if ft.is_dir() {
-                let empty = fs::read_dir(&p)?.next().is_none();
-                if made && empty {
-                    continue;
-                }
+                // A mount point the sandbox made: dropped below if nothing
+                // the command left remains under it.
                 stack.push(r.clone());
                 Found::Dir {
                     opaque: is_opaque(&p) && lower_has_dir(lowers, &r),
@@ -111,6 +109,24 @@ pub fn capture(
                 continue;
             };
             found.insert(key, (what, md));
+        }
+    }
+    // Mount-point directories the sandbox made, deepest first: dropped
+    // when nothing else is left under them.
+    let mut made_dirs: Vec<&String> = mountpoints
+        .iter()
+        .filter(|m| matches!(found.get(m.as_bytes()), Some((Found::Dir { .. }, _))))
+        .collect();
+    made_dirs.sort_by_key(|m| std::cmp::Reverse(m.matches('/').count()));
+    for m in made_dirs {
+        let mut prefix = m.as_bytes().to_vec();
+        prefix.push(b'/');
+        let busy = found
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&prefix));
+        if !busy {
+            found.remove(m.as_bytes());
         }
     }
     // Whiteouts and opaque markers under their archive names, sorted.

@@ -170,10 +170,12 @@ fn describe_exit(code: Option<i32>, signal: Option<i32>, tail: &[String]) -> Str
 /// How many of a failed command's last lines the error shows.
 pub const TAIL_LINES: usize = 20;
 
-/// Whether kiln runs as an unprivileged user (then RUN needs a user namespace).
+/// Whether RUN goes through a user namespace: kiln runs as an unprivileged
+/// user, or `KILN_ROOTLESS=1` asks for the rootless path as root too.
 pub fn rootless() -> bool {
     // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() != 0 }
+    let euid = unsafe { libc::geteuid() };
+    euid != 0 || std::env::var_os("KILN_ROOTLESS").is_some_and(|v| v == "1")
 }
 
 /// A user's subordinate id range from `/etc/subuid` or `/etc/subgid`.
@@ -265,6 +267,23 @@ impl UserMap {
     }
 }
 
+/// A pipe (close-on-exec on both ends; the child gets dups).
+fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two descriptors that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: both descriptors are fresh and owned by nobody else.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
 /// Runs the helper for `spec`; `output` gets each line the command prints.
 /// Returns when the helper has finished (the layer tar written, for a run).
 pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<(), Error> {
@@ -280,7 +299,7 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
         })?;
     serde_json::to_writer(spec_file.as_file(), spec).expect("specs serialize");
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let (mut out_r, out_w) = std::io::pipe().map_err(|e| Error::Spawn {
+    let (mut out_r, out_w) = pipe().map_err(|e| Error::Spawn {
         path: exe.clone(),
         source: e,
     })?;
@@ -373,4 +392,42 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
         signal,
         tail: tail.into_iter().collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subordinate_ranges_are_found_by_name_or_uid() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("subuid");
+        std::fs::write(&f, "alice:100000:65536\n1001:200000:1000\n").unwrap();
+        let f = f.to_str().unwrap();
+        assert_eq!(subid_range(f, "alice", 1000), Some((100000, 65536)));
+        assert_eq!(subid_range(f, "bob", 1001), Some((200000, 1000)));
+        assert_eq!(subid_range(f, "carol", 1002), None);
+    }
+
+    #[test]
+    fn failures_name_the_code_or_signal_and_the_last_lines() {
+        let e = Error::Failed {
+            code: Some(3),
+            signal: None,
+            tail: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            "the command exited with code 3; its last lines:\n    a\n    b"
+        );
+        let e = Error::Failed {
+            code: None,
+            signal: Some(9),
+            tail: vec![],
+        };
+        assert_eq!(
+            e.to_string(),
+            "the command was killed by signal 9 (it printed nothing)"
+        );
+    }
 }

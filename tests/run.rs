@@ -1,0 +1,526 @@
+//! RUN in kiln's own sandbox, on a busybox base made from Debian's
+//! busybox-static (applets as relative symlinks), imported into a store:
+//! files, whiteouts, opaque directories, users and owners; ENV, ARG, USER,
+//! WORKDIR and SHELL; exec form and heredocs; failures; --network none;
+//! cache and secret mounts; COPY --from of RUN-made files; the same
+//! digest twice, with -j 1 and 2, as root and rootless; docker run.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// A store holding `t/busybox:1`: busybox, its applets as relative links,
+/// `/etc/passwd`, `/etc/group`, `/etc/base-file`, `/opt/olddir/a`.
+fn busybox_store(d: &Path) -> PathBuf {
+    require("busybox");
+    let root = d.join("bb/rootfs");
+    for dir in ["bin", "etc", "tmp", "root", "opt/olddir"] {
+        fs::create_dir_all(root.join(dir)).unwrap();
+    }
+    let busybox =
+        String::from_utf8(ok(Command::new("sh").args(["-c", "command -v busybox"])).into())
+            .unwrap();
+    fs::copy(busybox.trim(), root.join("bin/busybox")).unwrap();
+    let list = ok(Command::new("busybox").arg("--list"));
+    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    fs::write(root.join("etc/base-file"), "base\n").unwrap();
+    fs::write(root.join("opt/olddir/a"), "old\n").unwrap();
+    ok(Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+        ])
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(d.join("bb/rootfs.tar"))
+        .arg("."));
+    fs::write(
+        d.join("bb/Dockerfile"),
+        "FROM scratch\nADD rootfs.tar /\nCMD [\"/bin/sh\"]\n",
+    )
+    .unwrap();
+    ok(kiln()
+        .arg("build")
+        .arg(d.join("bb"))
+        .arg("--no-index")
+        .arg("-o")
+        .arg(d.join("bb.oci.tar"))
+        // gzip: the Docker engine the tests load images into predates zstd.
+        .args(["-t", "t/busybox:1", "--layer-compression", "gzip"]));
+    let store = d.join("store");
+    ok(kiln()
+        .args(["store", "add"])
+        .arg(d.join("bb.oci.tar"))
+        .arg("--store")
+        .arg(&store));
+    store
+}
+
+/// A kiln build of `dir/img` FROM the busybox store, sharing `cache`.
+fn run_build(dir: &Path, store: &Path, cache: &Path, out: &str, extra: &[&str]) -> Command {
+    let mut c = kiln();
+    c.env("XDG_CACHE_HOME", cache)
+        .arg("build")
+        .arg(dir.join("img"))
+        .arg("--store")
+        .arg(store)
+        .arg("-o")
+        .arg(dir.join(out))
+        .args(extra);
+    c
+}
+
+fn find<'a>(layer: &'a [Item], path: &str) -> Option<&'a Item> {
+    layer.iter().find(|i| i.path == path)
+}
+
+fn paths(layer: &[Item]) -> Vec<String> {
+    layer.iter().map(|i| i.path.clone()).collect()
+}
+
+const IMAGE: &str = r#"FROM t/busybox:1
+ARG GREETING=hello
+ENV FOO=bar
+RUN echo "$GREETING $FOO" > /greeting && rm /etc/base-file && rm -rf /opt/olddir && mkdir /opt/olddir && echo new > /opt/olddir/b
+RUN echo 'worker:x:1234:1234::/home/worker:/bin/sh' >> /etc/passwd && echo 'worker:x:1234:' >> /etc/group && mkdir -p /home/worker/data && chown worker:worker /home/worker /home/worker/data && touch /home/worker/data/f && chown 1234:1234 /home/worker/data/f
+USER worker
+WORKDIR /home/worker/w
+RUN id > id.txt && pwd >> id.txt && echo "$HOME $GREETING $SOURCE_DATE_EPOCH" >> id.txt
+USER root
+SHELL ["/bin/sh", "-e", "-c"]
+RUN ["/bin/sh", "-c", "echo exec-form > /exec"]
+RUN <<EOF
+echo heredoc > /heredoc
+echo "second line" >> /heredoc
+EOF
+RUN <<EOT cat > /catted
+catted $FOO
+EOT
+RUN <<'EOT' sh
+echo 'not expanded: $FOO' > /quoted
+EOT
+"#;
+
+#[test]
+fn run_steps_become_layers_with_whiteouts_opaque_dirs_owners_and_the_stage_state() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    let cache = d.path().join("cache");
+    write(d.path(), "img/Dockerfile", IMAGE.as_bytes());
+    let a = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "a.tar",
+        &["--no-index", "--json"],
+    )));
+    let l = layers(&d.path().join("a.tar"));
+    // Base, four RUN layers, WORKDIR, and three more RUNs.
+    let first = &l[1];
+    assert_eq!(find(first, "greeting").unwrap().data, b"hello bar\n");
+    assert!(
+        find(first, "etc/.wh.base-file").is_some(),
+        "{:?}",
+        paths(first)
+    );
+    assert!(
+        find(first, "opt/olddir/.wh..wh..opq").is_some(),
+        "{:?}",
+        paths(first)
+    );
+    assert_eq!(find(first, "opt/olddir/b").unwrap().data, b"new\n");
+    // No mount point the sandbox made (proc, dev, sys, etc/hosts) is captured.
+    for p in paths(first) {
+        assert!(
+            !p.starts_with("proc")
+                && !p.starts_with("dev")
+                && !p.starts_with("sys")
+                && p != "etc/hosts"
+                && p != "etc/resolv.conf",
+            "{p} captured"
+        );
+    }
+    let users = &l[2];
+    let f = find(users, "home/worker/data/f").unwrap();
+    assert_eq!((f.uid, f.gid), (1234, 1234));
+    assert!(
+        String::from_utf8_lossy(&find(users, "etc/passwd").unwrap().data).contains("worker:x:1234")
+    );
+    let all: Vec<&Item> = l.iter().flatten().collect();
+    let id = all
+        .iter()
+        .find(|i| i.path == "home/worker/w/id.txt")
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&id.data),
+        "uid=1234(worker) gid=1234(worker) groups=1234(worker)\n/home/worker/w\n/home/worker hello 0\n"
+    );
+    assert_eq!((id.uid, id.gid), (1234, 1234));
+    let data = |p: &str| {
+        all.iter()
+            .find(|i| i.path == p)
+            .map(|i| i.data.clone())
+            .unwrap()
+    };
+    assert_eq!(data("exec"), b"exec-form\n");
+    assert_eq!(data("heredoc"), b"heredoc\nsecond line\n");
+    assert_eq!(data("catted"), b"catted bar\n");
+    assert_eq!(data("quoted"), b"not expanded: $FOO\n");
+    // Every mtime is the build timestamp (0), every name numeric.
+    assert!(all.iter().all(|i| i.mtime == 0), "mtimes clamped");
+    // ARG reaches RUN, never the config; ENV does.
+    let c = config(&d.path().join("a.tar"));
+    let env = c.config.env.clone().unwrap_or_default();
+    assert!(env.contains(&"FOO=bar".to_string()), "{env:?}");
+    assert!(!env.iter().any(|e| e.starts_with("GREETING")), "{env:?}");
+    let history: Vec<String> = c
+        .history
+        .iter()
+        .filter_map(|h| h.created_by.clone())
+        .collect();
+    assert!(
+        history
+            .iter()
+            .any(|h| h.starts_with("RUN /bin/sh -c echo \"$GREETING $FOO\"")),
+        "{history:?}"
+    );
+    // The same digest again, and with another thread count and temp dir.
+    let b = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "b.tar",
+        &["--no-index", "--json", "-j", "1"],
+    )));
+    assert_eq!(a["manifest_digest"], b["manifest_digest"]);
+    let fresh = d.path().join("cache2");
+    let c2 = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &fresh,
+        "c.tar",
+        &["--no-index", "--json", "-j", "2"],
+    )));
+    assert_eq!(a["manifest_digest"], c2["manifest_digest"]);
+}
+
+#[test]
+fn a_failing_run_names_the_line_the_code_and_its_output_and_leaves_no_output() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN echo fine\nRUN echo before the failure; echo to stderr >&2; exit 3\n",
+    );
+    let err = fails(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &[],
+    ));
+    assert!(
+        err.contains("Dockerfile:3: RUN echo before the failure"),
+        "{err}"
+    );
+    assert!(err.contains("exited with code 3"), "{err}");
+    assert!(
+        err.contains("before the failure") && err.contains("to stderr"),
+        "{err}"
+    );
+    assert!(!d.path().join("o.tar").exists());
+    let left: Vec<_> = fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".kiln"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // A command that is not there: 127 and the shell's message.
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN no-such-command\n",
+    );
+    let err = fails(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &[],
+    ));
+    assert!(
+        err.contains("exited with code 127") && err.contains("no-such-command"),
+        "{err}"
+    );
+}
+
+#[test]
+fn network_none_has_only_loopback_and_the_mode_is_in_the_index_key() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN --network=none ls /sys/class/net > /ifaces; cat /proc/net/dev | tail -n +3 | cut -d: -f1 | tr -d ' ' > /devs\nRUN ls /proc/net/dev > /host-net\n",
+    );
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &["--no-index"],
+    ));
+    let l = layers(&d.path().join("o.tar"));
+    assert_eq!(find(&l[1], "devs").unwrap().data, b"lo\n");
+    // A build-wide --network none changes the index digest; host does not.
+    write(d.path(), "img/Dockerfile", b"FROM t/busybox:1\nRUN true\n");
+    let cache = d.path().join("cache");
+    let host = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "h.tar",
+        &["--json"],
+    )));
+    let none = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "n.tar",
+        &["--json", "--network", "none"],
+    )));
+    assert_ne!(host["index_digest"], none["index_digest"]);
+    assert_eq!(none["status"], "built");
+}
+
+#[test]
+fn cache_mounts_are_reused_and_never_captured_and_secrets_reach_no_layer() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    let cache = d.path().join("cache");
+    let secret = d.path().join("token");
+    fs::write(&secret, "s3cr3t-value\n").unwrap();
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN --mount=type=cache,target=/var/cache/thing echo run >> /var/cache/thing/log && cp /var/cache/thing/log /runs\nRUN --mount=type=secret,id=token,required=true wc -c < /run/secrets/token > /used\nRUN --mount=type=tmpfs,target=/scratch touch /scratch/x && ls /scratch > /listed\n",
+    );
+    let secret_arg = format!("id=token,src={}", secret.display());
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "a.tar",
+        &["--no-index", "--secret", &secret_arg],
+    ));
+    let l = layers(&d.path().join("a.tar"));
+    assert_eq!(find(&l[1], "runs").unwrap().data, b"run\n");
+    assert!(
+        paths(&l[1])
+            .iter()
+            .all(|p| !p.starts_with("var/cache/thing/")),
+        "{:?}",
+        paths(&l[1])
+    );
+    assert_eq!(find(&l[2], "used").unwrap().data, b"13\n");
+    assert!(
+        paths(&l[2]).iter().all(|p| !p.starts_with("run/secrets")),
+        "{:?}",
+        paths(&l[2])
+    );
+    assert_eq!(find(&l[3], "listed").unwrap().data, b"x\n");
+    // The secret's value is nowhere in the output file.
+    let bytes = fs::read(d.path().join("a.tar")).unwrap();
+    let all_layers: Vec<u8> = l.iter().flatten().flat_map(|i| i.data.clone()).collect();
+    for hay in [&bytes, &all_layers] {
+        assert!(
+            !hay.windows(12).any(|w| w == b"s3cr3t-value"),
+            "the secret leaked"
+        );
+    }
+    // Second build: the cache mount holds the first run's line.
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "b.tar",
+        &["--no-index", "--secret", &secret_arg],
+    ));
+    let l = layers(&d.path().join("b.tar"));
+    assert_eq!(find(&l[1], "runs").unwrap().data, b"run\nrun\n");
+    // A required secret that is missing is an error naming the flag.
+    let err = fails(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "c.tar",
+        &["--no-index"],
+    ));
+    assert!(err.contains("--secret id=token"), "{err}");
+}
+
+#[test]
+fn copy_from_a_stage_takes_files_its_run_made_and_run_sees_copied_files() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(d.path(), "img/input.txt", b"from the context\n");
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1 AS build\nCOPY input.txt /src/input.txt\nRUN tr a-z A-Z < /src/input.txt > /src/output.txt\n\nFROM t/busybox:1\nCOPY --from=build /src/output.txt /out.txt\nRUN --mount=type=bind,from=build,source=/src,target=/mnt cat /mnt/input.txt > /via-bind\n",
+    );
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &["--no-index"],
+    ));
+    let l = layers(&d.path().join("o.tar"));
+    assert_eq!(find(&l[1], "out.txt").unwrap().data, b"FROM THE CONTEXT\n");
+    assert_eq!(find(&l[2], "via-bind").unwrap().data, b"from the context\n");
+}
+
+#[test]
+fn the_result_runs_under_docker_and_shows_the_files() {
+    if !docker_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(d.path(), "img/Dockerfile", IMAGE.as_bytes());
+    let v = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "a.tar",
+        &["--no-index", "--json", "-t", "kiln-run-test:1"],
+    )));
+    ok(Command::new("docker")
+        .arg("load")
+        .arg("-i")
+        .arg(d.path().join("a.tar")));
+    let out = ok(Command::new("docker").args([
+        "run", "--rm", "kiln-run-test:1", "sh", "-c",
+        "cat /greeting /heredoc; ls /etc/base-file 2>&1; ls /opt/olddir; stat -c %u /home/worker/data/f; id -u worker",
+    ]));
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", "kiln-run-test:1"])
+        .output();
+    assert_eq!(
+        out,
+        "hello bar\nheredoc\nsecond line\nls: /etc/base-file: No such file or directory\nb\n1234\n1234\n",
+        "{v}"
+    );
+}
+
+/// The unprivileged user `kilnrun`, created with a subordinate id range.
+fn ensure_user() {
+    if Command::new("id")
+        .arg("kilnrun")
+        .output()
+        .is_ok_and(|o| !o.status.success())
+    {
+        ok(Command::new("useradd").args(["-m", "kilnrun"]));
+    }
+    let subuid = fs::read_to_string("/etc/subuid").unwrap_or_default();
+    if !subuid.lines().any(|l| l.starts_with("kilnrun:")) {
+        ok(Command::new("usermod").args([
+            "--add-subuids",
+            "200000-265535",
+            "--add-subgids",
+            "200000-265535",
+            "kilnrun",
+        ]));
+    }
+}
+
+/// Runs a shell command as `kilnrun` (kiln's tests run as root).
+fn as_user(cmd: &str) -> std::process::Output {
+    ensure_user();
+    Command::new("setpriv")
+        .args([
+            "--reuid=kilnrun",
+            "--regid=kilnrun",
+            "--init-groups",
+            "--reset-env",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn rootless_through_a_subuid_range_gives_the_digest_root_gives() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: run the rootless test as root (it creates its own user)");
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        return;
+    }
+    require("newuidmap");
+    let d = tempfile::Builder::new()
+        .prefix("kiln-rootless")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let store = busybox_store(d.path());
+    write(d.path(), "img/Dockerfile", IMAGE.as_bytes());
+    let root = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "root.tar",
+        &["--no-index", "--json"],
+    )));
+    let exe = d.path().join("kiln");
+    fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
+    ensure_user();
+    ok(Command::new("chown").args(["-R", "kilnrun"]).arg(d.path()));
+    chmod(d.path(), 0o755);
+    let script = format!(
+        "cd {dir} && XDG_CACHE_HOME={dir}/user-cache {exe} build {dir}/img --store {dir}/store --no-index -o {dir}/user.tar --json",
+        dir = d.path().display(),
+        exe = exe.display()
+    );
+    let out = as_user(&script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let user = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(user["manifest_digest"], root["manifest_digest"]);
+    // User namespaces refused (user.max_user_namespaces=0, set inside a
+    // child user namespace, with KILN_ROOTLESS=1 asking for the rootless
+    // path): the error says so and what to do, and nothing is written.
+    let mine = tempfile::tempdir().unwrap();
+    let out = run(Command::new("unshare").args(["-Ur", "sh", "-c"]).arg(format!(
+        "echo 0 > /proc/sys/user/max_user_namespaces && KILN_ROOTLESS=1 XDG_CACHE_HOME={m}/cache {exe} build {dir}/img --store {dir}/store --no-index -o {m}/x.tar",
+        m = mine.path().display(),
+        dir = d.path().display(),
+        exe = env!("CARGO_BIN_EXE_kiln"),
+    )));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("user namespaces are disabled (user.max_user_namespaces is 0)")
+            && err.contains("sysctl -w user.max_user_namespaces="),
+        "{err}"
+    );
+    assert!(!mine.path().join("x.tar").exists());
+}
