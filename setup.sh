@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 
 need=()
 for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podman zstd:zstd cc:gcc \
-  docker-registry:docker-registry htpasswd:apache2-utils; do
+  docker-registry:docker-registry htpasswd:apache2-utils newuidmap:uidmap; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 # A static busybox for the base image the store interop test builds and runs.
@@ -20,6 +20,28 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# A Debian bookworm minbase root filesystem for the real-world RUN test
+# (apt-get install inside kiln's sandbox), made once with debootstrap.
+debian=.tools/debian-bookworm-minbase.tar
+if [ ! -s "$debian" ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    command -v debootstrap >/dev/null 2>&1 || {
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    }
+    echo "setup: making $debian with debootstrap (once)"
+    rm -rf .tools/debian-rootfs
+    mkdir -p .tools
+    debootstrap --variant=minbase bookworm .tools/debian-rootfs http://deb.debian.org/debian >/dev/null
+    rm -rf .tools/debian-rootfs/var/cache/apt/archives/*.deb .tools/debian-rootfs/var/lib/apt/lists/*
+    tar --numeric-owner --sort=name -C .tools/debian-rootfs -cf "$debian.tmp" .
+    mv "$debian.tmp" "$debian"
+    rm -rf .tools/debian-rootfs
+  else
+    echo "setup: not root: skipping $debian (debootstrap needs root; the Debian RUN test needs it)"
+  fi
 fi
 
 venv=.tools/taskgraph-venv

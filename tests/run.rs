@@ -524,3 +524,107 @@ fn rootless_through_a_subuid_range_gives_the_digest_root_gives() {
     );
     assert!(!mine.path().join("x.tar").exists());
 }
+
+/// The Debian bookworm minbase `setup.sh` makes with debootstrap.
+fn debian_rootfs() -> Option<PathBuf> {
+    let p = repo().join(".tools/debian-bookworm-minbase.tar");
+    if p.is_file() {
+        return Some(p);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: run `bash setup.sh` as root (it makes it with debootstrap)",
+        p.display()
+    );
+    eprintln!("{} is missing: run `bash setup.sh` as root", p.display());
+    None
+}
+
+#[test]
+fn a_taskcluster_style_debian_image_with_useradd_and_apt_get_builds_and_runs() {
+    let Some(rootfs) = debian_rootfs() else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    // The base: FROM scratch, ADD the debootstrap tar (owners and setuid bits kept).
+    fs::create_dir_all(d.path().join("base")).unwrap();
+    if fs::hard_link(&rootfs, d.path().join("base/rootfs.tar")).is_err() {
+        fs::copy(&rootfs, d.path().join("base/rootfs.tar")).unwrap();
+    }
+    write(
+        d.path(),
+        "base/Dockerfile",
+        b"FROM scratch\nADD rootfs.tar /\nCMD [\"bash\"]\n",
+    );
+    let cache = d.path().join("cache");
+    ok(kiln()
+        .env("XDG_CACHE_HOME", &cache)
+        .arg("build")
+        .arg(d.path().join("base"))
+        .args([
+            "--no-index",
+            "--layer-compression",
+            "gzip",
+            "-t",
+            "debian:bookworm-minbase",
+            "-o",
+        ])
+        .arg(d.path().join("base.tar")));
+    let base = layers(&d.path().join("base.tar"));
+    let passwd = base[0].iter().find(|i| i.path == "usr/bin/passwd").unwrap();
+    assert_eq!(passwd.mode & 0o4000, 0o4000, "setuid kept");
+    let store = d.path().join("store");
+    ok(kiln()
+        .args(["store", "add"])
+        .arg(d.path().join("base.tar"))
+        .arg("--store")
+        .arg(&store));
+    // A Taskcluster image directory with a `# %include`.
+    let tc = d.path().join("tc");
+    write(&tc, "kiln-test/hello.txt", b"hello from topsrcdir\n");
+    write(
+        &tc,
+        "taskcluster/docker/tcimage/Dockerfile",
+        b"FROM debian:bookworm-minbase
+# %include kiln-test/hello.txt
+RUN groupadd -g 1000 worker && useradd -u 1000 -g 1000 -d /builds/worker -s /bin/bash -m worker
+WORKDIR /builds/worker
+RUN apt-get update && apt-get install -y --no-install-recommends git python3-requests && rm -rf /var/lib/apt/lists/*
+ADD topsrcdir/kiln-test/hello.txt /builds/worker/hello.txt
+USER worker
+",
+    );
+    let v = json(&ok(kiln()
+        .env("XDG_CACHE_HOME", &cache)
+        .arg("build")
+        .arg(tc.join("taskcluster/docker/tcimage"))
+        .arg("--topsrcdir")
+        .arg(&tc)
+        .arg("--store")
+        .arg(&store)
+        .args(["--no-index", "--json", "-t", "kiln-tcimage-test:1", "-o"])
+        .arg(d.path().join("tc.tar"))));
+    assert_eq!(v["layers"].as_array().unwrap().len(), 4, "{v}");
+    if !docker_available() {
+        return;
+    }
+    ok(Command::new("docker")
+        .arg("load")
+        .arg("-i")
+        .arg(d.path().join("tc.tar")));
+    let out = ok(Command::new("docker").args([
+        "run",
+        "--rm",
+        "kiln-tcimage-test:1",
+        "sh",
+        "-c",
+        "git --version | cut -d' ' -f1-2; id -u worker; id -u; cat /builds/worker/hello.txt; python3 -c 'import requests; print(\"requests\")'",
+    ]));
+    let _ = Command::new("docker")
+        .args(["rmi", "-f", "kiln-tcimage-test:1"])
+        .output();
+    assert_eq!(
+        out,
+        "git version\n1000\n1000\nhello from topsrcdir\nrequests\n"
+    );
+}
