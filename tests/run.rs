@@ -505,6 +505,13 @@ fn rootless_through_a_subuid_range_gives_the_digest_root_gives() {
     );
     let user = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(user["manifest_digest"], root["manifest_digest"]);
+    // Its spool (files of the namespace's ids) is gone too.
+    let left: Vec<String> = fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".kiln"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // User namespaces refused (user.max_user_namespaces=0, set inside a
     // child user namespace, with KILN_ROOTLESS=1 asking for the rootless
     // path): the error says so and what to do, and nothing is written.
@@ -627,4 +634,52 @@ USER worker
         out,
         "git version\n1000\n1000\nhello from topsrcdir\nrequests\n"
     );
+}
+
+#[test]
+fn interrupting_kiln_kills_the_whole_sandbox() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    // A marker no other process has: `sleep 987654` (and a child of it).
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN sleep 987654 & sleep 987654; true\n",
+    );
+    let mut child = run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &["--no-index"],
+    )
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let count = || {
+        let out = Command::new("pgrep")
+            .args(["-f", "sleep 987654"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let start = std::time::Instant::now();
+    while count() < 2 {
+        assert!(start.elapsed().as_secs() < 60, "the RUN never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SIGINT to kiln alone (not its group): the helper and PID 1 die with it.
+    // SAFETY: kill of our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    child.wait().unwrap();
+    let start = std::time::Instant::now();
+    while count() > 0 {
+        assert!(
+            start.elapsed().as_secs() < 10,
+            "sandboxed processes outlived kiln"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!d.path().join("o.tar").exists());
 }

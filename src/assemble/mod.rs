@@ -228,6 +228,14 @@ pub fn execute(
     };
     let blobs = blob_dir.path().to_path_buf();
     let spool = work.path().join("spool");
+    // RUN steps leave files of the user namespace's ids there when rootless.
+    struct Spool(PathBuf);
+    impl Drop for Spool {
+        fn drop(&mut self) {
+            crate::sandbox::remove_tree(&self.0);
+        }
+    }
+    let _spool = Spool(spool.clone());
 
     let planned = stage::run(&plan, opts, &spool).map_err(|e| stage_error(&plan.context, e))?;
     // What each file looked like when it was collected (and hashed).

@@ -103,6 +103,10 @@ pub fn helper_main(spec_path: &Path) -> ! {
             }
             std::process::exit(0)
         }
+        Action::Remove { dir } => {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::process::exit(0)
+        }
         Action::Run(run) => run_command(&run, spec.rootless),
     }
 }

@@ -97,6 +97,9 @@ pub enum Action {
     /// Unpacks a layer (a tar, compressed or not) into `dir`, which must
     /// not exist; it appears only when complete.
     Extract { tar: PathBuf, dir: PathBuf },
+    /// Removes a directory tree (a rootless build's spool holds files of
+    /// the user namespace's ids, which only it can remove).
+    Remove { dir: PathBuf },
     /// Runs a command on an overlay of `lowers` (topmost first) and
     /// `upper`, then writes `upper` as a deterministic tar at `capture`.
     Run(Box<RunSpec>),
@@ -284,6 +287,24 @@ fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
     })
 }
 
+/// Removes `dir` and everything in it, through the sandbox helper where
+/// a rootless build left files of other ids there. Best effort.
+pub fn remove_tree(dir: &Path) {
+    if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    if rootless() {
+        let spec = Spec {
+            rootless: true,
+            action: Action::Remove {
+                dir: dir.to_path_buf(),
+            },
+        };
+        let parent = dir.parent().unwrap_or(Path::new("/tmp")).to_path_buf();
+        let _ = run(&spec, &parent, |_| {});
+    }
+}
+
 /// Runs the helper for `spec`; `output` gets each line the command prints.
 /// Returns when the helper has finished (the layer tar written, for a run).
 pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<(), Error> {
@@ -313,6 +334,10 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
         })?)
         .stderr(out_w);
     let map = spec.rootless.then(UserMap::current);
+    if let Some(w) = map.as_ref().and_then(UserMap::warning) {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| eprintln!("{w}"));
+    }
     let mut child = cmd.spawn().map_err(|source| Error::Spawn {
         path: exe.clone(),
         source,
