@@ -214,6 +214,17 @@ fn run_steps_become_layers_with_whiteouts_opaque_dirs_owners_and_the_stage_state
         &["--no-index", "--json", "-j", "2"],
     )));
     assert_eq!(a["manifest_digest"], c2["manifest_digest"]);
+    // Without overlayfs (KILN_NO_OVERLAY=1 takes the fallback: a copy of
+    // the root compared with its snapshot), the same layers.
+    let s = json(&ok(run_build(
+        d.path(),
+        &store,
+        &cache,
+        "s.tar",
+        &["--no-index", "--json"],
+    )
+    .env("KILN_NO_OVERLAY", "1")));
+    assert_eq!(a["manifest_digest"], s["manifest_digest"]);
 }
 
 #[test]

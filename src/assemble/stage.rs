@@ -736,12 +736,15 @@ impl<'a> State<'a> {
             .apply_blob(&capture)
             .map_err(|e| format!("reading the step's layer {}: {e}", capture.display()))?;
         let size = std::fs::metadata(&capture).map_or(0, |m| m.len());
+        // Without overlayfs the "upper" directory is a whole root, not a
+        // layer: later steps unpack the layer tar instead.
+        let snapshot = capture.with_extension("before").exists();
         self.layers.push(Layer::Tar {
             path: capture,
             size,
             files: 0,
         });
-        self.dirs.push(Some(upper));
+        self.dirs.push((!snapshot).then_some(upper));
         // History as Docker records it: the command, never a secret's value.
         self.history.push(History {
             created: Some(self.created.clone()),

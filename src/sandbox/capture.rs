@@ -8,7 +8,7 @@
 //! directories opaque too). Mount points the sandbox made, still empty,
 //! are left out.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
@@ -18,8 +18,12 @@ use std::path::{Path, PathBuf};
 
 use crate::layer::tar::{self, Header, Kind};
 
-/// One thing found in the upper directory.
-enum Found {
+/// What a step changed, by archive path (metadata: none for a deletion).
+pub type Changes = BTreeMap<Vec<u8>, (Found, Option<fs::Metadata>)>;
+
+/// One thing found in the upper directory (or, without overlayfs, changed
+/// since the snapshot).
+pub enum Found {
     Dir { opaque: bool },
     File,
     Symlink(Vec<u8>),
@@ -74,9 +78,8 @@ pub fn capture(
     out: &Path,
     timestamp: u64,
 ) -> io::Result<()> {
-    let skip: HashSet<&str> = mountpoints.iter().map(String::as_str).collect();
     // Walk iteratively; collect (archive path, what, metadata).
-    let mut found: BTreeMap<Vec<u8>, (Found, fs::Metadata)> = BTreeMap::new();
+    let mut found = Changes::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = upper.join(&rel);
@@ -87,18 +90,12 @@ pub fn capture(
             let md = fs::symlink_metadata(&p)?;
             let ft = md.file_type();
             let key = r.as_os_str().as_bytes().to_vec();
-            let made = skip.contains(r.to_string_lossy().as_ref());
             let what = if ft.is_dir() {
-                // A mount point the sandbox made: dropped below if nothing
-                // the command left remains under it.
                 stack.push(r.clone());
                 Found::Dir {
                     opaque: is_opaque(&p) && lower_has_dir(lowers, &r),
                 }
             } else if ft.is_file() {
-                if made && md.len() == 0 {
-                    continue;
-                }
                 Found::File
             } else if ft.is_symlink() {
                 Found::Symlink(fs::read_link(&p)?.as_os_str().as_bytes().to_vec())
@@ -108,7 +105,43 @@ pub fn capture(
                 // Devices, FIFOs, sockets a command left: not in images.
                 continue;
             };
-            found.insert(key, (what, md));
+            found.insert(key, (what, Some(md)));
+        }
+    }
+    let lower = |path: &[u8]| -> Option<(u32, u32, u32)> {
+        let rel = Path::new(OsStr::from_bytes(path));
+        for l in lowers {
+            match fs::symlink_metadata(l.join(rel)) {
+                Ok(m) if m.is_dir() => return Some((m.mode(), m.uid(), m.gid())),
+                Ok(_) => return None,
+                Err(_) => continue,
+            }
+        }
+        None
+    };
+    write(upper, found, mountpoints, &lower, out, timestamp)
+}
+
+/// What a directory was below the step (mode, uid, gid), if it was one.
+pub type LowerDir<'a> = &'a dyn Fn(&[u8]) -> Option<(u32, u32, u32)>;
+
+/// Writes what was found under `root` as a layer tar at `out`, leaving out
+/// the mount points the sandbox made where nothing is left in them.
+pub fn write(
+    root: &Path,
+    mut found: Changes,
+    mountpoints: &[String],
+    lower: LowerDir<'_>,
+    out: &Path,
+    timestamp: u64,
+) -> io::Result<()> {
+    let upper = root;
+    // Mount-point files the sandbox made, still empty: dropped.
+    for m in mountpoints {
+        if let Some((Found::File, Some(md))) = found.get(m.as_bytes()) {
+            if md.len() == 0 {
+                found.remove(m.as_bytes());
+            }
         }
     }
     // Mount-point directories the sandbox made, deepest first: dropped
@@ -129,8 +162,36 @@ pub fn capture(
             found.remove(m.as_bytes());
         }
     }
+    // Directories that are there only because something under them was
+    // made and then left out (a mount point), unchanged from below:
+    // dropped, deepest first.
+    let dirs: Vec<Vec<u8>> = found
+        .iter()
+        .filter(|(_, (w, _))| matches!(w, Found::Dir { opaque: false }))
+        .map(|(k, _)| k.clone())
+        .rev()
+        .collect();
+    for d in dirs {
+        let mut prefix = d.clone();
+        prefix.push(b'/');
+        let busy = found
+            .range(prefix.clone()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(&prefix));
+        let same = match (found.get(&d), lower(&d)) {
+            (Some((_, Some(md))), Some((mode, uid, gid))) => {
+                md.mode() == mode && md.uid() == uid && md.gid() == gid
+            }
+            _ => false,
+        };
+        if !busy && same {
+            found.remove(&d);
+        }
+    }
     // Whiteouts and opaque markers under their archive names, sorted.
-    let mut entries: BTreeMap<Vec<u8>, (&Found, &fs::Metadata, Vec<u8>)> = BTreeMap::new();
+    // Archive name → (what, metadata, path under the root).
+    type Entry<'a> = (&'a Found, Option<&'a fs::Metadata>, Vec<u8>);
+    let mut entries: BTreeMap<Vec<u8>, Entry<'_>> = BTreeMap::new();
     for (path, (what, md)) in &found {
         let (dir, base) = match path.iter().rposition(|&c| c == b'/') {
             Some(i) => (&path[..=i], &path[i + 1..]),
@@ -141,18 +202,18 @@ pub fn capture(
                 let mut name = dir.to_vec();
                 name.extend_from_slice(b".wh.");
                 name.extend_from_slice(base);
-                entries.insert(name, (what, md, path.clone()));
+                entries.insert(name, (what, md.as_ref(), path.clone()));
             }
             Found::Dir { opaque } => {
-                entries.insert(path.clone(), (what, md, path.clone()));
+                entries.insert(path.clone(), (what, md.as_ref(), path.clone()));
                 if *opaque {
                     let mut name = path.clone();
                     name.extend_from_slice(b"/.wh..wh..opq");
-                    entries.insert(name, (&Found::Whiteout, md, Vec::new()));
+                    entries.insert(name, (&Found::Whiteout, None, Vec::new()));
                 }
             }
             _ => {
-                entries.insert(path.clone(), (what, md, path.clone()));
+                entries.insert(path.clone(), (what, md.as_ref(), path.clone()));
             }
         }
     }
@@ -160,10 +221,14 @@ pub fn capture(
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     let mut buf = vec![0u8; 1 << 20];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     for (name, (what, md, real)) in &entries {
-        let mtime = (md.mtime().max(0) as u64).min(timestamp);
-        let (uid, gid) = (md.uid() as u64, md.gid() as u64);
-        let mode = md.mode() & 0o7777;
+        // Whiteouts: the deletion's time, clamped (the same with or without overlay).
+        let mtime = md.map_or(now, |m| m.mtime().max(0) as u64).min(timestamp);
+        let (uid, gid) = md.map_or((0, 0), |m| (m.uid() as u64, m.gid() as u64));
+        let mode = md.map_or(0, |m| m.mode() & 0o7777);
         let src = upper.join(OsStr::from_bytes(real));
         fn h<'a>(
             name: &'a [u8],
@@ -207,6 +272,7 @@ pub fn capture(
                 )?;
             }
             Found::File => {
+                let md = md.expect("files have metadata");
                 if md.nlink() > 1 {
                     if let Some(first) = links.get(&(md.dev(), md.ino())) {
                         tar::write_ustar(&mut w, &h(name, Kind::HardLink, mode, 0, first, ids))?;

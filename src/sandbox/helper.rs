@@ -150,13 +150,33 @@ fn run_command(spec: &RunSpec, rootless: bool) -> ! {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    if let Err(e) = super::capture::capture(
-        &spec.upper,
-        &spec.lowers,
-        &mountpoints,
-        &spec.capture,
-        spec.timestamp,
-    ) {
+    let before_file = spec.capture.with_extension("before");
+    let written = match std::fs::read(&before_file) {
+        // Without overlayfs: what changed since the snapshot.
+        Ok(b) => serde_json::from_slice::<Vec<(Vec<u8>, super::snapshot::Snap)>>(&b)
+            .map_err(std::io::Error::other)
+            .and_then(|before| {
+                let before: std::collections::BTreeMap<_, _> = before.into_iter().collect();
+                let found = super::snapshot::changes(&spec.upper, &before)?;
+                let lower = |p: &[u8]| before.get(p).and_then(super::snapshot::Snap::dir);
+                super::capture::write(
+                    &spec.upper,
+                    found,
+                    &mountpoints,
+                    &lower,
+                    &spec.capture,
+                    spec.timestamp,
+                )
+            }),
+        Err(_) => super::capture::capture(
+            &spec.upper,
+            &spec.lowers,
+            &mountpoints,
+            &spec.capture,
+            spec.timestamp,
+        ),
+    };
+    if let Err(e) = written {
         fail(format!(
             "writing the step's layer {}: {e}",
             spec.capture.display()
@@ -298,17 +318,42 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
         ",metacopy=off,redirect_dir=off,index=off"
     });
     let cdata = CString::new(data).expect("paths have no NUL");
-    if let Err(e) = rustix::mount::mount(
-        "overlay",
-        root,
-        "overlay",
-        MountFlags::empty(),
-        cdata.as_c_str(),
-    ) {
-        fail(format!(
-            "mounting overlayfs at {}: {e}; RUN needs overlayfs (Linux 5.11 or later when not root) with its upper directory on a file system that supports it (not overlayfs or fuse-overlayfs: set XDG_CACHE_HOME or TMPDIR to a directory on ext4, xfs or btrfs)",
-            root.display()
-        ));
+    let forced = std::env::var_os("KILN_NO_OVERLAY").is_some_and(|v| v == "1");
+    let overlay = if forced {
+        Err(rustix::io::Errno::NODEV)
+    } else {
+        rustix::mount::mount(
+            "overlay",
+            root,
+            "overlay",
+            MountFlags::empty(),
+            cdata.as_c_str(),
+        )
+    };
+    if let Err(e) = overlay {
+        // No overlayfs here: one writable copy of the lowers, compared
+        // with its snapshot afterwards (see snapshot.rs).
+        let snap = (|| -> std::io::Result<()> {
+            super::snapshot::copy_lowers(&spec.lowers, &spec.upper)?;
+            let before = super::snapshot::scan(&spec.upper)?;
+            std::fs::write(
+                spec.capture.with_extension("before"),
+                serde_json::to_vec(&before.iter().collect::<Vec<_>>())
+                    .map_err(std::io::Error::other)?,
+            )
+        })();
+        if let Err(s) = snap {
+            fail(format!(
+                "overlayfs cannot mount at {} ({e}) and copying the root filesystem failed too: {s}; RUN needs overlayfs (Linux 5.11 or later when not root) with its upper directory on a file system that supports it",
+                root.display()
+            ));
+        }
+        if let Err(b) = bind(&spec.upper, root, false) {
+            fail(format!(
+                "overlayfs cannot mount at {} ({e}), and {b}",
+                root.display()
+            ));
+        }
     }
     let mut created = Vec::new();
     // /proc: a fresh one, else the host's bound (where a fresh one is denied).

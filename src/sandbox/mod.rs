@@ -24,6 +24,7 @@
 pub mod capture;
 pub mod extract;
 mod helper;
+pub mod snapshot;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
