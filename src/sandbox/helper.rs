@@ -588,6 +588,31 @@ fn exec_command(spec: &RunSpec) -> ! {
     };
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Docker's default capabilities, no more: no CAP_SYS_ADMIN (mounts),
+    // CAP_SYS_MODULE, CAP_SYS_PTRACE, CAP_NET_ADMIN, ... for the command.
+    const KEEP: [u32; 14] = [
+        0,  // CHOWN
+        1,  // DAC_OVERRIDE
+        3,  // FOWNER
+        4,  // FSETID
+        5,  // KILL
+        6,  // SETGID
+        7,  // SETUID
+        8,  // SETPCAP
+        10, // NET_BIND_SERVICE
+        13, // NET_RAW
+        18, // SYS_CHROOT
+        27, // MKNOD
+        29, // AUDIT_WRITE
+        31, // SETFCAP
+    ];
+    for cap in 0..64u32 {
+        if !KEEP.contains(&cap) {
+            // SAFETY: PR_CAPBSET_DROP takes a capability number; unknown
+            // ones fail harmlessly with EINVAL.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
     // SAFETY: plain credential syscalls with valid arguments.
     unsafe {
         let groups: Vec<libc::gid_t> = spec.groups.clone();
