@@ -426,16 +426,18 @@ ONBUILD COPY . /onbuild
 }
 
 #[test]
-fn run_is_an_error_naming_the_line() {
+fn run_on_scratch_fails_naming_the_line_and_the_missing_shell() {
     let d = tree(&[(
         "img/Dockerfile",
         b"FROM scratch\nCOPY Dockerfile /\nRUN echo hi\n",
     )]);
-    let err = build_fails(d.path(), "o.tar", &[]);
+    let err = build_fails(d.path(), "o.tar", &["--no-index"]);
     assert!(
-        err.contains("Dockerfile:3: RUN echo hi: kiln does not execute commands"),
+        err.contains("Dockerfile:3: RUN echo hi: the command exited with code 127")
+            && err.contains("executing /bin/sh: No such file or directory"),
         "{err}"
     );
+    assert!(!d.path().join("o.tar").exists());
 }
 
 #[test]

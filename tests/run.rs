@@ -196,6 +196,13 @@ fn run_steps_become_layers_with_whiteouts_opaque_dirs_owners_and_the_stage_state
             .any(|h| h.starts_with("RUN /bin/sh -c echo \"$GREETING $FOO\"")),
         "{history:?}"
     );
+    // SHELL applies to the shell-form RUNs after it.
+    assert!(
+        history
+            .iter()
+            .any(|h| h.starts_with("RUN /bin/sh -e -c echo heredoc")),
+        "{history:?}"
+    );
     // The same digest again, and with another thread count and temp dir.
     let b = json(&ok(&mut run_build(
         d.path(),
