@@ -49,6 +49,7 @@ pub fn lowers(
 ) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     let cache = layer_cache();
+    std::fs::create_dir_all(spool).map_err(|e| format!("creating {}: {e}", spool.display()))?;
     for (i, (d, blob)) in base.iter().enumerate() {
         let id = base_diff_ids
             .get(i)
