@@ -96,6 +96,9 @@ impl Store {
     pub(super) fn lock(&self) -> Result<File, Error> {
         let wio = |path: std::path::PathBuf| move |source| Error::Write { path, source };
         let root = crate::fsx::DirFd::create(&self.dir).map_err(wio(self.dir.clone()))?;
+        // Temporary files in .kiln/tmp belong to a process with a lease
+        // (another kiln's clean-up removes those of lease-less pids).
+        let _ = self.lease();
         root.create_dir("blobs/sha256").map_err(wio(self.blobs()))?;
         let tmp = root
             .create_dir(super::lease::TMP_DIR)
