@@ -61,6 +61,9 @@ pub enum Command {
     },
     /// Build an image from an image directory.
     Build(Box<BuildArgs>),
+    /// The step cache: list or prune the steps kiln will not run again.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Manage a local image store (an OCI layout of named base images).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -178,6 +181,25 @@ pub enum StoreCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// List the cached steps (least recently used first).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove cached steps: those unused for longer than --older-than, then the least recently used
+    /// until their layers total at most --keep-bytes; `kiln store gc` then frees their layers.
+    Prune {
+        /// e.g. 30d, 12h, 90m.
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<String>,
+        #[arg(long, value_name = "BYTES")]
+        keep_bytes: Option<u64>,
     },
 }
 

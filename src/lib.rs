@@ -41,6 +41,7 @@ pub mod registry;
 pub mod sandbox;
 pub mod sink;
 pub mod source;
+pub mod steps;
 pub mod store;
 pub mod tree;
 pub mod verify;

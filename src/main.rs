@@ -212,6 +212,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => pull(&reference, &store, names, output, &net, json)?,
         Command::Index(cmd) => index(cmd)?,
+        Command::Cache(cmd) => cache(cmd)?,
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
@@ -475,6 +476,52 @@ fn pull(
     Ok(())
 }
 
+fn cache(cmd: CacheCommand) -> Result<()> {
+    let c = kiln::steps::StepCache::new(kiln::steps::StepCache::default_dir());
+    match cmd {
+        CacheCommand::Ls { json } => {
+            let list = c.list()?;
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|(e, used)| serde_json::json!({ "entry": e, "last_used": used }))
+                    .collect();
+                print_json(&v)?;
+            } else {
+                for (e, used) in &list {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        &e.key[..16],
+                        e.layer.digest,
+                        e.layer.size,
+                        used,
+                        e.instruction.lines().next().unwrap_or("")
+                    );
+                }
+            }
+        }
+        CacheCommand::Prune {
+            older_than,
+            keep_bytes,
+        } => {
+            let older = match older_than {
+                Some(s) => Some(kiln::steps::parse_duration(&s).ok_or_else(|| {
+                    anyhow!("--older-than {s}: expected a number and s, m, h, d or w (30d, 12h)")
+                })?),
+                None => None,
+            };
+            if older.is_none() && keep_bytes.is_none() {
+                bail!("kiln cache prune needs --older-than DURATION, --keep-bytes N, or both");
+            }
+            let (n, bytes) = c.prune(older, keep_bytes)?;
+            println!(
+                "removed {n} cached step(s) naming {bytes} bytes of layers; `kiln store gc` frees the layers no image uses"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn index(cmd: IndexCommand) -> Result<()> {
     let open = |d: Option<PathBuf>| {
         kiln::index::LocalIndex::new(d.unwrap_or_else(kiln::index::LocalIndex::default_dir))
@@ -574,6 +621,7 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         progress,
         network: kiln::sandbox::Network::parse(&b.network).unwrap_or_default(),
         secrets: secrets(&b.secrets)?,
+        steps: None,
     };
     Ok(opts)
 }
@@ -731,7 +779,14 @@ fn store(cmd: StoreCommand) -> Result<()> {
             }
         }
         StoreCommand::Gc { store } => {
-            let swept = store.store().gc()?;
+            let s = store.store();
+            // The user store also keeps the layers step cache entries name.
+            let steps = if s.dir == Store::user().dir {
+                kiln::steps::StepCache::new(kiln::steps::StepCache::default_dir()).referenced()
+            } else {
+                Vec::new()
+            };
+            let swept = s.gc_keeping(&steps)?;
             println!("{}", swept.render());
         }
     }

@@ -42,6 +42,13 @@ impl Progress {
         Progress { mode: Mode::Never }
     }
 
+    /// A line for the log (`plain` mode only): BuildKit's `CACHED` lines.
+    pub fn say(&self, text: &str) {
+        if self.mode == Mode::Plain {
+            eprintln!("kiln: {text}");
+        }
+    }
+
     /// Starts a step of `bytes` bytes in `files` files (0 when unknown).
     pub fn step(&self, name: &str, bytes: u64, files: u64) -> Step {
         let bar = (self.mode == Mode::Auto).then(|| {

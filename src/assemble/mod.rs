@@ -68,6 +68,18 @@ pub struct BuildOptions {
     pub network: crate::sandbox::Network,
     /// `--secret id=ID,src=FILE`: files `RUN --mount=type=secret` binds.
     pub secrets: BTreeMap<String, PathBuf>,
+    /// The step cache, when the build goes into a store (indexed builds).
+    pub steps: Option<Steps>,
+}
+
+/// The step cache a build uses: its entries, the store holding their
+/// layers (the build's own), and whether to look steps up (`--no-cache`:
+/// no, but record them).
+#[derive(Clone, Debug)]
+pub struct Steps {
+    pub cache: crate::steps::StepCache,
+    pub store: Store,
+    pub lookup: bool,
 }
 
 /// What a build produced.
@@ -81,6 +93,8 @@ pub struct BuildResult {
     pub output: PathBuf,
     pub format: String,
     pub status: String,
+    /// Each layer-producing step: its key and whether it was a cache hit.
+    pub steps: Vec<crate::steps::StepReport>,
 }
 
 /// One layer in the build summary.
@@ -280,6 +294,10 @@ pub fn execute(
         Some(out) => {
             let mut infos = Vec::new();
             for entries in &planned.layers {
+                if let Some(info) = entries.cached_info() {
+                    infos.push(info);
+                    continue;
+                }
                 let info = out.put_new_blob(|f| {
                     let (info, f) = layer::write_layer_to(entries, ts, level, f, &step).map_err(
                         |e| match e {
@@ -324,8 +342,14 @@ pub fn execute(
         blob_dir.write_bytes(&config_bytes)?,
         config_bytes.len() as u64,
     );
-    // Base layers pass through: same descriptors, same blob files.
+    // Base layers pass through: same descriptors, same blob files; so do
+    // step cache hits.
     let mut extra = BTreeMap::new();
+    for l in &planned.layers {
+        if let layer::Planned::Cached { desc, blob, .. } = l {
+            extra.insert(desc.digest.clone(), blob.clone());
+        }
+    }
     let mut layers: Vec<Descriptor> = Vec::new();
     for (d, path) in &planned.base {
         extra.insert(d.digest.clone(), path.clone());
@@ -373,6 +397,22 @@ pub fn execute(
             // Base layers from other stores join the image in this one.
             // The output is the caller's to write, last.
             copy(&built, store, &Selection::image(&manifest_desc, &[name]))?;
+            // The steps that ran are recorded once their layers are stored.
+            if let Some(st) = opts.steps.as_ref().filter(|s| s.store.dir == store.dir) {
+                let own = &layers[layers.len() - infos.len()..];
+                for ((key, info), d) in planned.keys.iter().zip(&infos).zip(own) {
+                    let Some((key, instruction)) = key else {
+                        continue;
+                    };
+                    st.cache.put(&crate::steps::Entry {
+                        key: key.clone(),
+                        instruction: instruction.clone(),
+                        layer: d.clone(),
+                        diff_id: info.diff_id.clone(),
+                        created: crate::steps::timestamp(),
+                    })?;
+                }
+            }
         }
         (None, Dest::Output) => unreachable!("an output was created"),
     }
@@ -387,6 +427,7 @@ pub fn execute(
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "built".into(),
+        steps: planned.reports,
     };
     Ok((result, manifest_desc))
 }

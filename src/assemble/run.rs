@@ -64,6 +64,14 @@ pub fn lowers(
             continue;
         }
         let tar = match layer {
+            // A step cache hit: unpacked once into the cache, like a base layer.
+            Layer::Cached { blob, diff_id, .. } => {
+                let dir = cache.join(diff_id.hex());
+                unpack(blob, &dir, spool)?;
+                dirs[i] = Some(dir.clone());
+                out.push(dir);
+                continue;
+            }
             Layer::Tar { path, .. } => path.clone(),
             Layer::Entries(entries) => {
                 let tar = spool.join(format!("layer-{i}.tar"));

@@ -48,6 +48,13 @@ pub struct Planned {
     pub dirs: Vec<Option<PathBuf>>,
     pub config: ImageConfig,
     pub fs: ImageFs,
+    /// The step cache key of the last layer (the next step's parent).
+    pub chain: String,
+    /// For each own layer a step made fresh: its key and instruction, to
+    /// record once the layer is stored.
+    pub keys: Vec<Option<(String, String)>>,
+    /// Every layer-producing step, hit or not.
+    pub reports: Vec<crate::steps::StepReport>,
 }
 
 struct State<'a> {
@@ -76,6 +83,13 @@ struct State<'a> {
     dirs: Vec<Option<PathBuf>>,
     /// The diff_ids of the base layers (the config's grow with own layers).
     base_diff_ids: Vec<Digest>,
+    chain: String,
+    /// A step missed the cache: every later one runs (as in Docker).
+    missed: bool,
+    keys: Vec<Option<(String, String)>>,
+    reports: Vec<crate::steps::StepReport>,
+    /// Context files' kiln-v1 digests, by path (built on first need).
+    digests: Option<HashMap<PathBuf, [u8; 32]>>,
     history: Vec<History>,
     created: String,
     spool: &'a Path,
@@ -181,6 +195,11 @@ impl<'a> State<'a> {
             layers: Vec::new(),
             dirs: Vec::new(),
             base_diff_ids: Vec::new(),
+            chain: "scratch".into(),
+            missed: false,
+            keys: Vec::new(),
+            reports: Vec::new(),
+            digests: None,
             history: Vec::new(),
             created: rfc3339(opts.timestamp),
             spool,
@@ -280,6 +299,9 @@ impl<'a> State<'a> {
             self.layers = prev.layers;
             self.dirs = prev.dirs;
             self.fs = prev.fs;
+            self.chain = prev.chain;
+            self.keys = prev.keys;
+            self.reports = prev.reports;
             self.fs.keep_all |= keep_all;
             return Ok(());
         }
@@ -312,6 +334,7 @@ impl<'a> State<'a> {
                 })?;
             }
         }
+        self.chain = format!("image@{}", base.manifest_digest);
         self.base = base.layers;
         self.base_diff_ids = base.config.rootfs.diff_ids.clone();
         Ok(())
@@ -459,7 +482,7 @@ impl<'a> State<'a> {
                             layer.insert(cur.to_vec(), self.fs.nodes[cur].clone());
                         }
                     }
-                    self.push_layer(ins, layer);
+                    self.push_layer(ins, layer)?;
                 }
             }
             Kind::User(u) => {
@@ -679,6 +702,54 @@ impl<'a> State<'a> {
                 env.push((k.to_string(), v));
             }
         }
+        // The step's key: the common fields, the command, its mounts (ids
+        // and targets; a bind's sources by content) and its network.
+        let mut key = self.key("run");
+        key.add("argv", &argv.join("\u{0}"))
+            .add("network", network.name())
+            .add("uid", &format!("{uid}:{gid}:{groups:?}"));
+        for (name, value) in &spec.flags {
+            if name == "mount" {
+                let v = value
+                    .as_deref()
+                    .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
+                    .transpose()?
+                    .unwrap_or_default();
+                key.add("mount", &v);
+            }
+        }
+        for m in &mounts {
+            match m {
+                sandbox::Mount::Bind {
+                    source,
+                    readonly: true,
+                    ..
+                } => {
+                    key.add("bind", &self.tree_digest(source)?);
+                }
+                sandbox::Mount::Stack { lowers, source, .. } => {
+                    for l in lowers {
+                        key.add(
+                            "stack",
+                            &self.tree_digest(&l.join(source.trim_start_matches('/')))?,
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let key = key.finish();
+        if self.try_cached(ins, &key)? {
+            drop(locks);
+            self.history.push(History {
+                created: Some(self.created.clone()),
+                created_by: Some(format!("RUN {}", argv.join(" "))),
+                comment: Some("kiln".into()),
+                empty_layer: false,
+                extra: Default::default(),
+            });
+            return Ok(());
+        }
         let n = self.layers.len();
         let lowers = super::run::lowers(
             &self.base,
@@ -745,6 +816,7 @@ impl<'a> State<'a> {
             files: 0,
         });
         self.dirs.push((!snapshot).then_some(upper));
+        self.fresh(ins, key);
         // History as Docker records it: the command, never a secret's value.
         self.history.push(History {
             created: Some(self.created.clone()),
@@ -756,11 +828,186 @@ impl<'a> State<'a> {
         Ok(())
     }
 
-    fn push_layer(&mut self, ins: &Instr, layer: Entries) {
-        self.fs.apply(&layer);
-        self.layers.push(Layer::Entries(layer));
-        self.dirs.push(None);
+    /// A COPY, ADD or WORKDIR layer: from the step cache when it holds the
+    /// step, else as laid out.
+    fn push_layer(&mut self, ins: &Instr, layer: Entries) -> Result<(), String> {
+        let described = self.describe(&layer)?;
+        let mut key = self.key("layer");
+        key.add("instruction", &ins.text).add("entries", &described);
+        let key = key.finish();
+        if !self.try_cached(ins, &key)? {
+            self.fs.apply(&layer);
+            self.layers.push(Layer::Entries(layer));
+            self.dirs.push(None);
+            self.fresh(ins, key);
+        }
         self.history_entry(ins, false);
+        Ok(())
+    }
+
+    /// The fields every step key has: the parent, the layer format, the
+    /// environment, ARGs, USER, WORKDIR and SHELL.
+    fn key(&self, kind: &str) -> crate::steps::Key {
+        let mut k = crate::steps::Key::new(&self.chain);
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let args: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        k.add("kind", kind)
+            .add(
+                "format",
+                &format!(
+                    "{} compression={:?} mtime={} modes={:?}",
+                    crate::index::LAYER_FORMAT_VERSION,
+                    self.opts.compression,
+                    self.opts.timestamp,
+                    self.opts.mode_policy
+                ),
+            )
+            .add("env", &env.join("\n"))
+            .add("args", &args.join("\n"))
+            .add("user", &self.user)
+            .add("workdir", &self.workdir)
+            .add("shell", &self.shell.join("\u{0}"));
+        k
+    }
+
+    /// A layer's entries by content (kiln-v1 digests of context files,
+    /// reused from the context hash; other files hashed), as one sha256.
+    fn describe(&mut self, entries: &Entries) -> Result<String, String> {
+        use sha2::Digest as _;
+        if self.digests.is_none() {
+            let mut m = HashMap::new();
+            for e in self.view.ctx.entries.values() {
+                if let (crate::context::Source::File(p), Some(d)) = (&e.source, e.digest) {
+                    m.insert(p.to_path_buf(), d);
+                }
+            }
+            self.digests = Some(m);
+        }
+        let known = self.digests.as_ref().expect("built above");
+        let mut h = sha2::Sha256::new();
+        for (path, e) in entries {
+            let content = match &e.content {
+                Content::Dir => "dir".to_string(),
+                Content::Symlink(t) => format!("link:{}", String::from_utf8_lossy(t)),
+                Content::File {
+                    source: FileSource::Bytes(b),
+                    ..
+                } => format!("bytes:{:x}", sha2::Sha256::digest(b)),
+                Content::File {
+                    source: FileSource::Path(p),
+                    size,
+                } => match known.get(&**p) {
+                    Some(d) => format!("file:{}:{size}", crate::steps::hex(d)),
+                    None => {
+                        let f = crate::fsx::open_deep(p)
+                            .map_err(|e| format!("reading {}: {e}", p.display()))?;
+                        let d =
+                            crate::context::hash_file(f, p, *size).map_err(|e| e.to_string())?;
+                        format!("file:{}:{size}", crate::steps::hex(&d))
+                    }
+                },
+            };
+            h.update(path);
+            h.update(format!("\t{:o}\t{}\t{}\t{content}\n", e.mode, e.uid, e.gid).as_bytes());
+        }
+        Ok(crate::steps::hex(&h.finalize()))
+    }
+
+    /// The content of a file or directory tree a RUN binds (read-only):
+    /// paths, modes and sha256 digests, as one sha256.
+    fn tree_digest(&self, root: &Path) -> Result<String, String> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let p = root.join(&rel);
+            let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            h.update(rel.as_os_str().as_encoded_bytes());
+            h.update(format!("\t{:o}\n", std::os::unix::fs::MetadataExt::mode(&md)).as_bytes());
+            if md.is_dir() {
+                let mut names: Vec<_> = std::fs::read_dir(&p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect();
+                names.sort();
+                names.reverse();
+                stack.extend(names.into_iter().map(|n| rel.join(n)));
+            } else if md.is_file() {
+                let f = std::fs::File::open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let d = crate::context::hash_file(f, &p, md.len()).map_err(|e| e.to_string())?;
+                h.update(d);
+            } else if md.file_type().is_symlink() {
+                h.update(
+                    std::fs::read_link(&p)
+                        .unwrap_or_default()
+                        .as_os_str()
+                        .as_encoded_bytes(),
+                );
+            }
+        }
+        Ok(crate::steps::hex(&h.finalize()))
+    }
+
+    /// Looks a step up; on a hit (its layer verified in the store) the
+    /// layer joins the stage as it is. A miss (or a corrupt layer, which is
+    /// removed and never served) makes every later step a miss.
+    fn try_cached(&mut self, ins: &Instr, key: &str) -> Result<bool, String> {
+        let Some(st) = self
+            .opts
+            .steps
+            .as_ref()
+            .filter(|s| s.lookup && !self.missed)
+        else {
+            self.missed = true;
+            return Ok(false);
+        };
+        let Some(entry) = st.cache.get(key) else {
+            self.missed = true;
+            return Ok(false);
+        };
+        let blob = match st.store.verify(&entry.layer) {
+            Ok(p) => p,
+            Err(e) => {
+                // A corrupt or missing layer: rebuilt, never served.
+                let _ = std::fs::remove_file(st.store.blob_path(&entry.layer.digest));
+                eprintln!("kiln: warning: step cache entry {key}: {e}; running the step again");
+                self.missed = true;
+                return Ok(false);
+            }
+        };
+        self.fs
+            .apply_blob(&blob)
+            .map_err(|e| format!("reading the cached layer {}: {e}", entry.layer.digest))?;
+        self.layers.push(Layer::Cached {
+            desc: entry.layer,
+            diff_id: entry.diff_id,
+            blob,
+        });
+        self.dirs.push(None);
+        self.keys.push(None);
+        self.chain = key.to_string();
+        self.opts
+            .progress
+            .say(&format!("#{} CACHED {}", ins.line, ins.text));
+        self.reports.push(crate::steps::StepReport {
+            line: ins.line,
+            instruction: ins.text.clone(),
+            key: key.to_string(),
+            cached: true,
+        });
+        Ok(true)
+    }
+
+    /// Records a step that ran (its layer was just pushed).
+    fn fresh(&mut self, ins: &Instr, key: String) {
+        self.keys.push(Some((key.clone(), ins.text.clone())));
+        self.reports.push(crate::steps::StepReport {
+            line: ins.line,
+            instruction: ins.text.clone(),
+            key: key.clone(),
+            cached: false,
+        });
+        self.chain = key;
     }
 
     fn copy(&mut self, ins: &Instr, spec: &CopySpec, add: bool) -> Result<(), String> {
@@ -876,7 +1123,7 @@ impl<'a> State<'a> {
                 }
             }
         }
-        self.push_layer(ins, layer);
+        self.push_layer(ins, layer)?;
         Ok(())
     }
 
@@ -903,6 +1150,9 @@ impl<'a> State<'a> {
             dirs: self.dirs,
             config,
             fs: self.fs,
+            chain: self.chain,
+            keys: self.keys,
+            reports: self.reports,
         }
     }
 

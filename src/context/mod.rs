@@ -161,3 +161,8 @@ impl Error {
         }
     }
 }
+
+/// The sha256 of a file's content (read once, its size checked).
+pub fn hash_file(f: std::fs::File, path: &std::path::Path, size: u64) -> Result<[u8; 32], Error> {
+    walk::hash_reader(f, path, size, &crate::progress::Step::none())
+}

@@ -143,6 +143,14 @@ fn miss(
     store_name: String,
     digest: String,
 ) -> Result<Cached, Error> {
+    // Steps are looked up (and recorded) in the store the image goes to.
+    let mut with_steps = opts.clone();
+    with_steps.steps = Some(assemble::Steps {
+        cache: crate::steps::StepCache::new(crate::steps::StepCache::default_dir()),
+        store: io.store.clone(),
+        lookup: io.lookup,
+    });
+    let opts = &with_steps;
     let (result, desc) = assemble::execute(
         plan,
         opts,
@@ -220,6 +228,7 @@ fn export(
         output: opts.output.clone(),
         format: opts.format.name().to_string(),
         status: "up to date".into(),
+        steps: Vec::new(),
     };
     Ok(Some(Cached {
         result,

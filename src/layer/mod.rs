@@ -104,6 +104,13 @@ pub enum Planned {
         size: u64,
         files: u64,
     },
+    /// A step cache hit: a blob already in the destination store, used as
+    /// it is (nothing is run, tarred or compressed).
+    Cached {
+        desc: crate::image::Descriptor,
+        diff_id: Digest,
+        blob: PathBuf,
+    },
 }
 
 impl Planned {
@@ -115,6 +122,24 @@ impl Planned {
                 _ => (b, f),
             }),
             Planned::Tar { size, files, .. } => (*size, *files),
+            Planned::Cached { .. } => (0, 0),
+        }
+    }
+
+    /// The layer a cache hit names, as written layers are described.
+    pub fn cached_info(&self) -> Option<LayerInfo> {
+        match self {
+            Planned::Cached { desc, diff_id, .. } => Some(LayerInfo {
+                digest: desc.digest.clone(),
+                diff_id: diff_id.clone(),
+                size: desc.size,
+                media_type: desc.media_type.clone(),
+                compressor: desc
+                    .annotations
+                    .get(crate::image::ANNOTATION_COMPRESSOR)
+                    .cloned(),
+            }),
+            _ => None,
         }
     }
 }
@@ -283,6 +308,9 @@ pub fn write_layer(
     blobs: &crate::sink::file::BlobDir,
     step: &Step,
 ) -> Result<LayerInfo, Error> {
+    if let Some(info) = entries.cached_info() {
+        return Ok(info);
+    }
     let werr = |e: io::Error| Error::Write {
         dir: blobs.path().to_path_buf(),
         source: e,
@@ -337,6 +365,7 @@ pub fn write_layer_to(
             let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
             match entries {
                 Planned::Entries(entries) => write_tar(entries, mtime, &mut inner, step)?,
+                Planned::Cached { .. } => unreachable!("a cache hit is never written again"),
                 Planned::Tar { path, .. } => {
                     // A RUN's layer, already a deterministic tar: hashed
                     // and compressed as it is.

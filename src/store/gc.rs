@@ -42,8 +42,14 @@ impl Store {
     /// Deletes every blob no named image references and no running kiln
     /// holds, and what finished kiln processes left behind.
     pub fn gc(&self) -> Result<Swept, Error> {
+        self.gc_keeping(&[])
+    }
+
+    /// [`Store::gc`], also keeping `extra` (the layers step cache entries name).
+    pub fn gc_keeping(&self, extra: &[Digest]) -> Result<Swept, Error> {
         let _lock = self.lock()?;
-        let keep = self.named_closure()?;
+        let mut keep = self.named_closure()?;
+        keep.extend(extra.iter().cloned());
         self.sweep(keep, None)
     }
 
