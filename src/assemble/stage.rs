@@ -979,7 +979,7 @@ impl<'a> State<'a> {
             .apply_blob(&blob)
             .map_err(|e| format!("reading the cached layer {}: {e}", entry.layer.digest))?;
         self.layers.push(Layer::Cached {
-            desc: entry.layer,
+            desc: Box::new(entry.layer),
             diff_id: entry.diff_id,
             blob,
         });

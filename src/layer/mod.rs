@@ -107,7 +107,7 @@ pub enum Planned {
     /// A step cache hit: a blob already in the destination store, used as
     /// it is (nothing is run, tarred or compressed).
     Cached {
-        desc: crate::image::Descriptor,
+        desc: Box<crate::image::Descriptor>,
         diff_id: Digest,
         blob: PathBuf,
     },
