@@ -13,61 +13,6 @@ use std::process::Command;
 
 use common::*;
 
-/// A store holding `t/busybox:1`: busybox, its applets as relative links,
-/// `/etc/passwd`, `/etc/group`, `/etc/base-file`, `/opt/olddir/a`.
-fn busybox_store(d: &Path) -> PathBuf {
-    require("busybox");
-    let root = d.join("bb/rootfs");
-    for dir in ["bin", "etc", "tmp", "root", "opt/olddir"] {
-        fs::create_dir_all(root.join(dir)).unwrap();
-    }
-    let busybox =
-        String::from_utf8(ok(Command::new("sh").args(["-c", "command -v busybox"])).into())
-            .unwrap();
-    fs::copy(busybox.trim(), root.join("bin/busybox")).unwrap();
-    let list = ok(Command::new("busybox").arg("--list"));
-    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
-        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
-    }
-    fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
-    fs::write(root.join("etc/base-file"), "base\n").unwrap();
-    fs::write(root.join("opt/olddir/a"), "old\n").unwrap();
-    ok(Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@0",
-        ])
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(d.join("bb/rootfs.tar"))
-        .arg("."));
-    fs::write(
-        d.join("bb/Dockerfile"),
-        "FROM scratch\nADD rootfs.tar /\nCMD [\"/bin/sh\"]\n",
-    )
-    .unwrap();
-    ok(kiln()
-        .arg("build")
-        .arg(d.join("bb"))
-        .arg("--no-index")
-        .arg("-o")
-        .arg(d.join("bb.oci.tar"))
-        // gzip: the Docker engine the tests load images into predates zstd.
-        .args(["-t", "t/busybox:1", "--layer-compression", "gzip"]));
-    let store = d.join("store");
-    ok(kiln()
-        .args(["store", "add"])
-        .arg(d.join("bb.oci.tar"))
-        .arg("--store")
-        .arg(&store));
-    store
-}
-
 /// A kiln build of `dir/img` FROM the busybox store, sharing `cache`.
 fn run_build(dir: &Path, store: &Path, cache: &Path, out: &str, extra: &[&str]) -> Command {
     let mut c = kiln();

@@ -603,6 +603,7 @@ impl<'a> State<'a> {
         let mut mounts = Vec::new();
         let mut locks = Vec::new();
         let mut stacks: Vec<(String, String, String)> = Vec::new();
+        let mut context_binds: Vec<PathBuf> = Vec::new();
         for (name, value) in &spec.flags {
             let v = value
                 .as_deref()
@@ -640,6 +641,11 @@ impl<'a> State<'a> {
                     if let Some((m, lock)) =
                         super::run::parse_mount(&v, &ctx, &self.opts.secrets, &no_stage)?
                     {
+                        if kv.get("type").map_or(true, |t| *t == "bind") {
+                            if let sandbox::Mount::Bind { source, .. } = &m {
+                                context_binds.push(source.clone());
+                            }
+                        }
                         mounts.push(m);
                         locks.extend(lock);
                     }
@@ -651,6 +657,7 @@ impl<'a> State<'a> {
                 }
             }
         }
+        let stack_sources = stacks.clone();
         for (from, source, target) in stacks {
             let lowers = self.stack_of(&from)?;
             mounts.push(sandbox::Mount::Stack {
@@ -718,25 +725,13 @@ impl<'a> State<'a> {
                 key.add("mount", &v);
             }
         }
-        for m in &mounts {
-            match m {
-                sandbox::Mount::Bind {
-                    source,
-                    readonly: true,
-                    ..
-                } => {
-                    key.add("bind", &self.tree_digest(source)?);
-                }
-                sandbox::Mount::Stack { lowers, source, .. } => {
-                    for l in lowers {
-                        key.add(
-                            "stack",
-                            &self.tree_digest(&l.join(source.trim_start_matches('/')))?,
-                        );
-                    }
-                }
-                _ => {}
-            }
+        // What the binds bring in: context files by content, another
+        // stage by its key, an image by its digest (never a secret).
+        for (from, _, _) in &stack_sources {
+            key.add("bind-from", &self.source_key(from)?);
+        }
+        for src in &context_binds {
+            key.add("bind", &self.tree_digest(src)?);
         }
         let key = key.finish();
         if self.try_cached(ins, &key)? {
@@ -851,6 +846,7 @@ impl<'a> State<'a> {
         let mut k = crate::steps::Key::new(&self.chain);
         let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let args: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let args_text = args.join("\n");
         k.add("kind", kind)
             .add(
                 "format",
@@ -863,7 +859,9 @@ impl<'a> State<'a> {
                 ),
             )
             .add("env", &env.join("\n"))
-            .add("args", &args.join("\n"))
+            // ARGs reach a RUN's environment; COPY, ADD and WORKDIR only
+            // through expansion, which their other fields already show.
+            .add("args", if kind == "run" { &args_text } else { "" })
             .add("user", &self.user)
             .add("workdir", &self.workdir)
             .add("shell", &self.shell.join("\u{0}"));
@@ -913,6 +911,21 @@ impl<'a> State<'a> {
         Ok(crate::steps::hex(&h.finalize()))
     }
 
+    /// What names another stage's or image's filesystem in a step key:
+    /// the stage's last step key, or the image's manifest digest.
+    fn source_key(&self, from: &str) -> Result<String, String> {
+        if let Some(n) = self.earlier.find(from, true) {
+            return match self.earlier.done[n].as_ref() {
+                Some(prev) => Ok(prev.chain.clone()),
+                None => Err(format!("--mount from={from}: stage {n} was not built")),
+            };
+        }
+        let base = self
+            .resolve_image(from, None)
+            .map_err(|m| format!("--mount from={from}: {m}"))?;
+        Ok(format!("image@{}", base.manifest_digest))
+    }
+
     /// The content of a file or directory tree a RUN binds (read-only):
     /// paths, modes and sha256 digests, as one sha256.
     fn tree_digest(&self, root: &Path) -> Result<String, String> {
@@ -920,7 +933,11 @@ impl<'a> State<'a> {
         let mut h = sha2::Sha256::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
-            let p = root.join(&rel);
+            let p = if rel.as_os_str().is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(&rel)
+            };
             let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
             h.update(rel.as_os_str().as_encoded_bytes());
             h.update(format!("\t{:o}\n", std::os::unix::fs::MetadataExt::mode(&md)).as_bytes());
