@@ -72,8 +72,9 @@ fn each_key_input_invalidates_its_step_and_every_later_one_and_nothing_before() 
     let again = build_in(d.path(), &store, &cache, "b.tar", &["--no-cache"]);
     assert_eq!(cached(&again), [false; 6], "--no-cache looks nothing up");
     assert_eq!(first["manifest_digest"], again["manifest_digest"]);
-    // (change, the first step that must miss)
-    let cases: Vec<(&str, String, &str, &str, Vec<&str>, usize)> = vec![
+    // (what changes, Dockerfile, one.txt, two.txt, flags, the first step that misses)
+    type Case<'a> = (&'a str, String, &'a str, &'a str, Vec<&'a str>, usize);
+    let cases: Vec<Case> = vec![
         (
             "a COPY source's content",
             TEMPLATE.into(),
