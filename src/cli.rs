@@ -354,6 +354,10 @@ pub struct IndexArgs {
     /// and pushdate-<YYYYMMDDHHMMSS> on PREFIX/<level>/<name>; looked up before building, pushed after.
     #[arg(long, value_name = "REGISTRY/PREFIX")]
     pub index_registry: Option<String>,
+    /// Share the step cache through a registry (REGISTRY/PREFIX): each step is a tag <key> on
+    /// PREFIX/steps whose one layer is the step's; looked up on a local miss, pushed after a build.
+    #[arg(long, value_name = "REGISTRY/PREFIX")]
+    pub cache_registry: Option<String>,
     #[command(flatten)]
     pub net: NetArgs,
 }
@@ -409,6 +413,23 @@ impl IndexArgs {
             store: Store::user(),
             lookup: !self.no_cache,
             name: name.to_string(),
+            cache_registry: match &self.cache_registry {
+                Some(spec) => {
+                    let r = registry_index(spec, &self.net).map_err(|e| {
+                        anyhow!(
+                            "{}",
+                            e.to_string()
+                                .replace("--index-registry", "--cache-registry")
+                        )
+                    })?;
+                    Some(std::sync::Arc::new(kiln::steps::Remote {
+                        client: r.client,
+                        prefix: r.prefix,
+                        push: r.push,
+                    }))
+                }
+                None => None,
+            },
         })
     }
 }

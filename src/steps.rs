@@ -289,3 +289,107 @@ mod tests {
         assert!(c.get("not-a-key").is_none());
     }
 }
+
+/// Step entries shared through an OCI registry (`--cache-registry
+/// REGISTRY/PREFIX`): each entry is a small image manifest tagged with its
+/// key in `PREFIX/steps`, its config the entry, its one layer the step's
+/// layer. Another machine fetches the entry and the layer (verified); a
+/// layer the registry has is never uploaded again.
+pub struct Remote {
+    pub client: std::sync::Arc<crate::registry::Client>,
+    /// The repository path prefix.
+    pub prefix: String,
+    pub push: crate::registry::PushOptions,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({}/{})", self.client.host, self.prefix)
+    }
+}
+
+/// The config media type of a step entry in a registry.
+pub const ENTRY_MEDIA_TYPE: &str = "application/vnd.kiln.step.v1+json";
+
+impl Remote {
+    fn repo(&self) -> String {
+        format!("{}/steps", self.prefix)
+    }
+
+    /// Fetches `key`'s entry into `cache` and its layer into `store`, if
+    /// the registry has it.
+    pub fn fetch(
+        &self,
+        key: &str,
+        cache: &StepCache,
+        store: &crate::store::Store,
+    ) -> Result<Option<Entry>, crate::source::Error> {
+        use crate::sink::{Blob, BlobData, Sink};
+        use crate::source::Source;
+        let r =
+            crate::image::Reference::parse(&format!("{}/{}:{key}", self.client.host, self.repo()))
+                .map_err(|message| crate::source::Error::NotFound { message })?;
+        let Some(src) = crate::source::RegistrySource::open(self.client.clone(), &r)? else {
+            return Ok(None);
+        };
+        let (desc, _) = crate::source::first_image(&src)?;
+        let manifest: crate::image::Manifest =
+            crate::source::read_json(&src, &desc, "step manifest")?;
+        let bytes = crate::source::read_small(&src, &manifest.config, "step entry")?;
+        let entry: Entry = crate::source::parse_json(&src, &bytes, "step entry")?;
+        let Some(layer) = manifest.layers.first() else {
+            return Ok(None);
+        };
+        if entry.key != key || layer.digest != entry.layer.digest {
+            return Ok(None);
+        }
+        if !store.has_blob(layer)? {
+            store.put_blob(Blob {
+                desc: layer,
+                data: BlobData::Source(&src as &dyn Source),
+            })?;
+        }
+        cache.put(&entry)?;
+        Ok(Some(entry))
+    }
+
+    /// Publishes an entry whose layer is in `store`.
+    pub fn publish(
+        &self,
+        entry: &Entry,
+        store: &crate::store::Store,
+    ) -> Result<(), crate::source::Error> {
+        use crate::image::{canonical_json, Manifest, MediaType};
+        let config = serde_json::to_vec(entry).expect("entries serialize");
+        let blobs = store.blob_dir()?;
+        let config_desc = Descriptor::new(
+            MediaType::Other(ENTRY_MEDIA_TYPE.into()),
+            blobs.write_bytes(&config)?,
+            config.len() as u64,
+        );
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: Some(MediaType::OciManifest),
+            config: config_desc,
+            layers: vec![entry.layer.clone()],
+            annotations: Default::default(),
+            extra: Default::default(),
+        };
+        let bytes = canonical_json(&manifest);
+        let desc = Descriptor::new(
+            MediaType::OciManifest,
+            blobs.write_bytes(&bytes)?,
+            bytes.len() as u64,
+        );
+        crate::registry::push(
+            &self.client,
+            store,
+            &desc,
+            &self.repo(),
+            std::slice::from_ref(&entry.key),
+            &self.push,
+        )
+        .map_err(crate::source::Error::from)?;
+        Ok(())
+    }
+}

@@ -978,3 +978,60 @@ fn a_failed_upload_session_is_replaced_and_its_500_is_reported() {
         "{err}"
     );
 }
+
+#[test]
+fn a_second_machine_reuses_run_layers_through_the_cache_registry_and_nothing_is_uploaded_twice() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN head -c 300000 /dev/urandom > /noise && echo ran > /ran\nRUN echo second > /second\n",
+    );
+    let spec = format!("{}/kiln-steps", reg.addr);
+    let build = |cache: &str, out: &str, extra: &[&str]| {
+        json(&ok(kiln()
+            .env("XDG_CACHE_HOME", d.path().join(cache))
+            .arg("build")
+            .arg(d.path().join("img"))
+            .arg("--store")
+            .arg(&store)
+            .args(["--cache-registry", &spec, "--insecure", "--json", "-o"])
+            .arg(d.path().join(out))
+            .args(extra)))
+    };
+    let cached = |v: &serde_json::Value| -> Vec<bool> {
+        v["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["cached"].as_bool().unwrap())
+            .collect()
+    };
+    // Machine A builds (the noise makes its RUN layer unrepeatable).
+    let a = build("machine-a", "a.tar", &[]);
+    assert_eq!(cached(&a), [false, false]);
+    let uploads = reg.count("PUT", "kiln-steps/steps/blobs/uploads");
+    assert!(uploads >= 2, "the layers were pushed: {}", reg.log());
+    // Machine B (another cache, nothing local) reuses both steps: the same
+    // random bytes prove the layer came from A.
+    let b = build("machine-b", "b.tar", &[]);
+    assert_eq!(cached(&b), [true, true]);
+    assert_eq!(a["manifest_digest"], b["manifest_digest"]);
+    // A rebuilds with --no-cache: new steps are pushed, but a layer the
+    // registry has is never uploaded again.
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN head -c 300000 /dev/urandom > /noise && echo ran > /ran\nRUN echo second > /second\nRUN echo third > /third\n",
+    );
+    let c = build("machine-a", "c.tar", &[]);
+    assert_eq!(cached(&c), [true, true, false]);
+    let after = reg.count("PUT", "kiln-steps/steps/blobs/uploads");
+    // One new layer and its entry's config; nothing for the two cached steps.
+    assert_eq!(after - uploads, 2, "{}", reg.log());
+    let d2 = build("machine-b", "d.tar", &[]);
+    assert_eq!(cached(&d2), [true, true, true]);
+    assert_eq!(reg.count("PUT", "kiln-steps/steps/blobs/uploads"), after);
+}

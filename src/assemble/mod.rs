@@ -80,6 +80,8 @@ pub struct Steps {
     pub cache: crate::steps::StepCache,
     pub store: Store,
     pub lookup: bool,
+    /// Entries shared through a registry (`--cache-registry`).
+    pub remote: Option<Arc<crate::steps::Remote>>,
 }
 
 /// What a build produced.
@@ -404,13 +406,17 @@ pub fn execute(
                     let Some((key, instruction)) = key else {
                         continue;
                     };
-                    st.cache.put(&crate::steps::Entry {
+                    let entry = crate::steps::Entry {
                         key: key.clone(),
                         instruction: instruction.clone(),
                         layer: d.clone(),
                         diff_id: info.diff_id.clone(),
                         created: crate::steps::timestamp(),
-                    })?;
+                    };
+                    st.cache.put(&entry)?;
+                    if let Some(remote) = &st.remote {
+                        remote.publish(&entry, store)?;
+                    }
                 }
             }
         }

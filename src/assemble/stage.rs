@@ -978,7 +978,13 @@ impl<'a> State<'a> {
             self.missed = true;
             return Ok(false);
         };
-        let Some(entry) = st.cache.get(key) else {
+        let remote = || match &st.remote {
+            Some(r) => r
+                .fetch(key, &st.cache, &st.store)
+                .map_err(|e| format!("fetching step {key} from the cache registry: {e}")),
+            None => Ok(None),
+        };
+        let Some(entry) = st.cache.get(key).map_or_else(remote, |e| Ok(Some(e)))? else {
             self.missed = true;
             return Ok(false);
         };

@@ -28,6 +28,8 @@ pub struct IndexOptions {
     pub name: String,
     /// The shared index in a registry, if any.
     pub registry: Option<RegistryIndex>,
+    /// Step entries shared through a registry, if any.
+    pub cache_registry: Option<Arc<crate::steps::Remote>>,
 }
 
 /// An index kept in a registry: a route is a tag (`hash-<digest>`,
@@ -149,6 +151,7 @@ fn miss(
         cache: crate::steps::StepCache::new(crate::steps::StepCache::default_dir()),
         store: io.store.clone(),
         lookup: io.lookup,
+        remote: io.cache_registry.clone(),
     });
     let opts = &with_steps;
     let (result, desc) = assemble::execute(
