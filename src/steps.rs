@@ -238,58 +238,6 @@ pub fn is_under(p: &Path, dir: &Path) -> bool {
     p.starts_with(dir)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_change_with_every_field_and_never_run_fields_together() {
-        let a = Key::new("scratch").add("run", "a\nb").finish();
-        let b = Key::new("scratch").add("run", "a").add("b", "").finish();
-        assert_ne!(a, b);
-        assert_eq!(a, Key::new("scratch").add("run", "a\nb").finish());
-        assert_ne!(a, Key::new("other").add("run", "a\nb").finish());
-        assert_eq!(a.len(), 64);
-    }
-
-    #[test]
-    fn entries_round_trip_and_prune_by_age_and_size() {
-        let d = tempfile::tempdir().unwrap();
-        let c = StepCache::new(d.path());
-        let layer = |n: u8, size| {
-            Descriptor::new(
-                crate::image::MediaType::OciLayerZstd,
-                Digest::of(&[n]),
-                size,
-            )
-        };
-        for (i, size) in [(1u8, 100u64), (2, 200), (3, 300)] {
-            let e = Entry {
-                key: hex(&Sha256::digest([i])),
-                instruction: format!("RUN {i}"),
-                layer: layer(i, size),
-                diff_id: Digest::of(&[i, i]),
-                created: 0,
-            };
-            c.put(&e).unwrap();
-            assert_eq!(c.get(&e.key), Some(e.clone()));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(c.list().unwrap().len(), 3);
-        assert_eq!(c.referenced().len(), 3);
-        // Keep 350 bytes: the two least recently used go (100 + 200 bytes).
-        assert_eq!(c.prune(None, Some(350)).unwrap(), (2, 300));
-        assert_eq!(c.list().unwrap().len(), 1);
-        assert_eq!(
-            c.prune(Some(Duration::from_secs(86400)), None).unwrap().0,
-            0
-        );
-        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604800)));
-        assert_eq!(parse_duration("x"), None);
-        assert!(c.get("not-a-key").is_none());
-    }
-}
-
 /// Step entries shared through an OCI registry (`--cache-registry
 /// REGISTRY/PREFIX`): each entry is a small image manifest tagged with its
 /// key in `PREFIX/steps`, its config the entry, its one layer the step's
@@ -391,5 +339,57 @@ impl Remote {
         )
         .map_err(crate::source::Error::from)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_change_with_every_field_and_never_run_fields_together() {
+        let a = Key::new("scratch").add("run", "a\nb").finish();
+        let b = Key::new("scratch").add("run", "a").add("b", "").finish();
+        assert_ne!(a, b);
+        assert_eq!(a, Key::new("scratch").add("run", "a\nb").finish());
+        assert_ne!(a, Key::new("other").add("run", "a\nb").finish());
+        assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn entries_round_trip_and_prune_by_age_and_size() {
+        let d = tempfile::tempdir().unwrap();
+        let c = StepCache::new(d.path());
+        let layer = |n: u8, size| {
+            Descriptor::new(
+                crate::image::MediaType::OciLayerZstd,
+                Digest::of(&[n]),
+                size,
+            )
+        };
+        for (i, size) in [(1u8, 100u64), (2, 200), (3, 300)] {
+            let e = Entry {
+                key: hex(&Sha256::digest([i])),
+                instruction: format!("RUN {i}"),
+                layer: layer(i, size),
+                diff_id: Digest::of(&[i, i]),
+                created: 0,
+            };
+            c.put(&e).unwrap();
+            assert_eq!(c.get(&e.key), Some(e.clone()));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(c.list().unwrap().len(), 3);
+        assert_eq!(c.referenced().len(), 3);
+        // Keep 350 bytes: the two least recently used go (100 + 200 bytes).
+        assert_eq!(c.prune(None, Some(350)).unwrap(), (2, 300));
+        assert_eq!(c.list().unwrap().len(), 1);
+        assert_eq!(
+            c.prune(Some(Duration::from_secs(86400)), None).unwrap().0,
+            0
+        );
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604800)));
+        assert_eq!(parse_duration("x"), None);
+        assert!(c.get("not-a-key").is_none());
     }
 }
