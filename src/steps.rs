@@ -157,7 +157,7 @@ impl StepCache {
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_secs());
+                .unwrap_or_default();
             // Read without marking it used.
             let Ok(bytes) = crate::fsx::DirFd::open(&self.dir)
                 .and_then(|d| d.read(&name, crate::limits::MAX_INDEX_ENTRY))
@@ -168,8 +168,9 @@ impl StepCache {
                 out.push((e, used));
             }
         }
+        // Least recently used first, to the nanosecond.
         out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.key.cmp(&b.0.key)));
-        Ok(out)
+        Ok(out.into_iter().map(|(e, t)| (e, t.as_secs())).collect())
     }
 
     /// The layers the entries name (`kiln store gc` keeps them).
