@@ -401,3 +401,29 @@ ADD hello.txt /builds/worker/hello.txt
     assert_ne!(la[la.len() - 1]["digest"], lb[lb.len() - 1]["digest"]);
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn a_builder_stages_steps_are_cached_too() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    let cache = d.path().join("cache");
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1 AS build\nRUN head -c 1000 /dev/urandom > /artifact\n\nFROM t/busybox:1\nCOPY --from=build /artifact /artifact\n",
+    );
+    let a = build_in(d.path(), &store, &cache, "a.tar", &[]);
+    assert_eq!(cached(&a), [false, false]);
+    // A fresh index: the image must be assembled again, its steps are not run.
+    let index2 = d.path().join("index2");
+    let b = build_in(
+        d.path(),
+        &store,
+        &cache,
+        "b.tar",
+        &["--index", index2.to_str().unwrap()],
+    );
+    assert_eq!(cached(&b), [true, true]);
+    // The random artifact is the first build's: the builder RUN did not run again.
+    assert_eq!(a["manifest_digest"], b["manifest_digest"]);
+}

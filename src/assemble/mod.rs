@@ -418,6 +418,33 @@ pub fn execute(
                         remote.publish(&entry, store)?;
                     }
                 }
+                // Other stages' fresh steps: their layers written here too.
+                for (layer, key, instruction) in &planned.side {
+                    let info = layer::write_layer(
+                        layer,
+                        ts,
+                        level,
+                        &blob_dir,
+                        &crate::progress::Step::none(),
+                    )?;
+                    let mut d =
+                        Descriptor::new(info.media_type.clone(), info.digest.clone(), info.size);
+                    if let Some(c) = &info.compressor {
+                        d.annotations
+                            .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
+                    }
+                    let entry = crate::steps::Entry {
+                        key: key.clone(),
+                        instruction: instruction.clone(),
+                        layer: d,
+                        diff_id: info.diff_id.clone(),
+                        created: crate::steps::timestamp(),
+                    };
+                    st.cache.put(&entry)?;
+                    if let Some(remote) = &st.remote {
+                        remote.publish(&entry, store)?;
+                    }
+                }
             }
         }
         (None, Dest::Output) => unreachable!("an output was created"),

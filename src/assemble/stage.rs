@@ -55,6 +55,9 @@ pub struct Planned {
     pub keys: Vec<Option<(String, String)>>,
     /// Every layer-producing step, hit or not.
     pub reports: Vec<crate::steps::StepReport>,
+    /// Layers other stages made fresh (key, instruction): written and
+    /// recorded in the step cache, not part of the image.
+    pub side: Vec<(Layer, String, String)>,
 }
 
 struct State<'a> {
@@ -138,7 +141,26 @@ pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, St
         let planned = st.finish();
         done.push(Some(planned));
     }
-    Ok(done.pop().flatten().expect("the target stage was built"))
+    let mut target = done.pop().flatten().expect("the target stage was built");
+    // Steps of the other stages (a builder stage COPY --from reads) are
+    // recorded too, and reported first; the target's own come after.
+    let own: std::collections::HashSet<String> =
+        target.reports.iter().map(|r| r.key.clone()).collect();
+    let mut reports = Vec::new();
+    for stage in done.into_iter().flatten() {
+        for (layer, key) in stage.layers.into_iter().zip(stage.keys) {
+            if let Some((k, instruction)) = key {
+                if !own.contains(&k) && !target.side.iter().any(|s| s.1 == k) {
+                    target.side.push((layer, k, instruction));
+                }
+            }
+        }
+        reports.extend(stage.reports.into_iter().filter(|r| !own.contains(&r.key)));
+    }
+    reports.dedup_by(|a, b| a.key == b.key);
+    reports.append(&mut target.reports);
+    target.reports = reports;
+    Ok(target)
 }
 
 pub(super) fn at(ins: &Instr, message: String) -> StageError {
@@ -1176,6 +1198,7 @@ impl<'a> State<'a> {
             chain: self.chain,
             keys: self.keys,
             reports: self.reports,
+            side: Vec::new(),
         }
     }
 
