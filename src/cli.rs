@@ -83,8 +83,13 @@ pub enum Command {
     },
     /// Pull an image from a registry into a store (every blob verified), and optionally write it out.
     Pull {
-        /// REGISTRY/REPOSITORY[:TAG|@sha256:...]
+        /// [REGISTRY/]REPOSITORY[:TAG|@sha256:...]; without a registry, Docker Hub (debian:12 is
+        /// docker.io/library/debian:12, reached at registry-1.docker.io).
         reference: String,
+        /// A Docker Hub mirror tried first (repeatable, like the Docker daemon's registry-mirrors;
+        /// also $KILN_REGISTRY_MIRRORS, comma-separated). With --insecure it speaks plain HTTP.
+        #[arg(long = "registry-mirror", value_name = "HOST[:PORT]")]
+        mirrors: Vec<String>,
         #[command(flatten)]
         store: StoreArg,
         /// Name it NAME:TAG in the store (repeatable; default: the reference).

@@ -205,12 +205,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => push(&image, &to, mount_from, &net, json)?,
         Command::Pull {
             reference,
+            mirrors,
             store,
             names,
             output,
             net,
             json,
-        } => pull(&reference, &store, names, output, &net, json)?,
+        } => pull(&reference, &mirrors, &store, names, output, &net, json)?,
         Command::Index(cmd) => index(cmd)?,
         Command::Cache(cmd) => cache(cmd)?,
         Command::Completions { shell } => {
@@ -435,14 +436,33 @@ fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bo
 
 fn pull(
     reference: &str,
+    mirrors: &[String],
     store: &StoreArg,
     names: Vec<String>,
     output: Option<PathBuf>,
     net: &NetArgs,
     json: bool,
 ) -> Result<()> {
-    let r = Reference::parse_remote(reference).map_err(|m| anyhow!("{m}"))?;
-    let client = std::sync::Arc::new(kiln::registry::Client::new(r.host(), net.insecure));
+    let r = Reference::parse(reference).map_err(|m| anyhow!("{m}"))?;
+    // Docker Hub images: the mirrors first (flag, then $KILN_REGISTRY_MIRRORS),
+    // then Docker Hub's API host.
+    let mut hosts: Vec<(String, bool)> = Vec::new();
+    if r.is_docker_hub() {
+        let env = std::env::var("KILN_REGISTRY_MIRRORS").unwrap_or_default();
+        for m in mirrors
+            .iter()
+            .map(String::as_str)
+            .chain(env.split([',', ' ']).filter(|m| !m.is_empty()))
+        {
+            let host = m
+                .trim_start_matches("https://")
+                .trim_start_matches("http://");
+            hosts.push((host.trim_end_matches('/').to_string(), net.insecure));
+        }
+        hosts.push((r.api_host().to_string(), false));
+    } else {
+        hosts.push((r.api_host().to_string(), net.insecure));
+    }
     let s = store.store();
     let names = if names.is_empty() {
         // A pinned digest names no tag to keep (as before the image core:
@@ -455,12 +475,32 @@ fn pull(
     } else {
         names
     };
-    let desc = kiln::registry::pull(&client, &r, &s, &names, None)
-        .inspect_err(|_| {
-            s.abandon();
-        })
-        .with_context(|| format!("pulling {reference}"))?
-        .ok_or_else(|| anyhow!("{reference}: the registry has no such image"))?;
+    let mut found = None;
+    let mut tried = Vec::new();
+    for (i, (host, insecure)) in hosts.iter().enumerate() {
+        let client = std::sync::Arc::new(kiln::registry::Client::new(host, *insecure));
+        match kiln::registry::pull(&client, &r, &s, &names, None) {
+            Ok(Some(d)) => {
+                found = Some(d);
+                break;
+            }
+            Ok(None) => tried.push(format!("{host}: no such image")),
+            // A mirror that fails is skipped, as Docker does; the last host's
+            // failure is the error.
+            Err(e) if i + 1 < hosts.len() => {
+                eprintln!("kiln: warning: mirror {host}: {e}; trying the next");
+                tried.push(format!("{host}: {e}"));
+            }
+            Err(e) => {
+                s.abandon();
+                return Err(
+                    anyhow::Error::new(e).context(format!("pulling {reference} from {host}"))
+                );
+            }
+        }
+    }
+    let desc =
+        found.ok_or_else(|| anyhow!("{reference}: no registry has it ({})", tried.join("; ")))?;
     if let Some(out) = &output {
         let sink = kiln::sink::Output::create(out, Format::from_path(out), 0)?;
         kiln::copy(&s, &sink, &kiln::Selection::image(&desc, &names))?;

@@ -24,6 +24,19 @@ impl Registry {
     }
 
     fn start_on(port: u16, htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(port, htpasswd, "")
+    }
+
+    /// A pull-through cache of `upstream` (a Docker Hub mirror's stand-in).
+    fn start_proxy(upstream: &str) -> Registry {
+        Registry::start_with(
+            free_port(),
+            None,
+            &format!("proxy:\n  remoteurl: http://{upstream}\n"),
+        )
+    }
+
+    fn start_with(port: u16, htpasswd: Option<(&str, &str)>, extra: &str) -> Registry {
         require("docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{port}");
@@ -40,6 +53,7 @@ impl Registry {
                 dir.path().join("htpasswd").display()
             ));
         }
+        config.push_str(extra);
         fs::write(dir.path().join("config.yml"), config).unwrap();
         let log = fs::File::create(dir.path().join("log")).unwrap();
         let child = Command::new("docker-registry")
@@ -1034,4 +1048,56 @@ fn a_second_machine_reuses_run_layers_through_the_cache_registry_and_nothing_is_
     let d2 = build("machine-b", "d.tar", &[]);
     assert_eq!(cached(&d2), [true, true, true]);
     assert_eq!(reg.count("PUT", "kiln-steps/steps/blobs/uploads"), after);
+}
+
+#[test]
+fn short_docker_hub_names_pull_through_a_registry_mirror() {
+    // The upstream stands in for Docker Hub (holding library/kilnbase:1);
+    // a docker-registry in proxy mode in front of it is the mirror.
+    let hub = Registry::start(None);
+    let mirror = Registry::start_proxy(&hub.addr);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    ok(kiln()
+        .arg("push")
+        .arg(d.path().join("img.oci.tar"))
+        .arg("--to")
+        .arg(format!("{}/library/kilnbase:1", hub.addr))
+        .arg("--insecure"));
+    let store = d.path().join("store");
+    let v = json(&ok(kiln()
+        .args([
+            "pull",
+            "kilnbase:1",
+            "--registry-mirror",
+            &mirror.addr,
+            "--insecure",
+            "--json",
+            "--store",
+        ])
+        .arg(&store)));
+    assert_eq!(v["manifest_digest"], built["manifest_digest"]);
+    assert_eq!(v["names"][0], "docker.io/library/kilnbase:1");
+    assert!(
+        mirror.count("GET", "library/kilnbase/manifests/1") >= 1,
+        "{}",
+        mirror.log()
+    );
+    // The same through $KILN_REGISTRY_MIRRORS, by digest, with a dead mirror first.
+    let digest = s(&built["manifest_digest"]);
+    let v = json(&ok(kiln()
+        .env(
+            "KILN_REGISTRY_MIRRORS",
+            format!("127.0.0.1:1,{}", mirror.addr),
+        )
+        .args([
+            "pull",
+            &format!("kilnbase@{digest}"),
+            "--insecure",
+            "--json",
+            "--store",
+        ])
+        .arg(d.path().join("store2"))));
+    assert_eq!(v["manifest_digest"], built["manifest_digest"]);
+    ok(kiln().arg("verify").arg(d.path().join("store2")));
 }

@@ -4,6 +4,9 @@
 
 use crate::digest::Digest;
 
+/// Docker Hub's registry API host.
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
 /// A parsed image reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reference {
@@ -58,6 +61,14 @@ impl Reference {
             ));
         }
         let path = parts.join("/");
+        // Docker Hub has two names; `docker.io` is the one Docker keeps.
+        let domain = domain.map(|d| {
+            if d == "index.docker.io" {
+                "docker.io"
+            } else {
+                d
+            }
+        });
         let repository = match domain {
             Some(d) => format!("{d}/{path}"),
             None if parts.len() == 1 => format!("docker.io/library/{path}"),
@@ -86,6 +97,20 @@ impl Reference {
     /// The registry host (`docker.io` for Docker Hub names).
     pub fn host(&self) -> &str {
         self.repository.split('/').next().unwrap_or_default()
+    }
+
+    /// The host that serves the registry API: Docker Hub's is
+    /// `registry-1.docker.io` (`docker.io` serves none), as Docker uses.
+    pub fn api_host(&self) -> &str {
+        match self.host() {
+            "docker.io" => DOCKER_HUB_API,
+            h => h,
+        }
+    }
+
+    /// Whether this is a Docker Hub image (registry mirrors apply).
+    pub fn is_docker_hub(&self) -> bool {
+        self.host() == "docker.io"
     }
 
     /// The repository path inside the registry (`library/debian`).
@@ -148,6 +173,21 @@ mod tests {
             Reference::parse("me/x:2").unwrap().name(),
             "docker.io/me/x:2"
         );
+    }
+
+    #[test]
+    fn docker_hub_is_reached_at_its_api_host() {
+        let r = Reference::parse("debian:12-slim").unwrap();
+        assert_eq!(
+            (r.host(), r.api_host(), r.path()),
+            ("docker.io", "registry-1.docker.io", "library/debian")
+        );
+        assert!(r.is_docker_hub());
+        let r = Reference::parse("index.docker.io/me/x:1").unwrap();
+        assert_eq!(r.name(), "docker.io/me/x:1");
+        let r = Reference::parse("ghcr.io/o/x:1").unwrap();
+        assert_eq!(r.api_host(), "ghcr.io");
+        assert!(!r.is_docker_hub());
     }
 
     #[test]
