@@ -1101,3 +1101,98 @@ fn short_docker_hub_names_pull_through_a_registry_mirror() {
     assert_eq!(v["manifest_digest"], built["manifest_digest"]);
     ok(kiln().arg("verify").arg(d.path().join("store2")));
 }
+
+#[test]
+fn credential_helpers_stores_podman_files_and_malformed_files() {
+    let reg = Registry::start(Some(("bob", "h3lper-pw")));
+    let d = tempfile::tempdir().unwrap();
+    image(d.path());
+    let img = d.path().join("img.oci.tar");
+    // A credential helper on PATH, as docker-credential-* are.
+    let bin = d.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    let helper = bin.join("docker-credential-kilntest");
+    fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\nread server\n[ \"$1\" = get ] || exit 1\n[ \"$server\" = \"{}\" ] || {{ echo 'credentials not found in native keychain'; exit 1; }}\necho '{{\"ServerURL\":\"'$server'\",\"Username\":\"bob\",\"Secret\":\"h3lper-pw\"}}'\n",
+            reg.addr
+        ),
+    )
+    .unwrap();
+    chmod(&helper, 0o755);
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let push = |home: &Path, env: &[(&str, &Path)], tag: &str| {
+        let mut c = kiln();
+        c.arg("push")
+            .arg(&img)
+            .arg("--to")
+            .arg(format!("{}/kiln/c:{tag}", reg.addr))
+            .arg("--insecure")
+            .env("PATH", &path)
+            .env("HOME", home)
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("DOCKER_CONFIG")
+            .env_remove("XDG_RUNTIME_DIR");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        run(&mut c)
+    };
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    // credHelpers for the host.
+    let home = d.path().join("home1");
+    write(
+        &home,
+        ".docker/config.json",
+        format!(r#"{{"credHelpers":{{"{}":"kilntest"}}}}"#, reg.addr).as_bytes(),
+    );
+    let out = push(&home, &[], "1");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains("h3lper-pw"));
+    // credsStore for every host.
+    let home = d.path().join("home2");
+    write(
+        &home,
+        ".docker/config.json",
+        br#"{"credsStore":"kilntest"}"#,
+    );
+    let out = push(&home, &[], "2");
+    assert!(out.status.success(), "{}", text(&out));
+    // podman's $XDG_RUNTIME_DIR/containers/auth.json; a malformed
+    // $REGISTRY_AUTH_FILE before it is a warning naming it.
+    let run_dir = d.path().join("run");
+    write(
+        &run_dir,
+        "containers/auth.json",
+        format!(
+            r#"{{"auths":{{"{}":{{"username":"bob","password":"h3lper-pw"}}}}}}"#,
+            reg.addr
+        )
+        .as_bytes(),
+    );
+    let bad = write(d.path(), "bad.json", b"{ not json");
+    let home = d.path().join("home3");
+    let out = push(
+        &home,
+        &[("XDG_RUNTIME_DIR", &run_dir), ("REGISTRY_AUTH_FILE", &bad)],
+        "3",
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("warning: {} is not valid JSON", bad.display())),
+        "{t}"
+    );
+    assert!(!t.contains("h3lper-pw"), "{t}");
+}

@@ -98,8 +98,9 @@ pub struct Client {
     pub host: String,
     scheme: &'static str,
     creds: Option<auth::Credentials>,
-    /// Bearer tokens by scope.
-    tokens: Mutex<HashMap<String, String>>,
+    /// Authorization values by scope (`*`: basic credentials), each with
+    /// when it expires (a bearer token's `expires_in`, less a margin).
+    tokens: Mutex<HashMap<String, (String, Option<std::time::Instant>)>>,
     pub stats: Stats,
     /// Retries after the first attempt, and the first backoff.
     retries: u32,
@@ -261,8 +262,11 @@ impl Client {
     /// token whose scope covers the URL's repository (tokens are cached
     /// under the scope the registry asked for).
     fn cached_authorization(&self, url: &str) -> Option<String> {
-        let tokens = self.tokens.lock().unwrap();
-        if let Some(t) = tokens.get("*") {
+        let mut tokens = self.tokens.lock().unwrap();
+        // Expired tokens go; the next request is challenged again.
+        let now = std::time::Instant::now();
+        tokens.retain(|_, (_, until)| until.map_or(true, |u| u > now));
+        if let Some((t, _)) = tokens.get("*") {
             return Some(t.clone());
         }
         let repo = repository_of(url)?;
@@ -271,7 +275,7 @@ impl Client {
             .iter()
             .filter(|(scope, _)| scope.split(' ').any(|s| s.starts_with(&prefix)))
             .max_by_key(|(scope, _)| scope.contains("push"))
-            .map(|(_, t)| t.clone())
+            .map(|(_, (t, _))| t.clone())
     }
 
     /// Works out the Authorization header a 401 challenge asks for.
@@ -290,11 +294,38 @@ impl Client {
                     sep = '&';
                 }
             }
-            let mut req = self.agent.get(&token_url);
-            if let Some(c) = &self.creds {
-                req = req.header("Authorization", &c.basic());
+            let mut resp = match self.creds.as_ref().and_then(|c| c.identity_token.as_ref()) {
+                // An identity token (docker login's refresh token): the
+                // OAuth2 exchange Docker does.
+                Some(refresh) => {
+                    let mut form = vec![
+                        ("grant_type", "refresh_token".to_string()),
+                        ("client_id", "kiln".to_string()),
+                        ("refresh_token", refresh.clone()),
+                    ];
+                    for k in ["service", "scope"] {
+                        if let Some(v) = get(k) {
+                            form.push((k, v));
+                        }
+                    }
+                    let body: Vec<String> = form
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", encode(v)))
+                        .collect();
+                    self.agent
+                        .post(&realm)
+                        .header("Content-Type", "application/x-www-form-urlencoded")
+                        .send(body.join("&"))
+                }
+                None => {
+                    let mut req = self.agent.get(&token_url);
+                    if let Some(c) = &self.creds {
+                        req = req.header("Authorization", &c.basic());
+                    }
+                    req.call()
+                }
             }
-            let mut resp = req.call().map_err(|e| Error::Transport {
+            .map_err(|e| Error::Transport {
                 method: "GET".into(),
                 url: realm.clone(),
                 message: e.to_string(),
@@ -328,10 +359,15 @@ impl Client {
                     url: url.to_string(),
                 })?;
             let value = format!("Bearer {token}");
-            self.tokens
-                .lock()
-                .unwrap()
-                .insert(get("scope").unwrap_or_default(), value.clone());
+            // Kept until `expires_in` (less 10 s of margin; 60 s when the
+            // answer does not say, the spec's default).
+            let ttl = v.get("expires_in").and_then(|e| e.as_u64()).unwrap_or(60);
+            let until = std::time::Instant::now()
+                + std::time::Duration::from_secs(ttl.saturating_sub(10).max(1));
+            self.tokens.lock().unwrap().insert(
+                get("scope").unwrap_or_default(),
+                (value.clone(), Some(until)),
+            );
             return Ok(value);
         }
         match &self.creds {
@@ -339,7 +375,10 @@ impl Client {
                 if challenge.to_ascii_lowercase().starts_with("basic") || challenge.is_empty() =>
             {
                 let v = c.basic();
-                self.tokens.lock().unwrap().insert("*".into(), v.clone());
+                self.tokens
+                    .lock()
+                    .unwrap()
+                    .insert("*".into(), (v.clone(), None));
                 Ok(v)
             }
             _ => Err(Error::NeedsAuth {
@@ -670,12 +709,21 @@ mod tests {
     #[test]
     fn a_token_is_found_again_under_its_scope() {
         let c = Client::new("127.0.0.1:1", true);
-        c.tokens
-            .lock()
-            .unwrap()
-            .insert("repository:a/b:pull,push".into(), "Bearer t1".into());
+        c.tokens.lock().unwrap().insert(
+            "repository:a/b:pull,push".into(),
+            ("Bearer t1".into(), None),
+        );
         let url = "http://127.0.0.1:1/v2/a/b/blobs/sha256:00";
         assert_eq!(c.cached_authorization(url).as_deref(), Some("Bearer t1"));
+        // An expired token is not used again.
+        c.tokens.lock().unwrap().insert(
+            "repository:a/old:pull".into(),
+            ("Bearer t0".into(), Some(std::time::Instant::now())),
+        );
+        assert_eq!(
+            c.cached_authorization("http://127.0.0.1:1/v2/a/old/manifests/1"),
+            None
+        );
         assert_eq!(
             c.cached_authorization("http://127.0.0.1:1/v2/a/c/manifests/1"),
             None
