@@ -282,6 +282,14 @@ pub struct BuildArgs {
     /// loopback). `RUN --network=…` overrides it for one step.
     #[arg(long, value_name = "host|none", default_value = "host", value_parser = ["host", "none", "default"])]
     pub network: String,
+    /// Pull a FROM or COPY --from image no store has into the user store (--pull or
+    /// --pull=missing), or every tag reference again (--pull=always). Off by default: kiln then
+    /// never touches the network for a base. A pinned digest accepts only those bytes.
+    #[arg(long, value_name = "missing|always", num_args = 0..=1, default_missing_value = "missing")]
+    pub pull: Option<String>,
+    /// A Docker Hub mirror tried first by --pull (repeatable; also $KILN_REGISTRY_MIRRORS).
+    #[arg(long = "registry-mirror", value_name = "HOST[:PORT]")]
+    pub mirrors: Vec<String>,
     /// A secret for `RUN --mount=type=secret,id=ID`: id=ID,src=FILE (or env=VAR). Never in a
     /// layer, the history, the config or the index key.
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]

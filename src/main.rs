@@ -444,25 +444,6 @@ fn pull(
     json: bool,
 ) -> Result<()> {
     let r = Reference::parse(reference).map_err(|m| anyhow!("{m}"))?;
-    // Docker Hub images: the mirrors first (flag, then $KILN_REGISTRY_MIRRORS),
-    // then Docker Hub's API host.
-    let mut hosts: Vec<(String, bool)> = Vec::new();
-    if r.is_docker_hub() {
-        let env = std::env::var("KILN_REGISTRY_MIRRORS").unwrap_or_default();
-        for m in mirrors
-            .iter()
-            .map(String::as_str)
-            .chain(env.split([',', ' ']).filter(|m| !m.is_empty()))
-        {
-            let host = m
-                .trim_start_matches("https://")
-                .trim_start_matches("http://");
-            hosts.push((host.trim_end_matches('/').to_string(), net.insecure));
-        }
-        hosts.push((r.api_host().to_string(), false));
-    } else {
-        hosts.push((r.api_host().to_string(), net.insecure));
-    }
     let s = store.store();
     let names = if names.is_empty() {
         // A pinned digest names no tag to keep (as before the image core:
@@ -475,32 +456,10 @@ fn pull(
     } else {
         names
     };
-    let mut found = None;
-    let mut tried = Vec::new();
-    for (i, (host, insecure)) in hosts.iter().enumerate() {
-        let client = std::sync::Arc::new(kiln::registry::Client::new(host, *insecure));
-        match kiln::registry::pull(&client, &r, &s, &names, None) {
-            Ok(Some(d)) => {
-                found = Some(d);
-                break;
-            }
-            Ok(None) => tried.push(format!("{host}: no such image")),
-            // A mirror that fails is skipped, as Docker does; the last host's
-            // failure is the error.
-            Err(e) if i + 1 < hosts.len() => {
-                eprintln!("kiln: warning: mirror {host}: {e}; trying the next");
-                tried.push(format!("{host}: {e}"));
-            }
-            Err(e) => {
-                s.abandon();
-                return Err(
-                    anyhow::Error::new(e).context(format!("pulling {reference} from {host}"))
-                );
-            }
-        }
-    }
-    let desc =
-        found.ok_or_else(|| anyhow!("{reference}: no registry has it ({})", tried.join("; ")))?;
+    let sources = kiln::registry::Sources::new(mirrors, net.insecure);
+    let desc = kiln::registry::pull_any(&r, &sources, &s, &names)
+        .with_context(|| format!("pulling {reference}"))?
+        .map_err(|tried| anyhow!("{reference}: no registry has it ({})", tried.join("; ")))?;
     if let Some(out) = &output {
         let sink = kiln::sink::Output::create(out, Format::from_path(out), 0)?;
         kiln::copy(&s, &sink, &kiln::Selection::image(&desc, &names))?;
@@ -662,6 +621,13 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         network: kiln::sandbox::Network::parse(&b.network).unwrap_or_default(),
         secrets: secrets(&b.secrets)?,
         steps: None,
+        pull: match b.pull.as_deref() {
+            None | Some("never") | Some("false") => kiln::assemble::PullPolicy::Never,
+            Some("missing") | Some("true") => kiln::assemble::PullPolicy::Missing,
+            Some("always") => kiln::assemble::PullPolicy::Always,
+            Some(other) => bail!("--pull={other}: expected missing, always or never"),
+        },
+        sources: kiln::registry::Sources::new(&b.mirrors, b.index.net.insecure),
     };
     Ok(opts)
 }

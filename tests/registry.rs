@@ -1196,3 +1196,89 @@ fn credential_helpers_stores_podman_files_and_malformed_files() {
     );
     assert!(!t.contains("h3lper-pw"), "{t}");
 }
+
+#[test]
+fn build_pull_fetches_missing_bases_and_accepts_only_the_pinned_bytes() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    let base = format!("{}/kiln/pbase:1", reg.addr);
+    ok(kiln()
+        .arg("push")
+        .arg(d.path().join("img.oci.tar"))
+        .arg("--to")
+        .arg(&base)
+        .arg("--insecure"));
+    let digest = s(&built["manifest_digest"]);
+    let src = tempfile::tempdir().unwrap();
+    write(src.path(), "b/f", b"f");
+    let cache = src.path().join("cache");
+    let build = |from: &str, extra: &[&str]| {
+        write(
+            src.path(),
+            "b/Dockerfile",
+            format!("FROM {from}\nCOPY f /f\n").as_bytes(),
+        );
+        run(kiln()
+            .env("XDG_CACHE_HOME", &cache)
+            .arg("build")
+            .arg(src.path().join("b"))
+            .args(["--insecure", "--json", "-o"])
+            .arg(src.path().join("o.tar"))
+            .args(extra))
+    };
+    // Without --pull: the network is never touched.
+    let out = build(&base, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("build with --pull"), "{err}");
+    assert_eq!(reg.count("GET", "kiln/pbase/manifests"), 0);
+    // --pull: fetched into the user store, then built; its digest is in the index key.
+    let out = build(&base, &["--pull"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    let layers = v["layers"].as_array().unwrap();
+    assert_eq!(layers[0]["digest"], built["layers"][0]["digest"]);
+    // The right pinned digest builds; --pull=always refetches the tag.
+    let out = build(&format!("{}/kiln/pbase@{digest}", reg.addr), &["--pull"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = reg.count("GET", "kiln/pbase/manifests/1");
+    let out = build(&base, &["--pull=always", "--no-cache"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(reg.count("GET", "kiln/pbase/manifests/1") > before);
+    // A registry serving other bytes for a pinned digest: refused, naming both.
+    let h = hostile(|head| {
+        if head.lines().next().unwrap_or("").contains("/manifests/") {
+            answer(
+                "200 OK",
+                &[("Content-Type", OCI_MANIFEST.into())],
+                &manifest_for(CONFIG),
+            )
+        } else {
+            answer("200 OK", &[], CONFIG)
+        }
+    });
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    let _ = fs::remove_file(src.path().join("o.tar"));
+    let out = build(&format!("{}/x/y@{wrong}", h.addr), &["--pull"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&wrong)
+            && err.contains(&format!("sha256:{}", sha256_hex(&manifest_for(CONFIG)))),
+        "{err}"
+    );
+    assert!(!src.path().join("o.tar").exists());
+}

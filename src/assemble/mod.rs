@@ -70,6 +70,22 @@ pub struct BuildOptions {
     pub secrets: BTreeMap<String, PathBuf>,
     /// The step cache, when the build goes into a store (indexed builds).
     pub steps: Option<Steps>,
+    /// `--pull`: whether a base no store has is pulled (never by default).
+    pub pull: PullPolicy,
+    /// Where pulled bases come from (mirrors, plain HTTP).
+    pub sources: crate::registry::Sources,
+}
+
+/// `kiln build --pull[=missing|always]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Never touch the network for a base (the default).
+    #[default]
+    Never,
+    /// Pull a base no store has into the user store.
+    Missing,
+    /// Pull every tag reference again (digest-pinned ones only when missing).
+    Always,
 }
 
 /// The step cache a build uses: its entries, the store holding their

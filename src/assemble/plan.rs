@@ -59,9 +59,38 @@ fn locate(reference: &str, opts: &BuildOptions) -> Result<(Store, Descriptor, St
             p.index_digest.clone(),
         ));
     }
-    let (s, d) = opts.stores.find(reference).map_err(|e| e.to_string())?;
-    let digest = d.digest.to_string();
-    Ok((s.clone(), d, digest))
+    let pulled = |r: &Reference| -> Result<(Store, Descriptor, String), String> {
+        // Into the user store, named as given (a pinned digest as NAME:pulled).
+        let user = Store::user();
+        let name = format!("{}:{}", r.repository, r.tag.as_deref().unwrap_or("pulled"));
+        let d = crate::registry::pull_any(r, &opts.sources, &user, &[name])
+            .map_err(|e| format!("pulling {reference}: {e}"))?
+            .map_err(|tried| {
+                format!(
+                    "{reference}: no store has it and no registry either ({})",
+                    tried.join("; ")
+                )
+            })?;
+        let digest = d.digest.to_string();
+        Ok((user, d, digest))
+    };
+    let parsed = Reference::parse(reference).ok();
+    if let Some(r) = parsed
+        .as_ref()
+        .filter(|r| opts.pull == super::PullPolicy::Always && r.digest.is_none())
+    {
+        return pulled(r);
+    }
+    match opts.stores.find(reference) {
+        Ok((s, d)) => {
+            let digest = d.digest.to_string();
+            Ok((s.clone(), d, digest))
+        }
+        Err(e) => match parsed.filter(|_| opts.pull != super::PullPolicy::Never) {
+            Some(r) => pulled(&r),
+            None => Err(e.to_string()),
+        },
+    }
 }
 
 impl Bases {

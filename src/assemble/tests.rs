@@ -35,6 +35,8 @@ fn options(root: &Path, output: &Path) -> BuildOptions {
         network: Default::default(),
         secrets: Default::default(),
         steps: None,
+        pull: Default::default(),
+        sources: Default::default(),
     }
 }
 

@@ -269,7 +269,10 @@ mod tests {
         }
         assert_eq!(key_host("http://localhost:5000/x"), "localhost:5000");
         let e: serde_json::Value = serde_json::json!({"identitytoken": "tok"});
-        assert_eq!(from_entry(&e).unwrap().identity_token.as_deref(), Some("tok"));
+        assert_eq!(
+            from_entry(&e).unwrap().identity_token.as_deref(),
+            Some("tok")
+        );
         assert!(from_entry(&serde_json::json!({"auth": "!!"})).is_none());
     }
 

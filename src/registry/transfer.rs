@@ -64,3 +64,71 @@ pub fn pull(
     let copied = copy(&src, store, &sel)?;
     Ok(copied.images.into_iter().next().map(|(d, _)| d))
 }
+
+/// Where to look for images a build or `kiln pull` fetches: Docker Hub
+/// mirrors (tried first for `docker.io` images) and plain HTTP.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub mirrors: Vec<String>,
+    pub insecure: bool,
+}
+
+impl Sources {
+    /// The mirrors given, then `$KILN_REGISTRY_MIRRORS` (comma-separated).
+    pub fn new(mirrors: &[String], insecure: bool) -> Sources {
+        let env = std::env::var("KILN_REGISTRY_MIRRORS").unwrap_or_default();
+        let mirrors = mirrors
+            .iter()
+            .map(String::as_str)
+            .chain(env.split([',', ' ']).filter(|m| !m.is_empty()))
+            .map(|m| {
+                m.trim_start_matches("https://")
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string()
+            })
+            .collect();
+        Sources { mirrors, insecure }
+    }
+
+    /// The hosts to try for `r`, in order, each with whether it speaks plain HTTP.
+    pub fn hosts(&self, r: &Reference) -> Vec<(String, bool)> {
+        let mut out: Vec<(String, bool)> = Vec::new();
+        if r.is_docker_hub() {
+            out.extend(self.mirrors.iter().map(|m| (m.clone(), self.insecure)));
+            out.push((r.api_host().to_string(), false));
+        } else {
+            out.push((r.api_host().to_string(), self.insecure));
+        }
+        out
+    }
+}
+
+/// Pulls `r` from the first host of `sources` that has it (a failing
+/// mirror is skipped with a warning, as Docker does) into `store` under
+/// `names`. `Ok(None)`: no host has it; the list says what each answered.
+pub fn pull_any(
+    r: &Reference,
+    sources: &Sources,
+    store: &Store,
+    names: &[String],
+) -> Result<Result<Descriptor, Vec<String>>, Error> {
+    let hosts = sources.hosts(r);
+    let mut tried = Vec::new();
+    for (i, (host, insecure)) in hosts.iter().enumerate() {
+        let client = Arc::new(Client::new(host, *insecure));
+        match pull(&client, r, store, names, None) {
+            Ok(Some(d)) => return Ok(Ok(d)),
+            Ok(None) => tried.push(format!("{host}: no such image")),
+            Err(e) if i + 1 < hosts.len() => {
+                eprintln!("kiln: warning: mirror {host}: {e}; trying the next");
+                tried.push(format!("{host}: {e}"));
+            }
+            Err(e) => {
+                store.abandon();
+                return Err(e);
+            }
+        }
+    }
+    Ok(Err(tried))
+}

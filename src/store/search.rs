@@ -69,7 +69,7 @@ impl Stores {
         };
         Err(Error::NotFound {
             message: format!(
-                "base image {reference}: {what} is in none of the image stores searched, in order: {}. kiln never pulls from a network: import the image with `kiln store add IMAGE.tar --name {}` (e.g. from `docker save` or `skopeo copy`), or pass --store DIR",
+                "base image {reference}: {what} is in none of the image stores searched, in order: {}. kiln pulls nothing unless asked: build with --pull to fetch it from its registry, import it with `kiln store add IMAGE.tar --name {}` (e.g. from `docker save` or `skopeo copy`), or pass --store DIR",
                 self.describe(),
                 if r.digest.is_some() { "NAME:TAG".to_string() } else { reference.to_string() }
             ),
