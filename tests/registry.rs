@@ -1282,3 +1282,31 @@ fn build_pull_fetches_missing_bases_and_accepts_only_the_pinned_bytes() {
     );
     assert!(!src.path().join("o.tar").exists());
 }
+
+#[test]
+fn a_failed_cross_repository_mount_closes_the_session_it_opened() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    image(d.path());
+    // Neither repository has the blobs: each mount attempt opens a session;
+    // all but the one used for the upload are closed.
+    let out = json(&ok(kiln()
+        .arg("push")
+        .arg(d.path().join("img.oci.tar"))
+        .arg("--to")
+        .arg(format!("{}/kiln/target:1", reg.addr))
+        .args([
+            "--insecure",
+            "--json",
+            "--mount-from",
+            "kiln/none-a",
+            "--mount-from",
+            "kiln/none-b",
+        ])));
+    assert!(out["manifest_digest"].is_string());
+    let posts = reg.count("POST", "kiln/target/blobs/uploads");
+    let deletes = reg.count("DELETE", "kiln/target/blobs/uploads");
+    // Two mount attempts per blob, one session closed per blob.
+    assert!(posts >= 2, "{}", reg.log());
+    assert_eq!(deletes * 2, posts, "{}", reg.log());
+}

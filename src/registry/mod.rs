@@ -501,6 +501,11 @@ impl Client {
         }
     }
 
+    /// Closes an upload session kiln will not use (best effort).
+    pub fn cancel_upload(&self, location: &str) {
+        let _ = self.send_with("DELETE", location, &[], &Payload::Empty, 0);
+    }
+
     /// Whether an upload failure is worth a new session: the connection
     /// failed, the registry failed (5xx), or it forgot the session (404).
     pub fn upload_retryable(e: &Error) -> bool {

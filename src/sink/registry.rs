@@ -131,7 +131,13 @@ impl Sink for RegistrySink {
                     self.report.lock().unwrap().mounted += 1;
                     return Ok(());
                 }
-                Some(loc) => location = Some(loc),
+                // The mount failed and opened an upload session instead:
+                // the one before (an earlier failed mount's) is closed.
+                Some(loc) => {
+                    if let Some(old) = location.replace(loc) {
+                        self.client.cancel_upload(&old);
+                    }
+                }
             }
         }
         // A failed upload session is not retried: a new one is opened (the
