@@ -1310,3 +1310,178 @@ fn a_failed_cross_repository_mount_closes_the_session_it_opened() {
     assert!(posts >= 2, "{}", reg.log());
     assert_eq!(deletes * 2, posts, "{}", reg.log());
 }
+
+/// A registry that drops the connection after taking the second chunk of
+/// an upload (without answering), and reports what a session holds on `GET`
+/// of it. Returns it and its POST count.
+fn dropping_registry() -> (Hostile, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::collections::HashMap;
+    use std::io::{BufRead, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let heads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let held: Arc<Mutex<HashMap<usize, Vec<u8>>>> = Arc::default();
+    let posts = Arc::new(AtomicUsize::new(0));
+    let patches = Arc::new(AtomicUsize::new(0));
+    let (h, posts2) = (heads.clone(), posts.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (h, held, posts, patches) =
+                (h.clone(), held.clone(), posts2.clone(), patches.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut w = stream;
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    h.lock().unwrap().push(head.clone());
+                    let lower = head.to_ascii_lowercase();
+                    let len: usize = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    let first = head.lines().next().unwrap_or("").to_string();
+                    let reply = |w: &mut std::net::TcpStream, status: &str, extra: &str| {
+                        let _ = w.write_all(
+                            format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n{extra}\r\n")
+                                .as_bytes(),
+                        );
+                    };
+                    if lower.contains("expect: 100-continue") {
+                        let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let session_of = |f: &str| -> usize {
+                        f.split("/blobs/uploads/u")
+                            .nth(1)
+                            .and_then(|t| t.split(['?', ' ']).next())
+                            .and_then(|t| t.parse().ok())
+                            .unwrap_or(0)
+                    };
+                    let loc = |n: usize| format!("Location: /v2/x/y/blobs/uploads/u{n}\r\n");
+                    if first.starts_with("HEAD ") {
+                        reply(&mut w, "404 Not Found", "");
+                    } else if first.starts_with("POST ") {
+                        let n = posts.fetch_add(1, SeqCst) + 1;
+                        held.lock().unwrap().insert(n, Vec::new());
+                        reply(&mut w, "202 Accepted", &loc(n));
+                    } else if first.starts_with("PATCH ") {
+                        let n = session_of(&first);
+                        let end = {
+                            let mut all = held.lock().unwrap();
+                            let v = all.entry(n).or_default();
+                            v.extend_from_slice(&body);
+                            v.len() as i64 - 1
+                        };
+                        if patches.fetch_add(1, SeqCst) + 1 == 2 {
+                            // Took the chunk, then the connection drops.
+                            return;
+                        }
+                        reply(
+                            &mut w,
+                            "202 Accepted",
+                            &format!("{}Range: 0-{end}\r\n", loc(n)),
+                        );
+                    } else if first.starts_with("GET ") && first.contains("/blobs/uploads/u") {
+                        let n = session_of(&first);
+                        let end = held
+                            .lock()
+                            .unwrap()
+                            .get(&n)
+                            .map_or(-1, |v| v.len() as i64 - 1);
+                        reply(
+                            &mut w,
+                            "204 No Content",
+                            &format!("{}Range: 0-{end}\r\n", loc(n)),
+                        );
+                    } else if first.starts_with("PUT ") && first.contains("/blobs/uploads/u") {
+                        let n = session_of(&first);
+                        let bytes = {
+                            let mut all = held.lock().unwrap();
+                            let v = all.entry(n).or_default();
+                            v.extend_from_slice(&body);
+                            v.clone()
+                        };
+                        let want = first
+                            .split("digest=sha256")
+                            .nth(1)
+                            .map(|d| d.trim_start_matches(':').trim_start_matches("%3A"))
+                            .map(|d| d.chars().take(64).collect::<String>())
+                            .unwrap_or_default();
+                        let status = if sha256_hex(&bytes) == want {
+                            "201 Created"
+                        } else {
+                            "400 Bad Request"
+                        };
+                        reply(&mut w, status, "");
+                    } else if first.starts_with("PUT ") && first.contains("/manifests/") {
+                        reply(
+                            &mut w,
+                            "201 Created",
+                            &format!("Docker-Content-Digest: sha256:{}\r\n", sha256_hex(&body)),
+                        );
+                    } else {
+                        reply(&mut w, "404 Not Found", "");
+                    }
+                }
+            });
+        }
+    });
+    (Hostile { addr, heads }, posts)
+}
+
+#[test]
+fn an_interrupted_chunked_upload_resumes_from_the_reported_offset() {
+    let d = tempfile::tempdir().unwrap();
+    // One layer of 300,000 incompressible bytes, sent in 100,000-byte chunks.
+    let mut x: u64 = 7;
+    let noise: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect();
+    write(d.path(), "img/Dockerfile", b"FROM scratch\nCOPY n /n\n");
+    write(d.path(), "img/n", &noise);
+    ok(kiln()
+        .arg("build")
+        .arg(d.path().join("img"))
+        .args(["--no-index", "--layer-compression", "none", "-o"])
+        .arg(d.path().join("i.oci.tar")));
+    let (h, posts) = dropping_registry();
+    ok(kiln()
+        .arg("push")
+        .arg(d.path().join("i.oci.tar"))
+        .arg("--to")
+        .arg(format!("{}/x/y:1", h.addr))
+        .args(["--insecure", "--chunk-size", "100000"]));
+    let heads = h.heads.lock().unwrap().clone();
+    let status_asks = heads
+        .iter()
+        .filter(|l| l.starts_with("GET /v2/x/y/blobs/uploads/u1"))
+        .count();
+    assert!(status_asks >= 1, "{heads:#?}");
+    // The big layer went in one session (plus one each for config and the
+    // small blobs): resumed, not restarted.
+    let layer_sessions = posts.load(std::sync::atomic::Ordering::SeqCst);
+    let blobs = heads.iter().filter(|l| l.starts_with("HEAD ")).count();
+    assert_eq!(layer_sessions, blobs, "one session per blob: {heads:#?}");
+}

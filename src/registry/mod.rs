@@ -501,6 +501,29 @@ impl Client {
         }
     }
 
+    /// How much an upload session holds: (its location, the next offset),
+    /// from `GET` of the session (`204`, `Range: 0-N`); None if it is gone.
+    fn upload_status(&self, location: &str) -> Option<(String, u64)> {
+        let resp = self
+            .send_with("GET", location, &[], &Payload::Empty, 0)
+            .ok()?;
+        if resp.status().as_u16() != 204 {
+            return None;
+        }
+        let next = resp
+            .headers()
+            .get("Range")
+            .and_then(|v| v.to_str().ok())
+            // `0-N` holds N+1 bytes (distribution writes `0--1` for none).
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(_, end)| end.trim().parse::<i64>().ok())
+            .map_or(0, |end| (end + 1).max(0) as u64);
+        let loc = self
+            .location("GET", location, &resp)
+            .unwrap_or_else(|_| location.to_string());
+        Some((loc, next))
+    }
+
     /// Closes an upload session kiln will not use (best effort).
     pub fn cancel_upload(&self, location: &str) {
         let _ = self.send_with("DELETE", location, &[], &Payload::Empty, 0);
@@ -540,6 +563,7 @@ impl Client {
         } else {
             let mut loc = location.to_string();
             let mut start = 0u64;
+            let mut resumed = 0;
             while start < size {
                 let len = chunk.min(size - start);
                 let part = match src {
@@ -552,16 +576,36 @@ impl Client {
                     Payload::Empty => Payload::Empty,
                 };
                 let range = format!("{start}-{}", start + len - 1);
-                let resp = self.send_upload(
+                let sent = self.send_upload(
                     "PATCH",
                     &loc,
                     &loc,
                     &[octet.clone(), ("Content-Range", range)],
                     &part,
-                )?;
-                if resp.status().as_u16() != 202 {
-                    return Err(Self::fail("PATCH", &loc, resp));
-                }
+                );
+                let resp = match sent {
+                    Ok(resp) if resp.status().as_u16() == 202 => resp,
+                    failed => {
+                        // An interrupted chunk: ask the session how much it
+                        // holds and go on from there (a session the registry
+                        // forgot fails, and the caller opens a new one).
+                        if resumed < self.retries {
+                            if let Some((next, offset)) = self.upload_status(&loc) {
+                                if offset <= size {
+                                    resumed += 1;
+                                    self.backoff(resumed);
+                                    loc = next;
+                                    start = offset;
+                                    continue;
+                                }
+                            }
+                        }
+                        return Err(match failed {
+                            Ok(resp) => Self::fail("PATCH", &loc, resp),
+                            Err(e) => e,
+                        });
+                    }
+                };
                 loc = self.location("PATCH", &loc, &resp)?;
                 start += len;
             }
