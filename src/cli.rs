@@ -86,6 +86,9 @@ pub enum Command {
         /// [REGISTRY/]REPOSITORY[:TAG|@sha256:...]; without a registry, Docker Hub (debian:12 is
         /// docker.io/library/debian:12, reached at registry-1.docker.io).
         reference: String,
+        /// Keep a whole multi-platform image index (every platform), not only the host's image.
+        #[arg(long)]
+        all_platforms: bool,
         /// A Docker Hub mirror tried first (repeatable, like the Docker daemon's registry-mirrors;
         /// also $KILN_REGISTRY_MIRRORS, comma-separated). With --insecure it speaks plain HTTP.
         #[arg(long = "registry-mirror", value_name = "HOST[:PORT]")]

@@ -205,13 +205,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => push(&image, &to, mount_from, &net, json)?,
         Command::Pull {
             reference,
+            all_platforms,
             mirrors,
             store,
             names,
             output,
             net,
             json,
-        } => pull(&reference, &mirrors, &store, names, output, &net, json)?,
+        } => pull(
+            &reference,
+            all_platforms,
+            &mirrors,
+            &store,
+            names,
+            output,
+            &net,
+            json,
+        )?,
         Command::Index(cmd) => index(cmd)?,
         Command::Cache(cmd) => cache(cmd)?,
         Command::Completions { shell } => {
@@ -434,8 +444,10 @@ fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bo
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn pull(
     reference: &str,
+    all_platforms: bool,
     mirrors: &[String],
     store: &StoreArg,
     names: Vec<String>,
@@ -457,7 +469,7 @@ fn pull(
         names
     };
     let sources = kiln::registry::Sources::new(mirrors, net.insecure);
-    let desc = kiln::registry::pull_any(&r, &sources, &s, &names)
+    let desc = kiln::registry::pull_any(&r, &sources, &s, &names, all_platforms)
         .with_context(|| format!("pulling {reference}"))?
         .map_err(|tried| anyhow!("{reference}: no registry has it ({})", tried.join("; ")))?;
     if let Some(out) = &output {

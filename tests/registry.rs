@@ -1485,3 +1485,127 @@ fn an_interrupted_chunked_upload_resumes_from_the_reported_offset() {
     let blobs = heads.iter().filter(|l| l.starts_with("HEAD ")).count();
     assert_eq!(layer_sessions, blobs, "one session per blob: {heads:#?}");
 }
+
+/// Writes a blob into an OCI layout; returns its descriptor JSON.
+fn layout_blob(dir: &Path, media_type: &str, bytes: &[u8]) -> serde_json::Value {
+    let hex = sha256_hex(bytes);
+    fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
+    serde_json::json!({"mediaType": media_type, "digest": format!("sha256:{hex}"), "size": bytes.len()})
+}
+
+/// An OCI layout holding one image index of the built image for each of
+/// `archs` (configs differing only in architecture).
+fn multi_platform_layout(d: &Path, archs: &[&str], name: &str) -> PathBuf {
+    let dir = d.join(name);
+    ok(kiln()
+        .arg("build")
+        .arg(d.join("img"))
+        .args(["--no-index", "--format", "oci-dir", "-o"])
+        .arg(&dir));
+    let index = json(&fs::read_to_string(dir.join("index.json")).unwrap());
+    let m = &index["manifests"][0];
+    let read = |desc: &serde_json::Value| {
+        json(&fs::read_to_string(dir.join("blobs/sha256").join(&s(&desc["digest"])[7..])).unwrap())
+    };
+    let manifest = read(m);
+    let config = read(&manifest["config"]);
+    let mut entries = Vec::new();
+    for arch in archs {
+        let mut c = config.clone();
+        c["architecture"] = serde_json::json!(arch);
+        let cd = layout_blob(
+            &dir,
+            "application/vnd.oci.image.config.v1+json",
+            &serde_json::to_vec(&c).unwrap(),
+        );
+        let mut mm = manifest.clone();
+        mm["config"] = cd;
+        let mut md = layout_blob(&dir, OCI_MANIFEST, &serde_json::to_vec(&mm).unwrap());
+        md["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+        entries.push(md);
+    }
+    let idx = serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries});
+    let mut id = layout_blob(
+        &dir,
+        "application/vnd.oci.image.index.v1+json",
+        &serde_json::to_vec(&idx).unwrap(),
+    );
+    id["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "1"});
+    let top = serde_json::json!({"schemaVersion": 2, "manifests": [id]});
+    fs::write(dir.join("index.json"), serde_json::to_vec(&top).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn multi_platform_images_push_whole_and_pull_whole_or_for_the_host() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    image(d.path());
+    let host_arch = kiln::image::host_platform().architecture;
+    let other = if host_arch == "amd64" {
+        "arm64"
+    } else {
+        "amd64"
+    };
+    let both = multi_platform_layout(d.path(), &[&host_arch, other], "both");
+    let to = format!("{}/kiln/multi:1", reg.addr);
+    ok(kiln()
+        .arg("push")
+        .arg(&both)
+        .arg("--to")
+        .arg(&to)
+        .arg("--insecure"));
+    // Every platform's manifest, then the index.
+    assert_eq!(
+        reg.count("PUT", "kiln/multi/manifests/sha256:"),
+        3,
+        "{}",
+        reg.log()
+    );
+    // --all-platforms keeps the index; without it, the host's image.
+    let all = d.path().join("all");
+    let v = json(&ok(kiln()
+        .args([
+            "pull",
+            &to,
+            "--all-platforms",
+            "--insecure",
+            "--json",
+            "--store",
+        ])
+        .arg(&all)));
+    let stored = json(&fs::read_to_string(all.join("index.json")).unwrap());
+    assert_eq!(
+        stored["manifests"][0]["mediaType"],
+        "application/vnd.oci.image.index.v1+json"
+    );
+    assert_eq!(stored["manifests"][0]["digest"], v["manifest_digest"]);
+    ok(kiln().arg("verify").arg(&all));
+    let one = d.path().join("one");
+    ok(kiln()
+        .args(["pull", &to, "--insecure", "--store"])
+        .arg(&one));
+    let stored = json(&fs::read_to_string(one.join("index.json")).unwrap());
+    assert_eq!(
+        stored["manifests"][0]["mediaType"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    // An index without the host's platform: the error names what it has.
+    let foreign = multi_platform_layout(d.path(), &["s390x", "ppc64le"], "foreign");
+    let to2 = format!("{}/kiln/foreign:1", reg.addr);
+    ok(kiln()
+        .arg("push")
+        .arg(&foreign)
+        .arg("--to")
+        .arg(&to2)
+        .arg("--insecure"));
+    let err = fails(
+        kiln()
+            .args(["pull", &to2, "--insecure", "--store"])
+            .arg(d.path().join("x")),
+    );
+    assert!(
+        err.contains("linux/s390x") && err.contains("linux/ppc64le"),
+        "{err}"
+    );
+}

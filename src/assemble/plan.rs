@@ -63,7 +63,7 @@ fn locate(reference: &str, opts: &BuildOptions) -> Result<(Store, Descriptor, St
         // Into the user store, named as given (a pinned digest as NAME:pulled).
         let user = Store::user();
         let name = format!("{}:{}", r.repository, r.tag.as_deref().unwrap_or("pulled"));
-        let d = crate::registry::pull_any(r, &opts.sources, &user, &[name])
+        let d = crate::registry::pull_any(r, &opts.sources, &user, &[name], false)
             .map_err(|e| format!("pulling {reference}: {e}"))?
             .map_err(|tried| {
                 format!(

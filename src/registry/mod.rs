@@ -24,7 +24,7 @@ use crate::digest::Digest;
 use crate::image::Descriptor;
 
 pub use crate::sink::PushReport;
-pub use transfer::{pull, pull_any, push, PushOptions, Sources};
+pub use transfer::{pull, pull_all_platforms, pull_any, push, PushOptions, Sources};
 
 /// Registry errors.
 #[derive(Debug, thiserror::Error)]

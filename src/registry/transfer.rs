@@ -65,6 +65,27 @@ pub fn pull(
     Ok(copied.images.into_iter().next().map(|(d, _)| d))
 }
 
+/// [`pull`] of a whole image index: every platform's manifest and the
+/// index itself are kept (`kiln pull --all-platforms`).
+pub fn pull_all_platforms(
+    client: &Arc<Client>,
+    reference: &Reference,
+    store: &Store,
+    names: &[String],
+) -> Result<Option<Descriptor>, Error> {
+    let Some(src) = RegistrySource::open(client.clone(), reference)? else {
+        return Ok(None);
+    };
+    let sel = Selection {
+        image: Some(src.descriptor().clone()),
+        names: names.to_vec(),
+        all_platforms: true,
+        ..Default::default()
+    };
+    let copied = copy(&src, store, &sel)?;
+    Ok(copied.images.into_iter().next().map(|(d, _)| d))
+}
+
 /// Where to look for images a build or `kiln pull` fetches: Docker Hub
 /// mirrors (tried first for `docker.io` images) and plain HTTP.
 #[derive(Clone, Debug, Default)]
@@ -112,12 +133,18 @@ pub fn pull_any(
     sources: &Sources,
     store: &Store,
     names: &[String],
+    all_platforms: bool,
 ) -> Result<Result<Descriptor, Vec<String>>, Error> {
     let hosts = sources.hosts(r);
     let mut tried = Vec::new();
     for (i, (host, insecure)) in hosts.iter().enumerate() {
         let client = Arc::new(Client::new(host, *insecure));
-        match pull(&client, r, store, names, None) {
+        let got = if all_platforms {
+            pull_all_platforms(&client, r, store, names)
+        } else {
+            pull(&client, r, store, names, None)
+        };
+        match got {
             Ok(Some(d)) => return Ok(Ok(d)),
             Ok(None) => tried.push(format!("{host}: no such image")),
             Err(e) if i + 1 < hosts.len() => {
