@@ -1609,3 +1609,162 @@ fn multi_platform_images_push_whole_and_pull_whole_or_for_the_host() {
         "{err}"
     );
 }
+
+/// A token-issuing front for a real registry, as Docker Hub and ghcr.io
+/// are: requests without `Bearer T` get a 401 challenge (scope pull for
+/// reads, pull,push for writes); `/token` hands out T; the rest is relayed
+/// to `upstream`. Returns its address and the (token requests, 401s) counts.
+fn token_front(
+    upstream: &str,
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::io::{BufRead, Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (tokens, denied) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (t2, d2, up) = (tokens.clone(), denied.clone(), upstream.to_string());
+    let me = addr.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let (tokens, denied, up, me) = (t2.clone(), d2.clone(), up.clone(), me.clone());
+            std::thread::spawn(move || {
+                let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut w = stream;
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line);
+                    }
+                    let first = head[0].clone();
+                    let lower: Vec<String> = head.iter().map(|l| l.to_ascii_lowercase()).collect();
+                    let len: usize = lower
+                        .iter()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if lower.iter().any(|l| l.starts_with("expect: 100-continue")) {
+                        let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let answer =
+                        |w: &mut std::net::TcpStream, status: &str, extra: &str, b: &str| {
+                            let _ = w.write_all(
+                                format!(
+                                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\n{extra}\r\n{b}",
+                                    b.len()
+                                )
+                                .as_bytes(),
+                            );
+                        };
+                    if first.starts_with("GET /token") {
+                        tokens.fetch_add(1, SeqCst);
+                        // A token for exactly the scope asked.
+                        let token = if first.contains("push") {
+                            "tpush"
+                        } else {
+                            "tpull"
+                        };
+                        answer(
+                            &mut w,
+                            "200 OK",
+                            "",
+                            &format!(r#"{{"token":"{token}","expires_in":300}}"#),
+                        );
+                        continue;
+                    }
+                    let write = !(first.starts_with("GET ") || first.starts_with("HEAD "));
+                    let ok_token = lower.iter().any(|l| {
+                        l.starts_with("authorization: bearer tpush")
+                            || (!write && l.starts_with("authorization: bearer tpull"))
+                    });
+                    if !ok_token {
+                        denied.fetch_add(1, SeqCst);
+                        let repo = first
+                            .split_whitespace()
+                            .nth(1)
+                            .and_then(|p| p.strip_prefix("/v2/"))
+                            .and_then(|p| p.split("/blobs/").next())
+                            .and_then(|p| p.split("/manifests/").next())
+                            .unwrap_or("")
+                            .to_string();
+                        let actions = if first.starts_with("GET ") || first.starts_with("HEAD ") {
+                            "pull"
+                        } else {
+                            "pull,push"
+                        };
+                        let challenge = format!(
+                            r#"WWW-Authenticate: Bearer realm="http://{me}/token",service="test",scope="repository:{repo}:{actions}""#
+                        );
+                        answer(&mut w, "401 Unauthorized", &format!("{challenge}\r\n"), "");
+                        continue;
+                    }
+                    // Relay to the registry, one connection per request.
+                    let mut u = std::net::TcpStream::connect(&up).unwrap();
+                    let mut req = String::new();
+                    for l in &head {
+                        let ll = l.to_ascii_lowercase();
+                        if ll.starts_with("expect:") || ll.starts_with("connection:") {
+                            continue;
+                        }
+                        req.push_str(l);
+                    }
+                    req.push_str("Connection: close\r\n\r\n");
+                    u.write_all(req.as_bytes()).unwrap();
+                    u.write_all(&body).unwrap();
+                    let mut resp = Vec::new();
+                    let _ = u.read_to_end(&mut resp);
+                    let _ = w.write_all(&resp);
+                    return;
+                }
+            });
+        }
+    });
+    (addr, tokens, denied)
+}
+
+#[test]
+fn a_token_registry_costs_one_token_per_scope_for_a_push_and_a_pull() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let reg = Registry::start(None);
+    let (front, tokens, denied) = token_front(&reg.addr);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    let to = format!("{front}/kiln/tok:1");
+    ok(kiln()
+        .arg("push")
+        .arg(d.path().join("img.oci.tar"))
+        .arg("--to")
+        .arg(&to)
+        .arg("--insecure"));
+    // Reads (pull scope) and writes (pull,push): two tokens, however many
+    // blobs went up in parallel.
+    assert_eq!(tokens.load(SeqCst), 2, "token requests for a push");
+    assert!(
+        denied.load(SeqCst) <= 3,
+        "{} 401s for a push",
+        denied.load(SeqCst)
+    );
+    let (t0, d0) = (tokens.load(SeqCst), denied.load(SeqCst));
+    let v = json(&ok(kiln()
+        .args(["pull", &to, "--insecure", "--json", "--store"])
+        .arg(d.path().join("store"))));
+    assert_eq!(v["manifest_digest"], built["manifest_digest"]);
+    assert_eq!(tokens.load(SeqCst) - t0, 1, "one token for a pull");
+    assert_eq!(denied.load(SeqCst) - d0, 1, "one 401 for a pull");
+}

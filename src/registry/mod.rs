@@ -101,6 +101,8 @@ pub struct Client {
     /// Authorization values by scope (`*`: basic credentials), each with
     /// when it expires (a bearer token's `expires_in`, less a margin).
     tokens: Mutex<HashMap<String, (String, Option<std::time::Instant>)>>,
+    /// Held while a token is fetched, so concurrent transfers share it.
+    authorizing: Mutex<()>,
     pub stats: Stats,
     /// Retries after the first attempt, and the first backoff.
     retries: u32,
@@ -128,6 +130,7 @@ impl Client {
             scheme: if insecure { "http" } else { "https" },
             creds: auth::credentials(host),
             tokens: Mutex::new(HashMap::new()),
+            authorizing: Mutex::new(()),
             stats: Stats::default(),
             retries: 4,
             backoff: Duration::from_millis(200),
@@ -238,7 +241,13 @@ impl Client {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
-                    authorization = Some(self.authorize(url, &challenge)?);
+                    // One token per scope even for concurrent transfers:
+                    // whoever waited finds the token the first one got.
+                    let _one = self.authorizing.lock().unwrap();
+                    authorization = match self.cached_authorization(url) {
+                        Some(a) if Some(&a) != authorization.as_ref() => Some(a),
+                        _ => Some(self.authorize(url, &challenge)?),
+                    };
                 }
                 Ok(resp) if resp.status() == 401 => {
                     return Err(Error::NeedsAuth {
