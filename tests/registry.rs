@@ -1672,6 +1672,31 @@ fn token_front(
                                 .as_bytes(),
                             );
                         };
+                    if first.starts_with("POST /token") {
+                        // docker login's identity token, exchanged (OAuth2
+                        // refresh_token grant) for an access token.
+                        tokens.fetch_add(1, SeqCst);
+                        denied.fetch_add(1000, SeqCst);
+                        let form = String::from_utf8_lossy(&body).to_string();
+                        if form.contains("grant_type=refresh_token")
+                            && form.contains("refresh_token=RT-42")
+                        {
+                            let token = if form.contains("push") {
+                                "tpush"
+                            } else {
+                                "tpull"
+                            };
+                            answer(
+                                &mut w,
+                                "200 OK",
+                                "",
+                                &format!(r#"{{"access_token":"{token}","expires_in":300}}"#),
+                            );
+                        } else {
+                            answer(&mut w, "401 Unauthorized", "", "");
+                        }
+                        continue;
+                    }
                     if first.starts_with("GET /token") {
                         tokens.fetch_add(1, SeqCst);
                         // A token for exactly the scope asked.
@@ -1767,4 +1792,37 @@ fn a_token_registry_costs_one_token_per_scope_for_a_push_and_a_pull() {
     assert_eq!(v["manifest_digest"], built["manifest_digest"]);
     assert_eq!(tokens.load(SeqCst) - t0, 1, "one token for a pull");
     assert_eq!(denied.load(SeqCst) - d0, 1, "one 401 for a pull");
+}
+
+#[test]
+fn an_identity_token_is_exchanged_for_access_tokens() {
+    let reg = Registry::start(None);
+    let (front, tokens, denied) = token_front(&reg.addr);
+    let d = tempfile::tempdir().unwrap();
+    image(d.path());
+    let auth = write(
+        d.path(),
+        "auth.json",
+        format!(r#"{{"auths":{{"{front}":{{"identitytoken":"RT-42"}}}}}}"#).as_bytes(),
+    );
+    let out = run(kiln()
+        .arg("push")
+        .arg(d.path().join("img.oci.tar"))
+        .arg("--to")
+        .arg(format!("{front}/kiln/idt:1"))
+        .arg("--insecure")
+        .env("REGISTRY_AUTH_FILE", &auth));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("RT-42"), "{text}");
+    assert!(tokens.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // (The front counts each refresh-token exchange as 1000 in `denied`.)
+    assert!(
+        denied.load(std::sync::atomic::Ordering::SeqCst) >= 1000,
+        "the identity token was exchanged"
+    );
 }
