@@ -1,8 +1,10 @@
 //! Runs the stages the plan's analysis ([`super::analysis`]) says the
 //! target needs: each stage's base (scratch, an earlier stage, or an image
 //! the plan resolved), then its instructions: ARG/ENV scopes, Docker's word
-//! expansion, a layer for each COPY/ADD and each WORKDIR that creates a
-//! directory, and the image config and history merged onto the base's.
+//! expansion, a layer for each COPY/ADD, each WORKDIR that creates a
+//! directory and each RUN ([`run_step`]), every layer step looked up in the
+//! step cache first ([`cache`]), and the image config and history merged
+//! onto the base's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -14,13 +16,16 @@ use super::fs::ImageFs;
 use super::plan::{Bases, Plan};
 use super::BuildOptions;
 use crate::dockerfile::expand::{expand_vars_only, expand_word, split_words, Vars};
-use crate::dockerfile::{CommandForm, CopySource, CopySpec, Instr, Kind, RunSpec};
+use crate::dockerfile::{CommandForm, CopySource, CopySpec, Instr, Kind};
 use crate::image::{
     host_platform, rfc3339, Descriptor, Digest, Empty, History, ImageConfig, Platform, RunConfig,
 };
 use crate::layer::{Content, Entries, FileSource, LayerEntry, Planned as Layer};
-use crate::sandbox::{self, Network};
+
 use crate::store::BaseImage;
+
+mod cache;
+mod run_step;
 
 /// Docker's default PATH, set on images whose base has none (as BuildKit does).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -363,9 +368,15 @@ impl<'a> State<'a> {
     }
 
     fn history_entry(&mut self, ins: &Instr, empty: bool) {
+        self.history_as(ins.text.clone(), empty);
+    }
+
+    /// A history entry saying `created_by` (RUN's is the command Docker
+    /// records, not the instruction's text).
+    fn history_as(&mut self, created_by: String, empty: bool) {
         self.history.push(History {
             created: Some(self.created.clone()),
-            created_by: Some(ins.text.clone()),
+            created_by: Some(created_by),
             comment: Some("kiln".into()),
             empty_layer: empty,
             extra: Default::default(),
@@ -586,265 +597,6 @@ impl<'a> State<'a> {
         Ok(())
     }
 
-    /// The lower directories of another stage or image, for
-    /// `RUN --mount=type=bind,from=…`.
-    fn stack_of(&mut self, from: &str) -> Result<Vec<PathBuf>, String> {
-        if let Some(n) = self.earlier.find(from, true) {
-            let Some(prev) = self.earlier.done[n].as_ref() else {
-                return Err(format!("--mount from={from}: stage {n} was not built"));
-            };
-            let ids: Vec<Digest> = prev.config.rootfs.diff_ids.clone();
-            let mut dirs = prev.dirs.clone();
-            return super::run::lowers(
-                &prev.base,
-                &ids,
-                &prev.layers,
-                &mut dirs,
-                self.spool,
-                self.opts.timestamp,
-            );
-        }
-        let base = self
-            .resolve_image(from, None)
-            .map_err(|m| format!("--mount from={from}: no stage is named {from}, and {m}"))?;
-        super::run::lowers(
-            &base.layers,
-            &base.config.rootfs.diff_ids,
-            &[],
-            &mut [],
-            self.spool,
-            self.opts.timestamp,
-        )
-    }
-
-    /// RUN: the command in kiln's sandbox on this stage's filesystem; its
-    /// changes become a layer.
-    fn run_step(&mut self, ins: &Instr, spec: &RunSpec) -> Result<(), String> {
-        let vars = self.vars();
-        let mut network = self.opts.network;
-        let mut mounts = Vec::new();
-        let mut locks = Vec::new();
-        let mut stacks: Vec<(String, String, String)> = Vec::new();
-        let mut context_binds: Vec<PathBuf> = Vec::new();
-        for (name, value) in &spec.flags {
-            let v = value
-                .as_deref()
-                .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
-                .transpose()?
-                .unwrap_or_default();
-            match name.as_str() {
-                "network" => {
-                    network = Network::parse(&v)
-                        .ok_or_else(|| format!("--network={v}: expected default, none or host"))?
-                }
-                "security" if v == "sandbox" => {}
-                "security" => {
-                    return Err(format!(
-                        "--security={v}: kiln runs every step sandboxed; insecure is not supported"
-                    ))
-                }
-                "mount" => {
-                    // Binds from another stage or image need its layers.
-                    let kv: BTreeMap<&str, &str> =
-                        v.split(',').filter_map(|p| p.split_once('=')).collect();
-                    if kv.get("type").map_or(true, |t| *t == "bind") {
-                        if let Some(from) = kv.get("from") {
-                            let target = kv
-                                .get("target")
-                                .or_else(|| kv.get("dst"))
-                                .ok_or_else(|| format!("--mount={v}: needs target=PATH"))?;
-                            let source = kv.get("source").or_else(|| kv.get("src")).unwrap_or(&"");
-                            stacks.push((from.to_string(), source.to_string(), target.to_string()));
-                            continue;
-                        }
-                    }
-                    let ctx = self.view.ctx.image_dir.clone();
-                    let no_stage = |_: &str| -> Result<PathBuf, String> { unreachable!() };
-                    if let Some((m, lock)) =
-                        super::run::parse_mount(&v, &ctx, &self.opts.secrets, &no_stage)?
-                    {
-                        if kv.get("type").map_or(true, |t| *t == "bind") {
-                            if let sandbox::Mount::Bind { source, .. } = &m {
-                                context_binds.push(source.clone());
-                            }
-                        }
-                        mounts.push(m);
-                        locks.extend(lock);
-                    }
-                }
-                other => {
-                    return Err(format!(
-                        "unknown flag --{other} (RUN takes --mount and --network)"
-                    ))
-                }
-            }
-        }
-        let stack_sources = stacks.clone();
-        for (from, source, target) in stacks {
-            let lowers = self.stack_of(&from)?;
-            mounts.push(sandbox::Mount::Stack {
-                lowers,
-                source,
-                target,
-            });
-        }
-        let argv = self.command(&spec.command);
-        // The environment: ENV, then the stage's ARGs (never in the config).
-        let mut env: Vec<(String, String)> = self.env.clone();
-        for (k, v) in &self.args {
-            if !env.iter().any(|(e, _)| e == k) {
-                env.push((k.clone(), v.clone()));
-            }
-        }
-        let (uid, gid) = if self.user.is_empty() {
-            (0, 0)
-        } else {
-            self.resolve_ids(&self.user, "USER")?
-        };
-        let passwd = self.fs.read_small(b"etc/passwd").unwrap_or_default();
-        let group = self.fs.read_small(b"etc/group").unwrap_or_default();
-        let user_name = match self.user.split(':').next() {
-            Some(u) if u.parse::<u64>().is_err() => u.to_string(),
-            _ => String::from_utf8_lossy(&passwd)
-                .lines()
-                .find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-                })
-                .unwrap_or_default(),
-        };
-        let groups = super::run::supplementary_groups(&group, &user_name, gid as u32);
-        for (k, v) in [
-            (
-                "HOME",
-                super::run::home_of(&passwd, uid).unwrap_or_else(|| {
-                    if uid == 0 {
-                        "/root".into()
-                    } else {
-                        "/".into()
-                    }
-                }),
-            ),
-            ("SOURCE_DATE_EPOCH", self.opts.timestamp.to_string()),
-        ] {
-            if !env.iter().any(|(e, _)| e == k) {
-                env.push((k.to_string(), v));
-            }
-        }
-        // The step's key: the common fields, the command, its mounts (ids
-        // and targets; a bind's sources by content) and its network.
-        let mut key = self.key("run");
-        key.add("argv", &argv.join("\u{0}"))
-            .add("network", network.name())
-            .add("uid", &format!("{uid}:{gid}:{groups:?}"));
-        for (name, value) in &spec.flags {
-            if name == "mount" {
-                let v = value
-                    .as_deref()
-                    .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
-                    .transpose()?
-                    .unwrap_or_default();
-                key.add("mount", &v);
-            }
-        }
-        // What the binds bring in: context files by content, another
-        // stage by its key, an image by its digest (never a secret).
-        for (from, _, _) in &stack_sources {
-            key.add("bind-from", &self.source_key(from)?);
-        }
-        for src in &context_binds {
-            key.add("bind", &self.tree_digest(src)?);
-        }
-        let key = key.finish();
-        if self.try_cached(ins, &key)? {
-            drop(locks);
-            self.history.push(History {
-                created: Some(self.created.clone()),
-                created_by: Some(format!("RUN {}", argv.join(" "))),
-                comment: Some("kiln".into()),
-                empty_layer: false,
-                extra: Default::default(),
-            });
-            return Ok(());
-        }
-        let n = self.layers.len();
-        let lowers = super::run::lowers(
-            &self.base,
-            &self.base_diff_ids,
-            &self.layers,
-            &mut self.dirs,
-            self.spool,
-            self.opts.timestamp,
-        )?;
-        let step_dir = self.spool.join(format!("run-{n}-{}", ins.line));
-        let (upper, work, merged) = (
-            step_dir.join("upper"),
-            step_dir.join("work"),
-            step_dir.join("merged"),
-        );
-        for d in [&upper, &work, &merged] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
-        }
-        let capture = step_dir.join("layer.tar");
-        let run = sandbox::RunSpec {
-            lowers,
-            upper: upper.clone(),
-            work,
-            merged,
-            argv: argv.clone(),
-            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            cwd: self.workdir.clone(),
-            uid: uid as u32,
-            gid: gid as u32,
-            groups,
-            network,
-            hostname: "kiln".into(),
-            etc: super::run::etc_files(&step_dir, n, network)?,
-            mounts,
-            capture: capture.clone(),
-            timestamp: self.opts.timestamp,
-        };
-        let step = self
-            .opts
-            .progress
-            .step(&format!("RUN (line {})", ins.line), 0, 0);
-        let shown = argv.join(" ");
-        sandbox::run(
-            &sandbox::Spec {
-                rootless: sandbox::rootless(),
-                action: sandbox::Action::Run(Box::new(run)),
-            },
-            self.spool,
-            |line| step.line(line),
-        )
-        .map_err(|e| e.to_string())?;
-        step.finish();
-        drop(locks);
-        self.fs
-            .apply_blob(&capture)
-            .map_err(|e| format!("reading the step's layer {}: {e}", capture.display()))?;
-        let size = std::fs::metadata(&capture).map_or(0, |m| m.len());
-        // Without overlayfs the "upper" directory is a whole root, not a
-        // layer: later steps unpack the layer tar instead.
-        let snapshot = capture.with_extension("before").exists();
-        self.layers.push(Layer::Tar {
-            path: capture,
-            size,
-            files: 0,
-        });
-        self.dirs.push((!snapshot).then_some(upper));
-        self.fresh(ins, key);
-        // History as Docker records it: the command, never a secret's value.
-        self.history.push(History {
-            created: Some(self.created.clone()),
-            created_by: Some(format!("RUN {shown}")),
-            comment: Some("kiln".into()),
-            empty_layer: false,
-            extra: Default::default(),
-        });
-        Ok(())
-    }
-
     /// A COPY, ADD or WORKDIR layer: from the step cache when it holds the
     /// step, else as laid out.
     fn push_layer(&mut self, ins: &Instr, layer: Entries) -> Result<(), String> {
@@ -860,199 +612,6 @@ impl<'a> State<'a> {
         }
         self.history_entry(ins, false);
         Ok(())
-    }
-
-    /// The fields every step key has: the parent, the layer format, the
-    /// environment, ARGs, USER, WORKDIR and SHELL.
-    fn key(&self, kind: &str) -> crate::steps::Key {
-        let mut k = crate::steps::Key::new(&self.chain);
-        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let args: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let args_text = args.join("\n");
-        k.add("kind", kind)
-            .add(
-                "format",
-                &format!(
-                    "{} compression={:?} mtime={} modes={:?}",
-                    crate::index::LAYER_FORMAT_VERSION,
-                    self.opts.compression,
-                    self.opts.timestamp,
-                    self.opts.mode_policy
-                ),
-            )
-            .add("env", &env.join("\n"))
-            // ARGs reach a RUN's environment; COPY, ADD and WORKDIR only
-            // through expansion, which their other fields already show.
-            .add("args", if kind == "run" { &args_text } else { "" })
-            .add("user", &self.user)
-            .add("workdir", &self.workdir)
-            .add("shell", &self.shell.join("\u{0}"));
-        k
-    }
-
-    /// A layer's entries by content (kiln-v1 digests of context files,
-    /// reused from the context hash; other files hashed), as one sha256.
-    fn describe(&mut self, entries: &Entries) -> Result<String, String> {
-        use sha2::Digest as _;
-        if self.digests.is_none() {
-            let mut m = HashMap::new();
-            for e in self.view.ctx.entries.values() {
-                if let (crate::context::Source::File(p), Some(d)) = (&e.source, e.digest) {
-                    m.insert(p.to_path_buf(), d);
-                }
-            }
-            self.digests = Some(m);
-        }
-        let known = self.digests.as_ref().expect("built above");
-        let mut h = sha2::Sha256::new();
-        for (path, e) in entries {
-            let content = match &e.content {
-                Content::Dir => "dir".to_string(),
-                Content::Symlink(t) => format!("link:{}", String::from_utf8_lossy(t)),
-                Content::File {
-                    source: FileSource::Bytes(b),
-                    ..
-                } => format!("bytes:{:x}", sha2::Sha256::digest(b)),
-                Content::File {
-                    source: FileSource::Path(p),
-                    size,
-                } => match known.get(&**p) {
-                    Some(d) => format!("file:{}:{size}", crate::steps::hex(d)),
-                    None => {
-                        let f = crate::fsx::open_deep(p)
-                            .map_err(|e| format!("reading {}: {e}", p.display()))?;
-                        let d =
-                            crate::context::hash_file(f, p, *size).map_err(|e| e.to_string())?;
-                        format!("file:{}:{size}", crate::steps::hex(&d))
-                    }
-                },
-            };
-            h.update(path);
-            h.update(format!("\t{:o}\t{}\t{}\t{content}\n", e.mode, e.uid, e.gid).as_bytes());
-        }
-        Ok(crate::steps::hex(&h.finalize()))
-    }
-
-    /// What names another stage's or image's filesystem in a step key:
-    /// the stage's last step key, or the image's manifest digest.
-    fn source_key(&self, from: &str) -> Result<String, String> {
-        if let Some(n) = self.earlier.find(from, true) {
-            return match self.earlier.done[n].as_ref() {
-                Some(prev) => Ok(prev.chain.clone()),
-                None => Err(format!("--mount from={from}: stage {n} was not built")),
-            };
-        }
-        let base = self
-            .resolve_image(from, None)
-            .map_err(|m| format!("--mount from={from}: {m}"))?;
-        Ok(format!("image@{}", base.manifest_digest))
-    }
-
-    /// The content of a file or directory tree a RUN binds (read-only):
-    /// paths, modes and sha256 digests, as one sha256.
-    fn tree_digest(&self, root: &Path) -> Result<String, String> {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
-        let mut stack = vec![PathBuf::new()];
-        while let Some(rel) = stack.pop() {
-            let p = if rel.as_os_str().is_empty() {
-                root.to_path_buf()
-            } else {
-                root.join(&rel)
-            };
-            let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-            h.update(rel.as_os_str().as_encoded_bytes());
-            h.update(format!("\t{:o}\n", std::os::unix::fs::MetadataExt::mode(&md)).as_bytes());
-            if md.is_dir() {
-                let mut names: Vec<_> = std::fs::read_dir(&p)
-                    .map_err(|e| format!("{}: {e}", p.display()))?
-                    .filter_map(|e| e.ok().map(|e| e.file_name()))
-                    .collect();
-                names.sort();
-                names.reverse();
-                stack.extend(names.into_iter().map(|n| rel.join(n)));
-            } else if md.is_file() {
-                let f = std::fs::File::open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-                let d = crate::context::hash_file(f, &p, md.len()).map_err(|e| e.to_string())?;
-                h.update(d);
-            } else if md.file_type().is_symlink() {
-                h.update(
-                    std::fs::read_link(&p)
-                        .unwrap_or_default()
-                        .as_os_str()
-                        .as_encoded_bytes(),
-                );
-            }
-        }
-        Ok(crate::steps::hex(&h.finalize()))
-    }
-
-    /// Looks a step up; on a hit (its layer verified in the store) the
-    /// layer joins the stage as it is. A miss (or a corrupt layer, which is
-    /// removed and never served) makes every later step a miss.
-    fn try_cached(&mut self, ins: &Instr, key: &str) -> Result<bool, String> {
-        let Some(st) = self
-            .opts
-            .steps
-            .as_ref()
-            .filter(|s| s.lookup && !self.missed)
-        else {
-            self.missed = true;
-            return Ok(false);
-        };
-        let remote = || match &st.remote {
-            Some(r) => r
-                .fetch(key, &st.cache, &st.store)
-                .map_err(|e| format!("fetching step {key} from the cache registry: {e}")),
-            None => Ok(None),
-        };
-        let Some(entry) = st.cache.get(key).map_or_else(remote, |e| Ok(Some(e)))? else {
-            self.missed = true;
-            return Ok(false);
-        };
-        let blob = match st.store.verify(&entry.layer) {
-            Ok(p) => p,
-            Err(e) => {
-                // A corrupt or missing layer: rebuilt, never served.
-                let _ = std::fs::remove_file(st.store.blob_path(&entry.layer.digest));
-                eprintln!("kiln: warning: step cache entry {key}: {e}; running the step again");
-                self.missed = true;
-                return Ok(false);
-            }
-        };
-        self.fs
-            .apply_blob(&blob)
-            .map_err(|e| format!("reading the cached layer {}: {e}", entry.layer.digest))?;
-        self.layers.push(Layer::Cached {
-            desc: Box::new(entry.layer),
-            diff_id: entry.diff_id,
-            blob,
-        });
-        self.dirs.push(None);
-        self.keys.push(None);
-        self.chain = key.to_string();
-        self.opts
-            .progress
-            .say(&format!("#{} CACHED {}", ins.line, ins.text));
-        self.reports.push(crate::steps::StepReport {
-            line: ins.line,
-            instruction: ins.text.clone(),
-            key: key.to_string(),
-            cached: true,
-        });
-        Ok(true)
-    }
-
-    /// Records a step that ran (its layer was just pushed).
-    fn fresh(&mut self, ins: &Instr, key: String) {
-        self.keys.push(Some((key.clone(), ins.text.clone())));
-        self.reports.push(crate::steps::StepReport {
-            line: ins.line,
-            instruction: ins.text.clone(),
-            key: key.clone(),
-            cached: false,
-        });
-        self.chain = key;
     }
 
     fn copy(&mut self, ins: &Instr, spec: &CopySpec, add: bool) -> Result<(), String> {

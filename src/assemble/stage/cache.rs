@@ -1,0 +1,205 @@
+//! The step cache inside a stage: each layer-producing step's key (see
+//! `crate::steps`), the lookup that takes a cached layer as it is, and the
+//! record of a step that ran.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::{Layer, State};
+use crate::dockerfile::Instr;
+use crate::layer::{Content, Entries, FileSource};
+
+impl State<'_> {
+    /// The fields every step key has: the parent, the layer format, the
+    /// environment, ARGs, USER, WORKDIR and SHELL.
+    pub(super) fn key(&self, kind: &str) -> crate::steps::Key {
+        let mut k = crate::steps::Key::new(&self.chain);
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let args: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let args_text = args.join("\n");
+        k.add("kind", kind)
+            .add(
+                "format",
+                &format!(
+                    "{} compression={:?} mtime={} modes={:?}",
+                    crate::index::LAYER_FORMAT_VERSION,
+                    self.opts.compression,
+                    self.opts.timestamp,
+                    self.opts.mode_policy
+                ),
+            )
+            .add("env", &env.join("\n"))
+            // ARGs reach a RUN's environment; COPY, ADD and WORKDIR only
+            // through expansion, which their other fields already show.
+            .add("args", if kind == "run" { &args_text } else { "" })
+            .add("user", &self.user)
+            .add("workdir", &self.workdir)
+            .add("shell", &self.shell.join("\u{0}"));
+        k
+    }
+
+    /// A layer's entries by content (kiln-v1 digests of context files,
+    /// reused from the context hash; other files hashed), as one sha256.
+    pub(super) fn describe(&mut self, entries: &Entries) -> Result<String, String> {
+        use sha2::Digest as _;
+        if self.digests.is_none() {
+            let mut m = HashMap::new();
+            for e in self.view.ctx.entries.values() {
+                if let (crate::context::Source::File(p), Some(d)) = (&e.source, e.digest) {
+                    m.insert(p.to_path_buf(), d);
+                }
+            }
+            self.digests = Some(m);
+        }
+        let known = self.digests.as_ref().expect("built above");
+        let mut h = sha2::Sha256::new();
+        for (path, e) in entries {
+            let content = match &e.content {
+                Content::Dir => "dir".to_string(),
+                Content::Symlink(t) => format!("link:{}", String::from_utf8_lossy(t)),
+                Content::File {
+                    source: FileSource::Bytes(b),
+                    ..
+                } => format!("bytes:{:x}", sha2::Sha256::digest(b)),
+                Content::File {
+                    source: FileSource::Path(p),
+                    size,
+                } => match known.get(&**p) {
+                    Some(d) => format!("file:{}:{size}", crate::steps::hex(d)),
+                    None => {
+                        let f = crate::fsx::open_deep(p)
+                            .map_err(|e| format!("reading {}: {e}", p.display()))?;
+                        let d =
+                            crate::context::hash_file(f, p, *size).map_err(|e| e.to_string())?;
+                        format!("file:{}:{size}", crate::steps::hex(&d))
+                    }
+                },
+            };
+            h.update(path);
+            h.update(format!("\t{:o}\t{}\t{}\t{content}\n", e.mode, e.uid, e.gid).as_bytes());
+        }
+        Ok(crate::steps::hex(&h.finalize()))
+    }
+
+    /// What names another stage's or image's filesystem in a step key:
+    /// the stage's last step key, or the image's manifest digest.
+    pub(super) fn source_key(&self, from: &str) -> Result<String, String> {
+        if let Some(n) = self.earlier.find(from, true) {
+            return match self.earlier.done[n].as_ref() {
+                Some(prev) => Ok(prev.chain.clone()),
+                None => Err(format!("--mount from={from}: stage {n} was not built")),
+            };
+        }
+        let base = self
+            .resolve_image(from, None)
+            .map_err(|m| format!("--mount from={from}: {m}"))?;
+        Ok(format!("image@{}", base.manifest_digest))
+    }
+
+    /// The content of a file or directory tree a RUN binds (read-only):
+    /// paths, modes and sha256 digests, as one sha256.
+    pub(super) fn tree_digest(&self, root: &Path) -> Result<String, String> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let p = if rel.as_os_str().is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(&rel)
+            };
+            let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            h.update(rel.as_os_str().as_encoded_bytes());
+            h.update(format!("\t{:o}\n", std::os::unix::fs::MetadataExt::mode(&md)).as_bytes());
+            if md.is_dir() {
+                let mut names: Vec<_> = std::fs::read_dir(&p)
+                    .map_err(|e| format!("{}: {e}", p.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.file_name()))
+                    .collect();
+                names.sort();
+                names.reverse();
+                stack.extend(names.into_iter().map(|n| rel.join(n)));
+            } else if md.is_file() {
+                let f = std::fs::File::open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                let d = crate::context::hash_file(f, &p, md.len()).map_err(|e| e.to_string())?;
+                h.update(d);
+            } else if md.file_type().is_symlink() {
+                h.update(
+                    std::fs::read_link(&p)
+                        .unwrap_or_default()
+                        .as_os_str()
+                        .as_encoded_bytes(),
+                );
+            }
+        }
+        Ok(crate::steps::hex(&h.finalize()))
+    }
+
+    /// Looks a step up; on a hit (its layer verified in the store) the
+    /// layer joins the stage as it is. A miss (or a corrupt layer, which is
+    /// removed and never served) makes every later step a miss.
+    pub(super) fn try_cached(&mut self, ins: &Instr, key: &str) -> Result<bool, String> {
+        let Some(st) = self
+            .opts
+            .steps
+            .as_ref()
+            .filter(|s| s.lookup && !self.missed)
+        else {
+            self.missed = true;
+            return Ok(false);
+        };
+        let remote = || match &st.remote {
+            Some(r) => r
+                .fetch(key, &st.cache, &st.store)
+                .map_err(|e| format!("fetching step {key} from the cache registry: {e}")),
+            None => Ok(None),
+        };
+        let Some(entry) = st.cache.get(key).map_or_else(remote, |e| Ok(Some(e)))? else {
+            self.missed = true;
+            return Ok(false);
+        };
+        let blob = match st.store.verify(&entry.layer) {
+            Ok(p) => p,
+            Err(e) => {
+                // A corrupt or missing layer: rebuilt, never served.
+                let _ = std::fs::remove_file(st.store.blob_path(&entry.layer.digest));
+                eprintln!("kiln: warning: step cache entry {key}: {e}; running the step again");
+                self.missed = true;
+                return Ok(false);
+            }
+        };
+        self.fs
+            .apply_blob(&blob)
+            .map_err(|e| format!("reading the cached layer {}: {e}", entry.layer.digest))?;
+        self.layers.push(Layer::Cached {
+            desc: Box::new(entry.layer),
+            diff_id: entry.diff_id,
+            blob,
+        });
+        self.dirs.push(None);
+        self.keys.push(None);
+        self.chain = key.to_string();
+        self.opts
+            .progress
+            .say(&format!("#{} CACHED {}", ins.line, ins.text));
+        self.reports.push(crate::steps::StepReport {
+            line: ins.line,
+            instruction: ins.text.clone(),
+            key: key.to_string(),
+            cached: true,
+        });
+        Ok(true)
+    }
+
+    /// Records a step that ran (its layer was just pushed).
+    pub(super) fn fresh(&mut self, ins: &Instr, key: String) {
+        self.keys.push(Some((key.clone(), ins.text.clone())));
+        self.reports.push(crate::steps::StepReport {
+            line: ins.line,
+            instruction: ins.text.clone(),
+            key: key.clone(),
+            cached: false,
+        });
+        self.chain = key;
+    }
+}

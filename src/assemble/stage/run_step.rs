@@ -1,0 +1,261 @@
+//! RUN: a stage step that runs its command in kiln's sandbox on the
+//! stage's filesystem (the lower directories `super::super::run` stacks)
+//! and takes the step's upper directory as its layer, or the step cache's.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use super::{Layer, State};
+use crate::dockerfile::expand::expand_word;
+use crate::dockerfile::{Instr, RunSpec};
+use crate::image::Digest;
+use crate::sandbox::{self, Network};
+
+impl State<'_> {
+    /// The lower directories of another stage or image, for
+    /// `RUN --mount=type=bind,from=…`.
+    fn stack_of(&mut self, from: &str) -> Result<Vec<PathBuf>, String> {
+        if let Some(n) = self.earlier.find(from, true) {
+            let Some(prev) = self.earlier.done[n].as_ref() else {
+                return Err(format!("--mount from={from}: stage {n} was not built"));
+            };
+            let ids: Vec<Digest> = prev.config.rootfs.diff_ids.clone();
+            let mut dirs = prev.dirs.clone();
+            return crate::assemble::run::lowers(
+                &prev.base,
+                &ids,
+                &prev.layers,
+                &mut dirs,
+                self.spool,
+                self.opts.timestamp,
+            );
+        }
+        let base = self
+            .resolve_image(from, None)
+            .map_err(|m| format!("--mount from={from}: no stage is named {from}, and {m}"))?;
+        crate::assemble::run::lowers(
+            &base.layers,
+            &base.config.rootfs.diff_ids,
+            &[],
+            &mut [],
+            self.spool,
+            self.opts.timestamp,
+        )
+    }
+
+    /// RUN: the command in kiln's sandbox on this stage's filesystem; its
+    /// changes become a layer.
+    pub(super) fn run_step(&mut self, ins: &Instr, spec: &RunSpec) -> Result<(), String> {
+        let vars = self.vars();
+        let mut network = self.opts.network;
+        let mut mounts = Vec::new();
+        let mut locks = Vec::new();
+        let mut stacks: Vec<(String, String, String)> = Vec::new();
+        let mut context_binds: Vec<PathBuf> = Vec::new();
+        for (name, value) in &spec.flags {
+            let v = value
+                .as_deref()
+                .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
+                .transpose()?
+                .unwrap_or_default();
+            match name.as_str() {
+                "network" => {
+                    network = Network::parse(&v)
+                        .ok_or_else(|| format!("--network={v}: expected default, none or host"))?
+                }
+                "security" if v == "sandbox" => {}
+                "security" => {
+                    return Err(format!(
+                        "--security={v}: kiln runs every step sandboxed; insecure is not supported"
+                    ))
+                }
+                "mount" => {
+                    // Binds from another stage or image need its layers.
+                    let kv: BTreeMap<&str, &str> =
+                        v.split(',').filter_map(|p| p.split_once('=')).collect();
+                    if kv.get("type").map_or(true, |t| *t == "bind") {
+                        if let Some(from) = kv.get("from") {
+                            let target = kv
+                                .get("target")
+                                .or_else(|| kv.get("dst"))
+                                .ok_or_else(|| format!("--mount={v}: needs target=PATH"))?;
+                            let source = kv.get("source").or_else(|| kv.get("src")).unwrap_or(&"");
+                            stacks.push((from.to_string(), source.to_string(), target.to_string()));
+                            continue;
+                        }
+                    }
+                    let ctx = self.view.ctx.image_dir.clone();
+                    let no_stage = |_: &str| -> Result<PathBuf, String> { unreachable!() };
+                    if let Some((m, lock)) =
+                        crate::assemble::run::parse_mount(&v, &ctx, &self.opts.secrets, &no_stage)?
+                    {
+                        if kv.get("type").map_or(true, |t| *t == "bind") {
+                            if let sandbox::Mount::Bind { source, .. } = &m {
+                                context_binds.push(source.clone());
+                            }
+                        }
+                        mounts.push(m);
+                        locks.extend(lock);
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "unknown flag --{other} (RUN takes --mount and --network)"
+                    ))
+                }
+            }
+        }
+        let stack_sources = stacks.clone();
+        for (from, source, target) in stacks {
+            let lowers = self.stack_of(&from)?;
+            mounts.push(sandbox::Mount::Stack {
+                lowers,
+                source,
+                target,
+            });
+        }
+        let argv = self.command(&spec.command);
+        // The environment: ENV, then the stage's ARGs (never in the config).
+        let mut env: Vec<(String, String)> = self.env.clone();
+        for (k, v) in &self.args {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.clone(), v.clone()));
+            }
+        }
+        let (uid, gid) = if self.user.is_empty() {
+            (0, 0)
+        } else {
+            self.resolve_ids(&self.user, "USER")?
+        };
+        let passwd = self.fs.read_small(b"etc/passwd").unwrap_or_default();
+        let group = self.fs.read_small(b"etc/group").unwrap_or_default();
+        let user_name = match self.user.split(':').next() {
+            Some(u) if u.parse::<u64>().is_err() => u.to_string(),
+            _ => String::from_utf8_lossy(&passwd)
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split(':').collect();
+                    (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
+                })
+                .unwrap_or_default(),
+        };
+        let groups = crate::assemble::run::supplementary_groups(&group, &user_name, gid as u32);
+        for (k, v) in [
+            (
+                "HOME",
+                crate::assemble::run::home_of(&passwd, uid).unwrap_or_else(|| {
+                    if uid == 0 {
+                        "/root".into()
+                    } else {
+                        "/".into()
+                    }
+                }),
+            ),
+            ("SOURCE_DATE_EPOCH", self.opts.timestamp.to_string()),
+        ] {
+            if !env.iter().any(|(e, _)| e == k) {
+                env.push((k.to_string(), v));
+            }
+        }
+        // The step's key: the common fields, the command, its mounts (ids
+        // and targets; a bind's sources by content) and its network.
+        let mut key = self.key("run");
+        key.add("argv", &argv.join("\u{0}"))
+            .add("network", network.name())
+            .add("uid", &format!("{uid}:{gid}:{groups:?}"));
+        for (name, value) in &spec.flags {
+            if name == "mount" {
+                let v = value
+                    .as_deref()
+                    .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
+                    .transpose()?
+                    .unwrap_or_default();
+                key.add("mount", &v);
+            }
+        }
+        // What the binds bring in: context files by content, another
+        // stage by its key, an image by its digest (never a secret).
+        for (from, _, _) in &stack_sources {
+            key.add("bind-from", &self.source_key(from)?);
+        }
+        for src in &context_binds {
+            key.add("bind", &self.tree_digest(src)?);
+        }
+        let key = key.finish();
+        if self.try_cached(ins, &key)? {
+            drop(locks);
+            self.history_as(format!("RUN {}", argv.join(" ")), false);
+            return Ok(());
+        }
+        let n = self.layers.len();
+        let lowers = crate::assemble::run::lowers(
+            &self.base,
+            &self.base_diff_ids,
+            &self.layers,
+            &mut self.dirs,
+            self.spool,
+            self.opts.timestamp,
+        )?;
+        let step_dir = self.spool.join(format!("run-{n}-{}", ins.line));
+        let (upper, work, merged) = (
+            step_dir.join("upper"),
+            step_dir.join("work"),
+            step_dir.join("merged"),
+        );
+        for d in [&upper, &work, &merged] {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let capture = step_dir.join("layer.tar");
+        let run = sandbox::RunSpec {
+            lowers,
+            upper: upper.clone(),
+            work,
+            merged,
+            argv: argv.clone(),
+            env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            cwd: self.workdir.clone(),
+            uid: uid as u32,
+            gid: gid as u32,
+            groups,
+            network,
+            hostname: "kiln".into(),
+            etc: crate::assemble::run::etc_files(&step_dir, n, network)?,
+            mounts,
+            capture: capture.clone(),
+            timestamp: self.opts.timestamp,
+        };
+        let step = self
+            .opts
+            .progress
+            .step(&format!("RUN (line {})", ins.line), 0, 0);
+        let shown = argv.join(" ");
+        sandbox::run(
+            &sandbox::Spec {
+                rootless: sandbox::rootless(),
+                action: sandbox::Action::Run(Box::new(run)),
+            },
+            self.spool,
+            |line| step.line(line),
+        )
+        .map_err(|e| e.to_string())?;
+        step.finish();
+        drop(locks);
+        self.fs
+            .apply_blob(&capture)
+            .map_err(|e| format!("reading the step's layer {}: {e}", capture.display()))?;
+        let size = std::fs::metadata(&capture).map_or(0, |m| m.len());
+        // Without overlayfs the "upper" directory is a whole root, not a
+        // layer: later steps unpack the layer tar instead.
+        let snapshot = capture.with_extension("before").exists();
+        self.layers.push(Layer::Tar {
+            path: capture,
+            size,
+            files: 0,
+        });
+        self.dirs.push((!snapshot).then_some(upper));
+        self.fresh(ins, key);
+        // History as Docker records it: the command, never a secret's value.
+        self.history_as(format!("RUN {shown}"), false);
+        Ok(())
+    }
+}
