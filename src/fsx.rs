@@ -178,34 +178,24 @@ impl DirFd {
     /// Opens a regular file beneath for reading; a link or anything else
     /// that is not a regular file is an error naming it.
     pub fn open_file(&self, rel: impl AsRef<Path>) -> io::Result<File> {
-        let rel = rel.as_ref();
-        let fd = open_beneath(
-            self.fd(),
-            rel,
-            OFlags::RDONLY | OFlags::NONBLOCK,
-            Mode::empty(),
-        )
-        .map_err(|e| self.link_error(rel, e))?;
-        let st = rustix::fs::fstat(&fd)?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(not_regular(&self.join(rel), describe(&st)));
-        }
-        // Back to blocking reads.
-        rustix::fs::fcntl_setfl(&fd, OFlags::empty())?;
-        Ok(File::from(fd))
+        self.open_regular(rel.as_ref(), OFlags::RDONLY, Mode::empty())
     }
 
     /// Opens (creating if missing, never truncating) a regular file beneath
     /// for writing, as lock and lease files are.
     pub fn open_rw(&self, rel: impl AsRef<Path>) -> io::Result<File> {
-        let rel = rel.as_ref();
-        let fd = open_beneath(
-            self.fd(),
-            rel,
-            OFlags::RDWR | OFlags::CREATE | OFlags::NONBLOCK,
+        self.open_regular(
+            rel.as_ref(),
+            OFlags::RDWR | OFlags::CREATE,
             Mode::from_raw_mode(0o644),
         )
-        .map_err(|e| self.link_error(rel, e))?;
+    }
+
+    /// Opens `rel` beneath with `flags`, refusing anything but a regular
+    /// file (opened non-blocking, so a FIFO never blocks, then set back).
+    fn open_regular(&self, rel: &Path, flags: OFlags, mode: Mode) -> io::Result<File> {
+        let fd = open_beneath(self.fd(), rel, flags | OFlags::NONBLOCK, mode)
+            .map_err(|e| self.link_error(rel, e))?;
         let st = rustix::fs::fstat(&fd)?;
         if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
             return Err(not_regular(&self.join(rel), describe(&st)));

@@ -124,16 +124,7 @@ fn image(d: &Path) -> serde_json::Value {
     );
     write(d, "img/a", b"a");
     // Incompressible bytes, so the compressed layer is large too.
-    let mut x: u64 = 42;
-    let big: Vec<u8> = (0..20_000)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect();
-    write(d, "img/big", &big);
+    write(d, "img/big", &noise(20_000, 42));
     write(d, "img/c", b"c");
     json(&ok(&mut build_cmd(
         d,
@@ -438,6 +429,33 @@ fn connection_errors_are_retried_with_backoff() {
     assert_eq!(v["manifest_digest"], built["manifest_digest"]);
 }
 
+/// Reads one request head (up to the blank line) from a test server's
+/// connection; None when the client hung up.
+fn read_head(r: &mut impl std::io::BufRead) -> Option<String> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if line == "\r\n" {
+            return Some(head);
+        }
+        head.push_str(&line);
+    }
+}
+
+/// A request head's Content-Length (0 without one).
+fn content_length(head: &str) -> usize {
+    head.to_ascii_lowercase()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("content-length: ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A deliberately hostile registry on loopback: every request's head is
 /// recorded, and `respond(head)` gives the raw HTTP answer (`None`: an
 /// endless chunked body).
@@ -447,7 +465,7 @@ struct Hostile {
 }
 
 fn hostile(respond: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static) -> Hostile {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -461,17 +479,9 @@ fn hostile(respond: impl Fn(&str) -> Option<Vec<u8>> + Send + Sync + 'static) ->
                 let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
                 let mut w = stream;
                 loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
+                    let Some(head) = read_head(&mut r) else {
+                        return;
+                    };
                     h.lock().unwrap().push(head.clone());
                     match respond(&head) {
                         Some(bytes) => {
@@ -710,36 +720,9 @@ fn a_bearer_token_is_fetched_once_per_scope_and_reused() {
     assert_eq!(api.len(), 3, "{heads:#?}");
 }
 
-/// Starts `cmd` and kills it with SIGKILL after `after` (if still running).
-fn kill_after(cmd: &mut Command, after: std::time::Duration) -> bool {
-    use std::os::unix::process::ExitStatusExt;
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while start.elapsed() < after {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap().signal() == Some(9)
-}
-
 /// An OCI archive with a layer of `mb` MB of noise.
 fn big_image(d: &Path, mb: usize) -> PathBuf {
-    let mut x: u64 = 99;
-    let noise: Vec<u8> = (0..mb << 20)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect();
+    let noise = noise(mb << 20, 99);
     write(d, "big/Dockerfile", b"FROM scratch\nCOPY n /n\n");
     write(d, "big/n", &noise);
     let out = d.join("big.oci.tar");
@@ -846,7 +829,7 @@ fn pull_onto_a_full_disk_names_the_local_file_and_leaves_nothing() {
 /// or that restarted mid-push; later sessions work. Returns the server and
 /// the request heads it saw.
 fn flaky_uploads(fail: usize) -> Hostile {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -860,24 +843,12 @@ fn flaky_uploads(fail: usize) -> Hostile {
                 let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
                 let mut w = stream;
                 loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
+                    let Some(head) = read_head(&mut r) else {
+                        return;
+                    };
                     h.lock().unwrap().push(head.clone());
                     let lower = head.to_ascii_lowercase();
-                    let len: usize = lower
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
+                    let len = content_length(&head);
                     let first = head.lines().next().unwrap_or("").to_string();
                     let reply =
                         |w: &mut std::net::TcpStream, status: &str, extra: &str, body: &str| {
@@ -1316,7 +1287,7 @@ fn a_failed_cross_repository_mount_closes_the_session_it_opened() {
 /// of it. Returns it and its POST count.
 fn dropping_registry() -> (Hostile, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use std::collections::HashMap;
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::{Arc, Mutex};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1335,24 +1306,12 @@ fn dropping_registry() -> (Hostile, std::sync::Arc<std::sync::atomic::AtomicUsiz
                 let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
                 let mut w = stream;
                 loop {
-                    let mut head = String::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
+                    let Some(head) = read_head(&mut r) else {
+                        return;
+                    };
                     h.lock().unwrap().push(head.clone());
                     let lower = head.to_ascii_lowercase();
-                    let len: usize = lower
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
+                    let len = content_length(&head);
                     let first = head.lines().next().unwrap_or("").to_string();
                     let reply = |w: &mut std::net::TcpStream, status: &str, extra: &str| {
                         let _ = w.write_all(
@@ -1450,15 +1409,7 @@ fn dropping_registry() -> (Hostile, std::sync::Arc<std::sync::atomic::AtomicUsiz
 fn an_interrupted_chunked_upload_resumes_from_the_reported_offset() {
     let d = tempfile::tempdir().unwrap();
     // One layer of 300,000 incompressible bytes, sent in 100,000-byte chunks.
-    let mut x: u64 = 7;
-    let noise: Vec<u8> = (0..300_000)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect();
+    let noise = noise(300_000, 7);
     write(d.path(), "img/Dockerfile", b"FROM scratch\nCOPY n /n\n");
     write(d.path(), "img/n", &noise);
     ok(kiln()
@@ -1621,7 +1572,7 @@ fn token_front(
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{Read, Write};
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Arc;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1637,24 +1588,14 @@ fn token_front(
                 let mut r = std::io::BufReader::new(stream.try_clone().unwrap());
                 let mut w = stream;
                 loop {
-                    let mut head = Vec::new();
-                    loop {
-                        let mut line = String::new();
-                        if r.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push(line);
-                    }
+                    let Some(text) = read_head(&mut r) else {
+                        return;
+                    };
+                    let len = content_length(&text);
+                    let head: Vec<String> =
+                        text.split_inclusive("\r\n").map(String::from).collect();
                     let first = head[0].clone();
                     let lower: Vec<String> = head.iter().map(|l| l.to_ascii_lowercase()).collect();
-                    let len: usize = lower
-                        .iter()
-                        .find_map(|l| l.strip_prefix("content-length: "))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
                     if lower.iter().any(|l| l.starts_with("expect: 100-continue")) {
                         let _ = w.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
                     }

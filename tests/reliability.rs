@@ -9,7 +9,7 @@ use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -18,19 +18,6 @@ fn kiln_in(cache: &Path) -> Command {
     let mut c = kiln();
     c.env("XDG_CACHE_HOME", cache);
     c
-}
-
-/// Deterministic incompressible bytes.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (x >> 56) as u8
-        })
-        .collect()
 }
 
 /// An image directory with two layers of `mb` MB of noise each.
@@ -208,26 +195,6 @@ fn gc_looping_beside_builds_removes_nothing_they_use() {
         "{out}"
     );
     assert_eq!(leftovers(&store), Vec::<String>::new());
-}
-
-/// Starts `cmd`, kills it with SIGKILL after `after`; returns whether it
-/// was still running then.
-fn kill_after(cmd: &mut Command, after: Duration) -> bool {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while start.elapsed() < after {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    status.signal() == Some(9)
 }
 
 #[test]

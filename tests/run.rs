@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
@@ -495,51 +495,14 @@ fn rootless_through_a_subuid_range_gives_the_digest_root_gives() {
     assert!(!mine.path().join("x.tar").exists());
 }
 
-/// The Debian bookworm minbase `setup.sh` makes with debootstrap.
-fn debian_rootfs() -> Option<PathBuf> {
-    let p = repo().join(".tools/debian-bookworm-minbase.tar");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{} is missing: run `bash setup.sh` as root (it makes it with debootstrap)",
-        p.display()
-    );
-    eprintln!("{} is missing: run `bash setup.sh` as root", p.display());
-    None
-}
-
 #[test]
 fn a_taskcluster_style_debian_image_with_useradd_and_apt_get_builds_and_runs() {
-    let Some(rootfs) = debian_rootfs() else {
-        return;
-    };
     let d = tempfile::tempdir().unwrap();
-    // The base: FROM scratch, ADD the debootstrap tar (owners and setuid bits kept).
-    fs::create_dir_all(d.path().join("base")).unwrap();
-    if fs::hard_link(&rootfs, d.path().join("base/rootfs.tar")).is_err() {
-        fs::copy(&rootfs, d.path().join("base/rootfs.tar")).unwrap();
-    }
-    write(
-        d.path(),
-        "base/Dockerfile",
-        b"FROM scratch\nADD rootfs.tar /\nCMD [\"bash\"]\n",
-    );
     let cache = d.path().join("cache");
-    ok(kiln()
-        .env("XDG_CACHE_HOME", &cache)
-        .arg("build")
-        .arg(d.path().join("base"))
-        .args([
-            "--no-index",
-            "--layer-compression",
-            "gzip",
-            "-t",
-            "debian:bookworm-minbase",
-            "-o",
-        ])
-        .arg(d.path().join("base.tar")));
+    // The base: FROM scratch, ADD the debootstrap tar (owners and setuid bits kept).
+    if debian_base(d.path(), &cache).is_none() {
+        return;
+    }
     let base = layers(&d.path().join("base.tar"));
     let passwd = base[0].iter().find(|i| i.path == "usr/bin/passwd").unwrap();
     assert_eq!(passwd.mode & 0o4000, 0o4000, "setuid kept");

@@ -253,6 +253,24 @@ fn bind(src: &Path, target: &Path, readonly: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Binds `source` (a directory or a file) at `target` inside `root`,
+/// making the mount point as needed.
+fn bind_at(root: &Path, source: &Path, target: &str, readonly: bool, created: &mut Vec<String>) {
+    let t = if source.is_dir() {
+        Some(ensure_dir(root, target, created))
+    } else {
+        ensure_file(root, target, created)
+    };
+    let Some(t) = t else {
+        fail(format!(
+            "mount target {target} is a symlink or not a file in the image"
+        ));
+    };
+    if let Err(e) = bind(source, &t, readonly) {
+        fail(e);
+    }
+}
+
 /// Brings `lo` up in a fresh network namespace.
 fn loopback_up() -> Result<(), String> {
     // SAFETY: a plain socket and two ioctls on a zeroed ifreq naming "lo".
@@ -442,19 +460,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
                 target,
                 readonly,
             } => {
-                let t = if source.is_dir() {
-                    Some(ensure_dir(root, target, &mut created))
-                } else {
-                    ensure_file(root, target, &mut created)
-                };
-                let Some(t) = t else {
-                    fail(format!(
-                        "mount target {target} is a symlink or not a file in the image"
-                    ));
-                };
-                if let Err(e) = bind(source, &t, *readonly) {
-                    fail(e);
-                }
+                bind_at(root, source, target, *readonly, &mut created);
             }
             Mount::Stack {
                 lowers,
@@ -487,19 +493,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
                     fail(format!("mounting the filesystem for {target}: {e}"));
                 }
                 let src = at.join(source.trim_start_matches('/'));
-                let t = if src.is_dir() {
-                    Some(ensure_dir(root, target, &mut created))
-                } else {
-                    ensure_file(root, target, &mut created)
-                };
-                let Some(t) = t else {
-                    fail(format!(
-                        "mount target {target} is a symlink or not a file in the image"
-                    ));
-                };
-                if let Err(e) = bind(&src, &t, true) {
-                    fail(e);
-                }
+                bind_at(root, &src, target, true, &mut created);
             }
             Mount::Tmpfs { target } => {
                 let t = ensure_dir(root, target, &mut created);

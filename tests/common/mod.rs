@@ -360,3 +360,81 @@ pub fn busybox_store(d: &Path) -> PathBuf {
         .arg(&store));
     store
 }
+
+/// The Debian bookworm minbase root filesystem `setup.sh` makes once with
+/// debootstrap, as an image `debian:bookworm-minbase` (FROM scratch, ADD;
+/// gzip layers, which every Docker engine loads) written to `d/base.tar`
+/// with the user cache `cache`. None (with `CI` set: a failure) where
+/// setup.sh has not made it.
+pub fn debian_base(d: &Path, cache: &Path) -> Option<PathBuf> {
+    let rootfs = repo().join(".tools/debian-bookworm-minbase.tar");
+    if !rootfs.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} is missing: run `bash setup.sh` as root (it makes it with debootstrap)",
+            rootfs.display()
+        );
+        eprintln!(
+            "{} is missing: run `bash setup.sh` as root",
+            rootfs.display()
+        );
+        return None;
+    }
+    fs::create_dir_all(d.join("base")).unwrap();
+    if fs::hard_link(&rootfs, d.join("base/rootfs.tar")).is_err() {
+        fs::copy(&rootfs, d.join("base/rootfs.tar")).unwrap();
+    }
+    write(
+        d,
+        "base/Dockerfile",
+        b"FROM scratch\nADD rootfs.tar /\nCMD [\"bash\"]\n",
+    );
+    let out = d.join("base.tar");
+    ok(kiln()
+        .env("XDG_CACHE_HOME", cache)
+        .arg("build")
+        .arg(d.join("base"))
+        .args([
+            "--no-index",
+            "--layer-compression",
+            "gzip",
+            "-t",
+            "debian:bookworm-minbase",
+            "-o",
+        ])
+        .arg(&out));
+    Some(out)
+}
+
+/// Deterministic incompressible bytes (a 64-bit LCG's top bytes).
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+/// Starts `cmd`, kills it with SIGKILL after `after`; returns whether it
+/// was still running then (killed mid-way).
+pub fn kill_after(cmd: &mut Command, after: std::time::Duration) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while start.elapsed() < after {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap().signal() == Some(9)
+}
