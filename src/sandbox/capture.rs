@@ -58,16 +58,17 @@ fn is_opaque(path: &Path) -> bool {
         .any(|k| rustix::fs::lgetxattr(path, *k, &mut v).is_ok_and(|n| &v[..n] == b"y"))
 }
 
-/// Whether the topmost lower layer that has `rel` has a directory there.
-fn lower_has_dir(lowers: &[PathBuf], rel: &Path) -> bool {
+/// What the topmost lower layer that has `rel` holds there, if it is a
+/// directory: (mode, uid, gid).
+fn lower_dir(lowers: &[PathBuf], rel: &Path) -> Option<(u32, u32, u32)> {
     for l in lowers {
         match fs::symlink_metadata(l.join(rel)) {
-            Ok(m) if m.is_dir() => return true,
-            Ok(_) => return false,
+            Ok(m) if m.is_dir() => return Some((m.mode(), m.uid(), m.gid())),
+            Ok(_) => return None,
             Err(_) => continue,
         }
     }
-    false
+    None
 }
 
 /// Writes `upper` as a layer tar at `out`.
@@ -93,7 +94,7 @@ pub fn capture(
             let what = if ft.is_dir() {
                 stack.push(r.clone());
                 Found::Dir {
-                    opaque: is_opaque(&p) && lower_has_dir(lowers, &r),
+                    opaque: is_opaque(&p) && lower_dir(lowers, &r).is_some(),
                 }
             } else if ft.is_file() {
                 Found::File
@@ -108,17 +109,7 @@ pub fn capture(
             found.insert(key, (what, Some(md)));
         }
     }
-    let lower = |path: &[u8]| -> Option<(u32, u32, u32)> {
-        let rel = Path::new(OsStr::from_bytes(path));
-        for l in lowers {
-            match fs::symlink_metadata(l.join(rel)) {
-                Ok(m) if m.is_dir() => return Some((m.mode(), m.uid(), m.gid())),
-                Ok(_) => return None,
-                Err(_) => continue,
-            }
-        }
-        None
-    };
+    let lower = |path: &[u8]| lower_dir(lowers, Path::new(OsStr::from_bytes(path)));
     write(upper, found, mountpoints, &lower, out, timestamp)
 }
 
