@@ -148,7 +148,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mode_policy,
             hash_cache,
         } => {
-            let opts = context_options(&ctx)?;
+            let mut opts = context_options(&ctx)?;
+            opts.hash_only = true;
             let algorithm: Algorithm = algorithm.into();
             let cache = hash_cache.map(|p| kiln::context::HashCache::load(&cache_path(p)));
             let (c, h) = kiln::context::collect_and_hash(
@@ -164,7 +165,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     Algorithm::KilnV1 => "kiln-v1",
                     Algorithm::Taskgraph => "taskgraph",
                 };
-                let mut v = serde_json::json!({ "algorithm": name, "context_hash": h, "files": c.entries.len(), "bytes": c.total_size() });
+                let mut v = serde_json::json!({ "algorithm": name, "context_hash": h, "files": c.len(), "bytes": c.total_size() });
                 if let Some(cache) = &cache {
                     let (hits, hashed) = cache.counts();
                     v["hash_cache"] = serde_json::json!({ "hits": hits, "hashed": hashed });

@@ -13,6 +13,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use super::listing::Listing;
 use super::walk::{walk, Walker};
 use super::Error;
 use crate::progress::Step;
@@ -43,6 +44,9 @@ pub struct ContextOptions {
     /// Take directory entries from the kernel in reverse order (the walk
     /// sorts, so nothing may change: `build --check-reproducible` checks).
     pub reverse_read_order: bool,
+    /// Keep only what the kiln-v1 hash needs (`Context::listing`), not the
+    /// entries a build reads: `kiln hash` of a huge tree in little memory.
+    pub hash_only: bool,
 }
 
 /// Where the bytes of one context entry come from.
@@ -92,6 +96,9 @@ pub struct Context {
     pub entries: BTreeMap<Vec<u8>, Entry>,
     /// Directories seen on disk, archive path → permission bits.
     pub dirs: BTreeMap<Vec<u8>, u32>,
+    /// With `ContextOptions::hash_only`, the entries as the hash needs them
+    /// (and `entries` stays empty).
+    pub listing: Listing,
     /// The Dockerfile after `# %ARG` substitution and `# %include-run-task`.
     pub dockerfile: Arc<[u8]>,
     /// Maps lines of the rewritten Dockerfile (index) to 1-based lines of the original.
@@ -109,6 +116,7 @@ impl Context {
             cache: None,
             step: &step,
             reverse: opts.reverse_read_order,
+            compact: false,
         };
         Context::collect_with(image_dir, opts, &walker)
     }
@@ -150,6 +158,7 @@ impl Context {
             topsrcdir: topsrcdir.clone(),
             entries: BTreeMap::new(),
             dirs: BTreeMap::new(),
+            listing: Listing::default(),
             dockerfile: Arc::from(&b""[..]),
             line_map: Vec::new(),
             dockerfile_path: dockerfile_path.clone(),
@@ -207,8 +216,7 @@ impl Context {
                 for f in RUN_TASK_FILES {
                     let src = dir.join(f);
                     let entry = file_entry(&src, dir)?;
-                    ctx.entries
-                        .insert(format!("run-task/{f}").into_bytes(), entry);
+                    ctx.insert(b"run-task/", f.as_bytes(), entry, walker)?;
                 }
                 continue;
             }
@@ -231,16 +239,40 @@ impl Context {
         // taskgraph's); one given with -f is not, as with `docker build -f`
         // (the kiln-v1 hash still covers it: see `Context::dockerfile_entry`).
         if opts.dockerfile.is_none() {
-            ctx.entries.insert(b"Dockerfile".to_vec(), df);
+            ctx.insert(b"", b"Dockerfile", df, walker)?;
         }
+        ctx.listing.finish();
         Ok(ctx)
+    }
+
+    /// Adds one entry (to the listing, for a compact walk).
+    fn insert(&mut self, prefix: &[u8], name: &[u8], e: Entry, w: &Walker<'_>) -> Result<(), Error> {
+        if w.compact {
+            self.listing.push_entry(prefix, name, &e)
+        } else {
+            let mut path = prefix.to_vec();
+            path.extend_from_slice(name);
+            self.entries.insert(path, e);
+            Ok(())
+        }
+    }
+
+    /// Number of entries (files and symlinks).
+    pub fn len(&self) -> usize {
+        self.entries.len() + self.listing.len()
+    }
+
+    /// Whether the context has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Whether the Dockerfile is an entry of the context (an image
     /// directory's), rather than a file given with `-f`.
     pub fn dockerfile_in_context(&self) -> bool {
         self.dockerfile_path == self.image_dir.join("Dockerfile")
-            && self.entries.contains_key(&b"Dockerfile"[..])
+            && (self.entries.contains_key(&b"Dockerfile"[..])
+                || self.listing.contains(b"Dockerfile"))
     }
 
     /// The Dockerfile the context was read with.
@@ -265,7 +297,7 @@ impl Context {
 
     /// Total bytes of regular-file content in the context.
     pub fn total_size(&self) -> u64 {
-        self.entries.values().map(|e| e.size).sum()
+        self.entries.values().map(|e| e.size).sum::<u64>() + self.listing.bytes
     }
 }
 
@@ -315,7 +347,7 @@ fn include(
         walk_into(&fs_path, &prefix, ctx, walker, &ctx.topsrcdir.clone())?;
     } else {
         let entry = file_entry(&fs_path, &ctx.topsrcdir)?;
-        ctx.entries.insert(archive_base, entry);
+        ctx.insert(&archive_base, b"", entry, walker)?;
     }
     Ok(())
 }
@@ -330,6 +362,7 @@ fn walk_into(
     root: &Path,
 ) -> Result<(), Error> {
     let walked = walk(dir, prefix, w, root)?;
+    ctx.listing.append(walked.listing);
     // The walk emits archive-path order, so building the map is one pass.
     if ctx.entries.is_empty() {
         ctx.entries = walked.entries.into_iter().collect();

@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::listing::{Listing, REGULAR, SYMLINK};
 use super::walk::hash_reader;
 use super::{Context, Entry, Error, ModePolicy, Source};
 use crate::progress::Step;
@@ -34,31 +35,57 @@ pub fn entry_sha256(entry: &Entry) -> Result<[u8; 32], Error> {
 
 /// The git-style mode string of an entry under `policy`.
 pub fn mode_string(entry: &Entry, policy: ModePolicy) -> std::borrow::Cow<'static, str> {
-    match (&entry.source, policy.file(entry.mode)) {
-        (Source::Symlink { .. }, _) => "120000".into(),
-        (_, 0o644) => "100644".into(),
-        (_, 0o755) => "100755".into(),
-        (_, mode) => format!("{:o}", 0o100000 | mode).into(),
+    match &entry.source {
+        Source::Symlink { .. } => mode_text(SYMLINK, policy),
+        _ => mode_text(REGULAR | (entry.mode & 0o7777), policy),
+    }
+}
+
+/// The mode string of a listing's mode under `policy`.
+fn mode_text(mode: u32, policy: ModePolicy) -> std::borrow::Cow<'static, str> {
+    if mode == SYMLINK {
+        return "120000".into();
+    }
+    match policy.file(mode & 0o7777) {
+        0o644 => "100644".into(),
+        0o755 => "100755".into(),
+        m => format!("{:o}", REGULAR | m).into(),
     }
 }
 
 /// The `kiln-v1` hash of a context, as 64 lowercase hex digits.
 pub fn kiln_v1(ctx: &Context, policy: ModePolicy) -> Result<String, Error> {
+    if ctx.entries.is_empty() {
+        return Ok(lines_digest(ctx, &ctx.listing, policy));
+    }
     let entries: Vec<(&Vec<u8>, &Entry)> = ctx.entries.iter().collect();
     let digests: Vec<[u8; 32]> = entries
         .par_iter()
         .with_min_len(16)
         .map(|(_, e)| entry_sha256(e))
         .collect::<Result<_, _>>()?;
-    // One buffer of lines, hashed in large blocks.
+    let mut listing = Listing::default();
+    for ((path, e), d) in entries.iter().zip(digests) {
+        let mode = match e.source {
+            Source::Symlink { .. } => SYMLINK,
+            _ => REGULAR | (e.mode & 0o7777),
+        };
+        listing.push(path, b"", mode, e.size, d);
+    }
+    Ok(lines_digest(ctx, &listing, policy))
+}
+
+/// One sha256 over the lines of a sorted listing (plus the `-f`
+/// Dockerfile's line), fed in large blocks.
+fn lines_digest(ctx: &Context, listing: &Listing, policy: ModePolicy) -> String {
     let mut h = Sha256::new();
     let mut line = Vec::with_capacity(1 << 16);
     let mut hexbuf = [0u8; 64];
-    for ((path, entry), digest) in entries.iter().zip(&digests) {
+    for (path, mode, digest) in listing.iter() {
         hex::encode_to_slice(digest, &mut hexbuf).expect("64 hex digits for 32 bytes");
         line.extend_from_slice(&hexbuf);
         line.push(b' ');
-        line.extend_from_slice(mode_string(entry, policy).as_bytes());
+        line.extend_from_slice(mode_text(mode, policy).as_bytes());
         line.push(b' ');
         line.extend_from_slice(path);
         line.push(b'\n');
@@ -74,5 +101,5 @@ pub fn kiln_v1(ctx: &Context, policy: ModePolicy) -> Result<String, Error> {
         line.extend_from_slice(b" 100644 /Dockerfile\n");
     }
     h.update(&line);
-    Ok(hex::encode(h.finalize()))
+    hex::encode(h.finalize())
 }

@@ -5,7 +5,9 @@
 pub mod cache;
 pub mod collect;
 pub mod hash;
+pub mod listing;
 pub mod taskgraph;
+mod uring;
 pub mod walk;
 
 use std::io;
@@ -41,6 +43,7 @@ pub fn collect_and_hash(
         cache,
         step: &step,
         reverse: opts.reverse_read_order,
+        compact: hashing && opts.hash_only,
     };
     let ctx = Context::collect_with(image_dir, &opts, &walker)?;
     let digest = match algorithm {

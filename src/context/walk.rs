@@ -4,7 +4,7 @@
 //! hashed while it is open (`fstat` gives its size and mode), consulting the
 //! optional hash cache first.
 
-use std::ffi::OsStr;
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 
 use super::cache::{HashCache, Stamp};
 use super::collect::{file_entry, Entry, Source};
+use super::listing::{Listing, REGULAR};
+use super::uring;
 use super::Error;
 use crate::progress::Step;
 
@@ -29,6 +31,8 @@ pub struct Walker<'a> {
     pub step: &'a Step,
     /// Take directory entries in reverse order (the output must not change).
     pub reverse: bool,
+    /// Keep only what the kiln-v1 hash needs, in a [`Listing`] (implies `hash`).
+    pub compact: bool,
 }
 
 /// What one walk found.
@@ -36,6 +40,8 @@ pub struct Walker<'a> {
 pub struct Walked {
     pub entries: Vec<(Vec<u8>, Entry)>,
     pub dirs: Vec<(Vec<u8>, u32)>,
+    /// What a compact walk keeps instead of `entries` (unsorted).
+    pub listing: Listing,
 }
 
 const READ_BUF: usize = 256 * 1024;
@@ -79,6 +85,12 @@ pub fn hash_reader(
             total += n as u64;
             h.update(&buf[..n]);
             step.inc(n as u64, 0);
+            // A regular file reads short only at its end: once the size
+            // `fstat` gave is read and the read was short, the end is
+            // reached without one more call to learn it.
+            if total == expected && n < buf.len() {
+                break;
+            }
         }
         Ok::<(), Error>(())
     })?;
@@ -127,6 +139,7 @@ pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<W
         for (found, subdirs) in results {
             out.entries.extend(found.entries);
             out.dirs.extend(found.dirs);
+            out.listing.append(found.listing);
             // Reversed so the stack pops them in name order.
             stack.extend(subdirs.into_iter().rev());
         }
@@ -137,6 +150,32 @@ pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<W
     out.dirs
         .par_sort_unstable_by(|a, b| a.0.iter().chain(b"/").cmp(b.0.iter().chain(b"/")));
     Ok(out)
+}
+
+/// One directory's names, NUL-terminated in one buffer.
+struct Names {
+    buf: Vec<u8>,
+    items: Vec<(u32, u32, FileType)>,
+}
+
+impl Names {
+    fn name(&self, i: usize) -> &[u8] {
+        let (off, len, _) = self.items[i];
+        &self.buf[off as usize..(off + len) as usize]
+    }
+
+    fn cstr(&self, i: usize) -> &CStr {
+        let (off, len, _) = self.items[i];
+        // Each name is stored with its NUL.
+        CStr::from_bytes_with_nul(&self.buf[off as usize..=(off + len) as usize])
+            .expect("names are stored NUL-terminated")
+    }
+}
+
+/// What one regular file is: its `fstat` and, when hashing, its digest.
+struct File_ {
+    st: Stat,
+    digest: Option<[u8; 32]>,
 }
 
 /// Reads one directory: its files become entries, its subdirectories
@@ -159,7 +198,10 @@ fn read_dir(p: Pending, w: &Walker<'_>, root: &Path) -> Result<(Walked, Vec<Pend
     .map_err(|e| io(dir, e))?;
     // The parent's descriptor is no longer needed for this one.
     drop(p.parent);
-    let mut listing = Vec::new();
+    let mut names = Names {
+        buf: Vec::new(),
+        items: Vec::new(),
+    };
     {
         let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).map_err(|e| io(dir, e))?;
         let mut d = Dir::new(dup).map_err(|e| io(dir, e))?;
@@ -169,65 +211,99 @@ fn read_dir(p: Pending, w: &Walker<'_>, root: &Path) -> Result<(Walked, Vec<Pend
             if name == b"." || name == b".." {
                 continue;
             }
-            listing.push((name.to_vec(), de.file_type()));
+            let off = names.buf.len() as u32;
+            names.buf.extend_from_slice(name);
+            names.buf.push(0);
+            names.items.push((off, name.len() as u32, de.file_type()));
         }
     }
     if w.reverse {
-        listing.reverse();
+        names.items.reverse();
     }
-    listing.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut order: Vec<usize> = (0..names.items.len()).collect();
+    order.sort_unstable_by(|&a, &b| names.name(a).cmp(names.name(b)));
     let fd = Arc::new(fd);
-    let results: Vec<(Walked, Option<Pending>)> = listing
-        .into_par_iter()
-        .with_max_len(64)
-        .map(|(name, mut ft)| {
-            let path = dir.join(OsStr::from_bytes(&name));
-            let mut archive = p.prefix.clone();
-            archive.extend_from_slice(&name);
-            let mut out = Walked::default();
-            if ft == FileType::Unknown {
-                ft = FileType::from_raw_mode(
-                    statat(&*fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(|e| io(&path, e))?
-                        .st_mode,
-                );
-            }
-            match ft {
-                FileType::Directory => {
-                    if name == b"__pycache__" {
-                        return Ok((out, None));
-                    }
-                    let st = statat(&*fd, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(|e| io(&path, e))?;
-                    out.dirs.push((archive.clone(), st.st_mode & 0o7777));
-                    archive.push(b'/');
-                    let sub = Pending {
-                        parent: Some(fd.clone()),
-                        name,
-                        path,
-                        prefix: archive,
-                    };
-                    return Ok((out, Some(sub)));
-                }
-                FileType::RegularFile => out.entries.push((archive, regular(&fd, &name, path, w)?)),
-                _ => out.entries.push((archive, file_entry(&path, root)?)),
-            }
-            Ok((out, None))
-        })
-        .collect::<Result<_, Error>>()?;
     let mut out = Walked::default();
     let mut subdirs = Vec::new();
-    for (r, sub) in results {
-        out.entries.extend(r.entries);
-        out.dirs.extend(r.dirs);
-        subdirs.extend(sub);
+    let mut regular = Vec::new();
+    for i in order {
+        let name = names.name(i);
+        let mut ft = names.items[i].2;
+        if ft == FileType::Unknown {
+            let path = dir.join(OsStr::from_bytes(name));
+            ft = FileType::from_raw_mode(
+                statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io(&path, e))?
+                    .st_mode,
+            );
+        }
+        match ft {
+            FileType::Directory if name == b"__pycache__" => {}
+            FileType::Directory => {
+                let path = dir.join(OsStr::from_bytes(name));
+                let mut archive = p.prefix.clone();
+                archive.extend_from_slice(name);
+                if !w.compact {
+                    let st = statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
+                        .map_err(|e| io(&path, e))?;
+                    out.dirs.push((archive.clone(), st.st_mode & 0o7777));
+                }
+                archive.push(b'/');
+                subdirs.push(Pending {
+                    parent: Some(fd.clone()),
+                    name: name.to_vec(),
+                    path,
+                    prefix: archive,
+                });
+            }
+            FileType::RegularFile => regular.push(i),
+            _ => {
+                let path = dir.join(OsStr::from_bytes(name));
+                out.add(&p.prefix, name, file_entry(&path, root)?, w)?;
+            }
+        }
+    }
+    let files: Vec<Vec<File_>> = regular
+        .par_chunks(uring::BATCH)
+        .map(|chunk| files(&fd, dir, &names, chunk, w))
+        .collect::<Result<_, Error>>()?;
+    for (&i, f) in regular.iter().zip(files.into_iter().flatten()) {
+        let name = names.name(i);
+        if w.compact {
+            let digest = f.digest.expect("compact walks hash");
+            out.listing.push(
+                &p.prefix,
+                name,
+                REGULAR | (f.st.st_mode & 0o7777),
+                f.st.st_size as u64,
+                digest,
+            );
+        } else {
+            let mut archive = p.prefix.clone();
+            archive.extend_from_slice(name);
+            let path = dir.join(OsStr::from_bytes(name));
+            out.entries.push((archive, file_of(&f.st, path, f.digest)));
+        }
     }
     Ok((out, subdirs))
 }
 
-/// A regular file: stat it (and hash it, when asked) relative to its directory.
-fn regular(dirfd: &OwnedFd, name: &[u8], path: PathBuf, w: &Walker<'_>) -> Result<Entry, Error> {
-    let entry = |st: &Stat, path: PathBuf, digest| Entry {
+impl Walked {
+    /// Adds a non-regular entry (or one found other than by the walk).
+    fn add(&mut self, prefix: &[u8], name: &[u8], e: Entry, w: &Walker<'_>) -> Result<(), Error> {
+        if w.compact {
+            self.listing.push_entry(prefix, name, &e)
+        } else {
+            let mut archive = prefix.to_vec();
+            archive.extend_from_slice(name);
+            self.entries.push((archive, e));
+            Ok(())
+        }
+    }
+}
+
+fn file_of(st: &Stat, path: PathBuf, digest: Option<[u8; 32]>) -> Entry {
+    Entry {
         source: Source::File(Arc::from(path)),
         mode: st.st_mode & 0o7777,
         size: st.st_size as u64,
@@ -236,18 +312,71 @@ fn regular(dirfd: &OwnedFd, name: &[u8], path: PathBuf, w: &Walker<'_>) -> Resul
         escapes: false,
         digest,
         mtime_ns: Some(stamp(st).mtime_ns),
-    };
+    }
+}
+
+/// Stats (and when hashing, hashes) the regular files `chunk` of one
+/// directory: hash-cache hits first, then the rest in one io_uring batch,
+/// then whatever the batch left to one call per operation.
+fn files(
+    dirfd: &OwnedFd,
+    dir: &Path,
+    names: &Names,
+    chunk: &[usize],
+    w: &Walker<'_>,
+) -> Result<Vec<File_>, Error> {
+    let path_of = |i: usize| dir.join(OsStr::from_bytes(names.name(i)));
+    let mut got: Vec<Option<File_>> = chunk.iter().map(|_| None).collect();
+    if w.hash {
+        if let Some(cache) = w.cache {
+            for (k, &i) in chunk.iter().enumerate() {
+                let st = statat(dirfd, names.cstr(i), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io(&path_of(i), e))?;
+                if let Some(d) = cache.get(&stamp(&st)) {
+                    w.step.inc(st.st_size as u64, 1);
+                    got[k] = Some(File_ { st, digest: Some(d) });
+                }
+            }
+        }
+        let todo: Vec<usize> = (0..chunk.len()).filter(|&k| got[k].is_none()).collect();
+        let cstrs: Vec<&CStr> = todo.iter().map(|&k| names.cstr(chunk[k])).collect();
+        for (&k, h) in todo.iter().zip(uring::hash_batch(dirfd.as_fd(), &cstrs)) {
+            match h {
+                Some(uring::Hashed::Done(st, d)) => {
+                    w.step.inc(st.st_size as u64, 1);
+                    if let Some(cache) = w.cache {
+                        cache.put(stamp(&st), d);
+                    }
+                    got[k] = Some(File_ { st, digest: Some(d) });
+                }
+                Some(uring::Hashed::Changed { expected, got }) => {
+                    return Err(Error::Changed {
+                        path: path_of(chunk[k]),
+                        expected,
+                        got,
+                    })
+                }
+                None => {}
+            }
+        }
+    }
+    chunk
+        .iter()
+        .zip(got)
+        .map(|(&i, g)| match g {
+            Some(f) => Ok(f),
+            None => regular(dirfd, names.cstr(i), path_of(i), w),
+        })
+        .collect()
+}
+
+/// A regular file one call at a time: stat it (and hash it, when asked)
+/// relative to its directory.
+fn regular(dirfd: &OwnedFd, name: &CStr, path: PathBuf, w: &Walker<'_>) -> Result<File_, Error> {
     if !w.hash {
         let st = statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
         w.step.inc(st.st_size as u64, 1);
-        return Ok(entry(&st, path, None));
-    }
-    if let Some(cache) = w.cache {
-        let st = statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
-        if let Some(d) = cache.get(&stamp(&st)) {
-            w.step.inc(st.st_size as u64, 1);
-            return Ok(entry(&st, path, Some(d)));
-        }
+        return Ok(File_ { st, digest: None });
     }
     let fd = openat(
         dirfd.as_fd(),
@@ -262,5 +391,8 @@ fn regular(dirfd: &OwnedFd, name: &[u8], path: PathBuf, w: &Walker<'_>) -> Resul
     if let Some(cache) = w.cache {
         cache.put(stamp(&st), digest);
     }
-    Ok(entry(&st, path, Some(digest)))
+    Ok(File_ {
+        st,
+        digest: Some(digest),
+    })
 }

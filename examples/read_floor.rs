@@ -1,0 +1,288 @@
+//! The floor under kiln's context hash, for benches/compare.sh: the least a
+//! program can do to read every file of a tree, so kiln's own time can be
+//! stated against it. Directories are listed in parallel (rayon, one task
+//! per directory, names relative to the directory's descriptor) and every
+//! regular file is opened, `fstat`ed (kiln needs the mode), read to the end
+//! and closed; with `--sha256` each file is hashed too, and the digests are
+//! folded so nothing is optimized away. No sorting, no paths kept, no output
+//! but a count.
+//!
+//! Usage: `read_floor [--sha256] DIR`; prints `files bytes fold`.
+
+use std::os::fd::OwnedFd;
+
+use rayon::prelude::*;
+use rustix::fs::{openat, Dir, FileType, Mode, OFlags};
+use sha2::{Digest, Sha256};
+
+const SLOTS: usize = 64;
+const FBUF: usize = 16 * 1024;
+
+thread_local! {
+    static RING: std::cell::RefCell<Option<(io_uring::IoUring, Vec<u8>, Vec<io_uring::types::statx>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// One batch of files of one directory through io_uring: openat into a
+/// direct descriptor, linked read and close; statx by name beside them.
+fn uring_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool, stat: bool) -> (u64, u64, u8) {
+    use io_uring::{opcode, squeue::Flags, types};
+    use std::os::fd::AsRawFd;
+    RING.with_borrow_mut(|slot| {
+        let (ring, bufs, stx) = slot.get_or_insert_with(|| {
+            let ring = io_uring::IoUring::new(256).expect("io_uring");
+            ring.submitter().register_files_sparse(SLOTS as u32).expect("register files");
+            (ring, vec![0u8; SLOTS * FBUF], (0..SLOTS).map(|_| unsafe { std::mem::zeroed() }).collect())
+        });
+        let dfd = types::Fd(dirfd.as_raw_fd());
+        {
+            let mut sq = ring.submission();
+            for (i, name) in names.iter().enumerate() {
+                let open = opcode::OpenAt::new(dfd, name.as_ptr())
+                    .flags(libc::O_RDONLY | libc::O_NOFOLLOW)
+                    .file_index(Some(types::DestinationSlot::try_from_slot_target(i as u32).unwrap()))
+                    .build()
+                    .flags(Flags::IO_LINK)
+                    .user_data((i * 4) as u64);
+                let read = opcode::Read::new(types::Fixed(i as u32), bufs[i * FBUF..].as_mut_ptr(), FBUF as u32)
+                    .build()
+                    .flags(Flags::IO_HARDLINK)
+                    .user_data((i * 4 + 1) as u64);
+                let close = opcode::Close::new(types::Fixed(i as u32)).build().user_data((i * 4 + 2) as u64);
+                unsafe {
+                    sq.push(&open).unwrap();
+                    sq.push(&read).unwrap();
+                    sq.push(&close).unwrap();
+                }
+                if stat {
+                    let st = opcode::Statx::new(dfd, name.as_ptr(), &mut stx[i] as *mut _ as *mut _)
+                        .flags(libc::AT_SYMLINK_NOFOLLOW)
+                        .mask(libc::STATX_BASIC_STATS)
+                        .build()
+                        .user_data((i * 4 + 3) as u64);
+                    unsafe { sq.push(&st).unwrap() };
+                }
+            }
+        }
+        let want = names.len() * if stat { 4 } else { 3 };
+        ring.submit_and_wait(want).expect("submit");
+        let mut lens = vec![0usize; names.len()];
+        let mut seen = 0;
+        while seen < want {
+            for c in ring.completion() {
+                seen += 1;
+                let ud = c.user_data() as usize;
+                assert!(c.result() >= 0, "op {} failed: {}", ud % 4, c.result());
+                if ud % 4 == 1 {
+                    lens[ud / 4] = c.result() as usize;
+                }
+            }
+            if seen < want {
+                ring.submit_and_wait(1).expect("wait");
+            }
+        }
+        let mut out = (0u64, 0u64, 0u8);
+        for (i, &len) in lens.iter().enumerate() {
+            assert!(len < FBUF, "file too big for the floor's buffers");
+            let first = if hash { Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0] } else { bufs[i * FBUF] };
+            out = (out.0 + 1, out.1 + len as u64, out.2 ^ first);
+        }
+        out
+    })
+}
+
+/// Like `uring_batch`, with plain descriptors so each can be `fstat`ed:
+/// openat for the batch in one submission, then fstat (a syscall each),
+/// then read and close for the batch in a second submission.
+fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -> (u64, u64, u8) {
+    use io_uring::{opcode, squeue::Flags, types};
+    use std::os::fd::AsRawFd;
+    RING.with_borrow_mut(|slot| {
+        let (ring, bufs, _) = slot.get_or_insert_with(|| {
+            let ring = io_uring::IoUring::new(256).expect("io_uring");
+            (ring, vec![0u8; SLOTS * FBUF], Vec::new())
+        });
+        let dfd = types::Fd(dirfd.as_raw_fd());
+        let mut fds = vec![-1i32; names.len()];
+        {
+            let mut sq = ring.submission();
+            for (i, name) in names.iter().enumerate() {
+                let open = opcode::OpenAt::new(dfd, name.as_ptr())
+                    .flags(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .build()
+                    .user_data(i as u64);
+                unsafe { sq.push(&open).unwrap() };
+            }
+        }
+        ring.submit_and_wait(names.len()).expect("submit");
+        let mut seen = 0;
+        while seen < names.len() {
+            for c in ring.completion() {
+                assert!(c.result() >= 0);
+                fds[c.user_data() as usize] = c.result();
+                seen += 1;
+            }
+            if seen < names.len() {
+                ring.submit_and_wait(1).expect("wait");
+            }
+        }
+        let mut sizes = vec![0i64; names.len()];
+        for (i, fd) in fds.iter().enumerate() {
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+            sizes[i] = rustix::fs::fstat(fd).expect("fstat").st_size;
+        }
+        {
+            let mut sq = ring.submission();
+            for (i, fd) in fds.iter().enumerate() {
+                let read = opcode::Read::new(types::Fd(*fd), bufs[i * FBUF..].as_mut_ptr(), FBUF as u32)
+                    .build()
+                    .flags(Flags::IO_HARDLINK)
+                    .user_data((i * 2) as u64);
+                let close = opcode::Close::new(types::Fd(*fd)).build().user_data((i * 2 + 1) as u64);
+                unsafe {
+                    sq.push(&read).unwrap();
+                    sq.push(&close).unwrap();
+                }
+            }
+        }
+        let want = names.len() * 2;
+        ring.submit_and_wait(want).expect("submit");
+        let mut lens = vec![0usize; names.len()];
+        let mut seen = 0;
+        while seen < want {
+            for c in ring.completion() {
+                seen += 1;
+                let ud = c.user_data() as usize;
+                assert!(c.result() >= 0);
+                if ud % 2 == 0 {
+                    lens[ud / 2] = c.result() as usize;
+                }
+            }
+            if seen < want {
+                ring.submit_and_wait(1).expect("wait");
+            }
+        }
+        let mut out = (0u64, 0u64, 0u8);
+        for (i, &len) in lens.iter().enumerate() {
+            assert_eq!(len as i64, sizes[i]);
+            let first = if hash { Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0] } else { bufs[i * FBUF] };
+            out = (out.0 + 1, out.1 + len as u64, out.2 ^ first);
+        }
+        out
+    })
+}
+
+fn dir(fd: OwnedFd, hash: bool) -> (u64, u64, u8) {
+    let mut files = Vec::new();
+    let mut subdirs = Vec::new();
+    let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).expect("dup");
+    let mut d = Dir::new(dup).expect("readdir");
+    while let Some(Ok(e)) = d.read() {
+        let name = e.file_name().to_owned();
+        match e.file_type() {
+            FileType::Directory if name.to_bytes() != b"." && name.to_bytes() != b".." => {
+                subdirs.push(name)
+            }
+            FileType::RegularFile => files.push(name),
+            _ => {}
+        }
+    }
+    let fd = &fd;
+    let mode = MODE.load(std::sync::atomic::Ordering::Relaxed);
+    let (mut n, mut bytes, mut fold) = if mode > 0 {
+        let names: Vec<std::ffi::CString> = files;
+        names
+            .par_chunks(SLOTS)
+            .map(|c| if mode == 3 { uring_fstat_batch(fd, c, hash) } else { uring_batch(fd, c, hash, mode == 2) })
+            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 ^ b.2))
+    } else if mode == -1 {
+        files
+            .par_iter()
+            .with_max_len(64)
+            .map(|name| {
+                let st = rustix::fs::statat(fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).expect("stat");
+                (1u64, st.st_size as u64, st.st_ino as u8)
+            })
+            .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 ^ b.2))
+    } else {
+        sync_files(fd, &files, hash)
+    };
+    let sub: Vec<(u64, u64, u8)> = subdirs
+        .par_iter()
+        .map(|name| {
+            let d = openat(
+                fd,
+                name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .expect("opendir");
+            dir(d, hash)
+        })
+        .collect();
+    for s in sub {
+        n += s.0;
+        bytes += s.1;
+        fold ^= s.2;
+    }
+    (n, bytes, fold)
+}
+
+static MODE: std::sync::atomic::AtomicI8 = std::sync::atomic::AtomicI8::new(0);
+
+fn sync_files(fd: &OwnedFd, files: &[std::ffi::CString], hash: bool) -> (u64, u64, u8) {
+    let (n, bytes, fold) = files
+        .par_iter()
+        .with_max_len(64)
+        .map_init(
+            || vec![0u8; 256 * 1024],
+            |buf, name| {
+                let f = openat(fd, name, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                    .expect("open");
+                let st = rustix::fs::fstat(&f).expect("fstat");
+                let mut h = Sha256::new();
+                let mut total = 0u64;
+                loop {
+                    let k = rustix::io::read(&f, &mut buf[..]).expect("read");
+                    if k == 0 {
+                        break;
+                    }
+                    if hash {
+                        h.update(&buf[..k]);
+                    }
+                    total += k as u64;
+                    if total == st.st_size as u64 && k < buf.len() {
+                        break;
+                    }
+                }
+                let first = if hash { h.finalize()[0] } else { buf[0] };
+                (1u64, total, first)
+            },
+        )
+        .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 ^ b.2));
+    (n, bytes, fold)
+}
+
+fn main() {
+    let mut hash = false;
+    let mut root = None;
+    for a in std::env::args().skip(1) {
+        match a.as_str() {
+            "--sha256" => hash = true,
+            "--uring" => MODE.store(1, std::sync::atomic::Ordering::Relaxed),
+            "--stat" => MODE.store(-1, std::sync::atomic::Ordering::Relaxed),
+            "--uring-fstat" => MODE.store(3, std::sync::atomic::Ordering::Relaxed),
+            "--uring-statx" => MODE.store(2, std::sync::atomic::Ordering::Relaxed),
+            _ => root = Some(a),
+        }
+    }
+    let root = root.expect("usage: read_floor [--sha256] DIR");
+    let fd = rustix::fs::open(
+        root.as_str(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .expect("open root");
+    let (n, bytes, fold) = dir(fd, hash);
+    println!("{n} {bytes} {fold}");
+}
