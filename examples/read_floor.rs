@@ -7,7 +7,14 @@
 //! folded so nothing is optimized away. No sorting, no paths kept, no output
 //! but a count.
 //!
-//! Usage: `read_floor [--sha256] DIR`; prints `files bytes fold`.
+//! Modes: the default is one call each for open, fstat, read and close;
+//! `--uring-fstat` batches open, read and close through io_uring with a
+//! plain fstat each (what kiln does); `--uring` leaves out the fstat (the
+//! least any batched reader can do); `--stat` only stats each file (the
+//! floor of an all-hits `--hash-cache` run).
+//!
+//! Usage: `read_floor [--sha256] [--uring|--uring-fstat|--stat] DIR`;
+//! prints `files bytes fold`.
 
 use std::os::fd::OwnedFd;
 
@@ -19,20 +26,22 @@ const SLOTS: usize = 64;
 const FBUF: usize = 16 * 1024;
 
 thread_local! {
-    static RING: std::cell::RefCell<Option<(io_uring::IoUring, Vec<u8>, Vec<io_uring::types::statx>)>> =
+    static RING: std::cell::RefCell<Option<(io_uring::IoUring, Vec<u8>)>> =
         const { std::cell::RefCell::new(None) };
 }
 
 /// One batch of files of one directory through io_uring: openat into a
-/// direct descriptor, linked read and close; statx by name beside them.
-fn uring_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool, stat: bool) -> (u64, u64, u8) {
+/// direct descriptor, linked read and close (no stat: the lower bound).
+fn uring_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -> (u64, u64, u8) {
     use io_uring::{opcode, squeue::Flags, types};
     use std::os::fd::AsRawFd;
     RING.with_borrow_mut(|slot| {
-        let (ring, bufs, stx) = slot.get_or_insert_with(|| {
+        let (ring, bufs) = slot.get_or_insert_with(|| {
             let ring = io_uring::IoUring::new(256).expect("io_uring");
-            ring.submitter().register_files_sparse(SLOTS as u32).expect("register files");
-            (ring, vec![0u8; SLOTS * FBUF], (0..SLOTS).map(|_| unsafe { std::mem::zeroed() }).collect())
+            ring.submitter()
+                .register_files_sparse(SLOTS as u32)
+                .expect("register files");
+            (ring, vec![0u8; SLOTS * FBUF])
         });
         let dfd = types::Fd(dirfd.as_raw_fd());
         {
@@ -40,31 +49,31 @@ fn uring_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool, stat: b
             for (i, name) in names.iter().enumerate() {
                 let open = opcode::OpenAt::new(dfd, name.as_ptr())
                     .flags(libc::O_RDONLY | libc::O_NOFOLLOW)
-                    .file_index(Some(types::DestinationSlot::try_from_slot_target(i as u32).unwrap()))
+                    .file_index(Some(
+                        types::DestinationSlot::try_from_slot_target(i as u32).unwrap(),
+                    ))
                     .build()
                     .flags(Flags::IO_LINK)
                     .user_data((i * 4) as u64);
-                let read = opcode::Read::new(types::Fixed(i as u32), bufs[i * FBUF..].as_mut_ptr(), FBUF as u32)
+                let read = opcode::Read::new(
+                    types::Fixed(i as u32),
+                    bufs[i * FBUF..].as_mut_ptr(),
+                    FBUF as u32,
+                )
+                .build()
+                .flags(Flags::IO_HARDLINK)
+                .user_data((i * 4 + 1) as u64);
+                let close = opcode::Close::new(types::Fixed(i as u32))
                     .build()
-                    .flags(Flags::IO_HARDLINK)
-                    .user_data((i * 4 + 1) as u64);
-                let close = opcode::Close::new(types::Fixed(i as u32)).build().user_data((i * 4 + 2) as u64);
+                    .user_data((i * 4 + 2) as u64);
                 unsafe {
                     sq.push(&open).unwrap();
                     sq.push(&read).unwrap();
                     sq.push(&close).unwrap();
                 }
-                if stat {
-                    let st = opcode::Statx::new(dfd, name.as_ptr(), &mut stx[i] as *mut _ as *mut _)
-                        .flags(libc::AT_SYMLINK_NOFOLLOW)
-                        .mask(libc::STATX_BASIC_STATS)
-                        .build()
-                        .user_data((i * 4 + 3) as u64);
-                    unsafe { sq.push(&st).unwrap() };
-                }
             }
         }
-        let want = names.len() * if stat { 4 } else { 3 };
+        let want = names.len() * 3;
         ring.submit_and_wait(want).expect("submit");
         let mut lens = vec![0usize; names.len()];
         let mut seen = 0;
@@ -84,7 +93,11 @@ fn uring_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool, stat: b
         let mut out = (0u64, 0u64, 0u8);
         for (i, &len) in lens.iter().enumerate() {
             assert!(len < FBUF, "file too big for the floor's buffers");
-            let first = if hash { Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0] } else { bufs[i * FBUF] };
+            let first = if hash {
+                Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0]
+            } else {
+                bufs[i * FBUF]
+            };
             out = (out.0 + 1, out.1 + len as u64, out.2 ^ first);
         }
         out
@@ -98,9 +111,9 @@ fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -
     use io_uring::{opcode, squeue::Flags, types};
     use std::os::fd::AsRawFd;
     RING.with_borrow_mut(|slot| {
-        let (ring, bufs, _) = slot.get_or_insert_with(|| {
+        let (ring, bufs) = slot.get_or_insert_with(|| {
             let ring = io_uring::IoUring::new(256).expect("io_uring");
-            (ring, vec![0u8; SLOTS * FBUF], Vec::new())
+            (ring, vec![0u8; SLOTS * FBUF])
         });
         let dfd = types::Fd(dirfd.as_raw_fd());
         let mut fds = vec![-1i32; names.len()];
@@ -134,11 +147,14 @@ fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -
         {
             let mut sq = ring.submission();
             for (i, fd) in fds.iter().enumerate() {
-                let read = opcode::Read::new(types::Fd(*fd), bufs[i * FBUF..].as_mut_ptr(), FBUF as u32)
+                let read =
+                    opcode::Read::new(types::Fd(*fd), bufs[i * FBUF..].as_mut_ptr(), FBUF as u32)
+                        .build()
+                        .flags(Flags::IO_HARDLINK)
+                        .user_data((i * 2) as u64);
+                let close = opcode::Close::new(types::Fd(*fd))
                     .build()
-                    .flags(Flags::IO_HARDLINK)
-                    .user_data((i * 2) as u64);
-                let close = opcode::Close::new(types::Fd(*fd)).build().user_data((i * 2 + 1) as u64);
+                    .user_data((i * 2 + 1) as u64);
                 unsafe {
                     sq.push(&read).unwrap();
                     sq.push(&close).unwrap();
@@ -165,7 +181,11 @@ fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -
         let mut out = (0u64, 0u64, 0u8);
         for (i, &len) in lens.iter().enumerate() {
             assert_eq!(len as i64, sizes[i]);
-            let first = if hash { Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0] } else { bufs[i * FBUF] };
+            let first = if hash {
+                Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0]
+            } else {
+                bufs[i * FBUF]
+            };
             out = (out.0 + 1, out.1 + len as u64, out.2 ^ first);
         }
         out
@@ -193,14 +213,21 @@ fn dir(fd: OwnedFd, hash: bool) -> (u64, u64, u8) {
         let names: Vec<std::ffi::CString> = files;
         names
             .par_chunks(SLOTS)
-            .map(|c| if mode == 3 { uring_fstat_batch(fd, c, hash) } else { uring_batch(fd, c, hash, mode == 2) })
+            .map(|c| {
+                if mode == 3 {
+                    uring_fstat_batch(fd, c, hash)
+                } else {
+                    uring_batch(fd, c, hash)
+                }
+            })
             .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 ^ b.2))
     } else if mode == -1 {
         files
             .par_iter()
             .with_max_len(64)
             .map(|name| {
-                let st = rustix::fs::statat(fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).expect("stat");
+                let st = rustix::fs::statat(fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                    .expect("stat");
                 (1u64, st.st_size as u64, st.st_ino as u8)
             })
             .reduce(|| (0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 ^ b.2))
@@ -272,7 +299,6 @@ fn main() {
             "--uring" => MODE.store(1, std::sync::atomic::Ordering::Relaxed),
             "--stat" => MODE.store(-1, std::sync::atomic::Ordering::Relaxed),
             "--uring-fstat" => MODE.store(3, std::sync::atomic::Ordering::Relaxed),
-            "--uring-statx" => MODE.store(2, std::sync::atomic::Ordering::Relaxed),
             _ => root = Some(a),
         }
     }

@@ -246,7 +246,13 @@ impl Context {
     }
 
     /// Adds one entry (to the listing, for a compact walk).
-    fn insert(&mut self, prefix: &[u8], name: &[u8], e: Entry, w: &Walker<'_>) -> Result<(), Error> {
+    fn insert(
+        &mut self,
+        prefix: &[u8],
+        name: &[u8],
+        e: Entry,
+        w: &Walker<'_>,
+    ) -> Result<(), Error> {
         if w.compact {
             self.listing.push_entry(prefix, name, &e)
         } else {

@@ -67,8 +67,10 @@ impl Listing {
     pub fn append(&mut self, other: Listing) {
         let base = self.arena.len() as u64;
         self.arena.extend_from_slice(&other.arena);
-        self.recs
-            .extend(other.recs.into_iter().map(|r| Rec { off: r.off + base, ..r }));
+        self.recs.extend(other.recs.into_iter().map(|r| Rec {
+            off: r.off + base,
+            ..r
+        }));
         self.bytes += other.bytes;
     }
 

@@ -43,7 +43,7 @@ pub fn available() -> bool {
         1 => true,
         2 => false,
         _ => {
-            let ok = std::env::var_os("KILN_NO_URING").is_none_or(|v| v.is_empty() || v == "0")
+            let ok = std::env::var_os("KILN_NO_URING").map_or(true, |v| v.is_empty() || v == "0")
                 && IoUring::new(8).is_ok();
             STATE.store(if ok { 1 } else { 2 }, Ordering::Relaxed);
             ok
@@ -56,7 +56,10 @@ pub fn available() -> bool {
 pub enum Hashed {
     Done(Stat, [u8; 32]),
     /// The file changed between `fstat` and the read.
-    Changed { expected: u64, got: u64 },
+    Changed {
+        expected: u64,
+        got: u64,
+    },
 }
 
 /// Opens, stats, reads and hashes the files `names` of the directory
@@ -152,10 +155,11 @@ fn run(
             let mut sq = ring.submission();
             for (k, (_, fd, st, off)) in small.iter().enumerate() {
                 let len = st.st_size as u32 + 1;
-                let read = opcode::Read::new(types::Fd(fd.as_raw_fd()), buf[*off..].as_mut_ptr(), len)
-                    .build()
-                    .flags(Flags::IO_HARDLINK)
-                    .user_data((2 * k) as u64);
+                let read =
+                    opcode::Read::new(types::Fd(fd.as_raw_fd()), buf[*off..].as_mut_ptr(), len)
+                        .build()
+                        .flags(Flags::IO_HARDLINK)
+                        .user_data((2 * k) as u64);
                 let close = opcode::Close::new(types::Fd(fd.as_raw_fd()))
                     .build()
                     .user_data((2 * k + 1) as u64);

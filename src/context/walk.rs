@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use rustix::fs::{openat, statat, AtFlags, Dir, FileType, Mode, OFlags, Stat};
 use sha2::{Digest, Sha256};
 
-use super::cache::{HashCache, Stamp};
+use super::cache::{DirView, HashCache, Stamp};
 use super::collect::{file_entry, Entry, Source};
 use super::listing::{Listing, REGULAR};
 use super::uring;
@@ -176,6 +176,8 @@ impl Names {
 struct File_ {
     st: Stat,
     digest: Option<[u8; 32]>,
+    /// The digest came from the hash cache.
+    hit: bool,
 }
 
 /// Reads one directory: its files become entries, its subdirectories
@@ -244,8 +246,8 @@ fn read_dir(p: Pending, w: &Walker<'_>, root: &Path) -> Result<(Walked, Vec<Pend
                 let mut archive = p.prefix.clone();
                 archive.extend_from_slice(name);
                 if !w.compact {
-                    let st = statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW)
-                        .map_err(|e| io(&path, e))?;
+                    let st =
+                        statat(&*fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
                     out.dirs.push((archive.clone(), st.st_mode & 0o7777));
                 }
                 archive.push(b'/');
@@ -263,11 +265,27 @@ fn read_dir(p: Pending, w: &Walker<'_>, root: &Path) -> Result<(Walked, Vec<Pend
             }
         }
     }
-    let files: Vec<Vec<File_>> = regular
+    let view = w.cache.filter(|_| w.hash).and_then(|c| c.dir(dir));
+    let files: Vec<File_> = regular
         .par_chunks(uring::BATCH)
-        .map(|chunk| files(&fd, dir, &names, chunk, w))
-        .collect::<Result<_, Error>>()?;
-    for (&i, f) in regular.iter().zip(files.into_iter().flatten()) {
+        .map(|chunk| files(&fd, dir, &names, chunk, view, w))
+        .collect::<Result<Vec<_>, Error>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    if let Some(cache) = w.cache.filter(|_| w.hash) {
+        let hits = files.iter().filter(|f| f.hit).count();
+        let all_hits = hits == files.len() && view.is_some_and(|v| v.len() == files.len());
+        let found = (!all_hits).then(|| {
+            regular
+                .iter()
+                .zip(&files)
+                .filter_map(|(&i, f)| Some((names.name(i).into(), stamp(&f.st), f.digest?)))
+                .collect()
+        });
+        cache.record_dir(dir, found, (files.len() - hits) as u64);
+    }
+    for (&i, f) in regular.iter().zip(files) {
         let name = names.name(i);
         if w.compact {
             let digest = f.digest.expect("compact walks hash");
@@ -323,18 +341,27 @@ fn files(
     dir: &Path,
     names: &Names,
     chunk: &[usize],
+    view: Option<DirView<'_>>,
     w: &Walker<'_>,
 ) -> Result<Vec<File_>, Error> {
     let path_of = |i: usize| dir.join(OsStr::from_bytes(names.name(i)));
     let mut got: Vec<Option<File_>> = chunk.iter().map(|_| None).collect();
     if w.hash {
-        if let Some(cache) = w.cache {
+        if let (Some(view), Some(&first)) = (view, chunk.first()) {
+            // Both lists are sorted by name: one merge.
+            let mut at = view.lower_bound(names.name(first));
             for (k, &i) in chunk.iter().enumerate() {
+                let name = names.name(i);
+                at = view.seek(at, name);
                 let st = statat(dirfd, names.cstr(i), AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| io(&path_of(i), e))?;
-                if let Some(d) = cache.get(&stamp(&st)) {
+                if let Some(d) = view.get(at, name, &stamp(&st)) {
                     w.step.inc(st.st_size as u64, 1);
-                    got[k] = Some(File_ { st, digest: Some(d) });
+                    got[k] = Some(File_ {
+                        st,
+                        digest: Some(d),
+                        hit: true,
+                    });
                 }
             }
         }
@@ -344,10 +371,11 @@ fn files(
             match h {
                 Some(uring::Hashed::Done(st, d)) => {
                     w.step.inc(st.st_size as u64, 1);
-                    if let Some(cache) = w.cache {
-                        cache.put(stamp(&st), d);
-                    }
-                    got[k] = Some(File_ { st, digest: Some(d) });
+                    got[k] = Some(File_ {
+                        st,
+                        digest: Some(d),
+                        hit: false,
+                    });
                 }
                 Some(uring::Hashed::Changed { expected, got }) => {
                     return Err(Error::Changed {
@@ -376,7 +404,11 @@ fn regular(dirfd: &OwnedFd, name: &CStr, path: PathBuf, w: &Walker<'_>) -> Resul
     if !w.hash {
         let st = statat(dirfd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(|e| io(&path, e))?;
         w.step.inc(st.st_size as u64, 1);
-        return Ok(File_ { st, digest: None });
+        return Ok(File_ {
+            st,
+            digest: None,
+            hit: false,
+        });
     }
     let fd = openat(
         dirfd.as_fd(),
@@ -388,11 +420,9 @@ fn regular(dirfd: &OwnedFd, name: &CStr, path: PathBuf, w: &Walker<'_>) -> Resul
     let st = rustix::fs::fstat(&fd).map_err(|e| io(&path, e))?;
     let digest = hash_reader(File::from(fd), &path, st.st_size as u64, w.step)?;
     w.step.inc(0, 1);
-    if let Some(cache) = w.cache {
-        cache.put(stamp(&st), digest);
-    }
     Ok(File_ {
         st,
         digest: Some(digest),
+        hit: false,
     })
 }
