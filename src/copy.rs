@@ -53,6 +53,18 @@ pub struct Copied {
 
 /// Copies images from `src` to `sink` as `sel` says.
 pub fn copy(src: &dyn Source, sink: &dyn Sink, sel: &Selection) -> Result<Copied, Error> {
+    let out = copy_uncommitted(src, sink, sel)?;
+    sink.commit(&out.images)?;
+    Ok(out)
+}
+
+/// [`copy`] without the sink's commit: the caller commits
+/// (`sink.commit(&copied.images)`) once everything else it waits for is done.
+pub fn copy_uncommitted(
+    src: &dyn Source,
+    sink: &dyn Sink,
+    sel: &Selection,
+) -> Result<Copied, Error> {
     let mut roots = match &sel.image {
         Some(d) => vec![(d.bare(), sel.names.clone())],
         None => src.images()?,
@@ -99,6 +111,5 @@ pub fn copy(src: &dyn Source, sink: &dyn Sink, sel: &Selection) -> Result<Copied
         }
         out.images.push((root, names));
     }
-    sink.commit(&out.images)?;
     Ok(out)
 }

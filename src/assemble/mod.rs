@@ -227,22 +227,40 @@ pub enum Dest<'a> {
     Store { store: &'a Store, name: String },
 }
 
+/// An output written but not yet in place (an indexed build's archive,
+/// whose layers were streamed while they went into the store).
+pub struct StagedOutput {
+    out: Output,
+    images: Vec<(Descriptor, Vec<String>)>,
+}
+
+impl StagedOutput {
+    /// Puts the output in place.
+    pub fn commit(self) -> Result<(), Error> {
+        use crate::sink::Sink;
+        self.out.commit(&self.images)?;
+        Ok(())
+    }
+}
+
 /// Builds the image in `image_dir` and writes `opts.output`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
     let plan = Plan::new(image_dir, opts, None)?;
-    execute(plan, opts, Dest::Output).map(|(r, _)| r)
+    execute(plan, opts, Dest::Output).map(|(r, _, _)| r)
 }
 
 /// Executes a plan: the image goes to `dest`; with [`Dest::Output`] that
 /// is `opts.output`, with [`Dest::Store`] the caller writes the output
 /// ([`write_output`]) once everything else has succeeded, so a failed
 /// build never publishes one. Returns the result and the manifest
-/// descriptor.
+/// descriptor, and with [`Dest::Store`] and an archive format, the output
+/// written alongside the store (to commit with [`StagedOutput::commit`]
+/// instead of calling [`write_output`]).
 pub fn execute(
     plan: Plan,
     opts: &BuildOptions,
     dest: Dest<'_>,
-) -> Result<(BuildResult, Descriptor), Error> {
+) -> Result<(BuildResult, Descriptor, Option<StagedOutput>), Error> {
     let work_parent = file::parent_dir(&opts.output);
     let work = tempfile::Builder::new()
         .prefix(&file::temp_prefix("build"))
@@ -301,35 +319,94 @@ pub fn execute(
         .fold((0, 0), |(b, f), (lb, lf)| (b + lb, f + lf));
     let step = opts.progress.step("writing layers", bytes, files);
     let (level, ts) = (opts.compression, opts.timestamp);
+    // An archive output streams each new layer as it is made; an indexed
+    // build (into a store) writes that same stream into the store as well,
+    // and the output is committed by the caller, last.
     let output = match dest {
-        Dest::Output => Some(Output::create(&opts.output, opts.format, ts)?),
-        Dest::Store { .. } => None,
+        Dest::Store { .. } if !opts.format.streams() => None,
+        _ => Some(Output::create(&opts.output, opts.format, ts)?),
     };
+    let into_store = matches!(dest, Dest::Store { .. });
     let streaming = output.as_ref().filter(|o| o.format().streams());
     let infos: Vec<LayerInfo> = match streaming {
         // Archive outputs: each layer's stream goes straight into the archive,
         // one layer after another (each layer is itself parallel inside).
         Some(out) => {
+            // Every layer goes in in manifest order (base layers, then this
+            // build's, cache hits at their place), then the config: the
+            // order `copy` exports an image in, so a build and an export
+            // give the same archive bytes.
+            let mut ready = BTreeMap::new();
+            let mut base = Vec::new();
+            for (d, path) in &planned.base {
+                ready.insert(d.digest.clone(), path.clone());
+                base.push(d.clone());
+            }
+            for l in &planned.layers {
+                if let layer::Planned::Cached { desc, blob, .. } = l {
+                    ready.insert(desc.digest.clone(), blob.clone());
+                }
+            }
+            let have = source::BuildBlobs {
+                blobs: blobs.clone(),
+                extra: ready,
+                image: Descriptor::new(MediaType::OciManifest, crate::Digest::from_raw([0; 32]), 0),
+                tags: Vec::new(),
+            };
+            let put = |d: &Descriptor| {
+                if crate::sink::Sink::has_blob(out, d)? {
+                    return Ok::<_, Error>(());
+                }
+                crate::sink::Sink::put_blob(
+                    out,
+                    crate::sink::Blob {
+                        desc: d,
+                        data: crate::sink::BlobData::Source(&have),
+                    },
+                )?;
+                Ok(())
+            };
+            for d in &base {
+                put(d)?;
+            }
             let mut infos = Vec::new();
             for entries in &planned.layers {
+                if let layer::Planned::Cached { desc, .. } = entries {
+                    put(desc)?;
+                }
                 if let Some(info) = entries.cached_info() {
                     infos.push(info);
                     continue;
                 }
                 let info = out.put_new_blob(|f| {
-                    let (info, f) = layer::write_layer_to(entries, ts, level, f, &step).map_err(
-                        |e| match e {
-                            // The layer goes straight into the output file.
-                            layer::Error::Write { source, .. } => {
-                                Error::Image(source::Error::Write {
-                                    path: opts.output.clone(),
-                                    source,
-                                })
-                            }
-                            e => Error::Layer(e),
-                        },
-                    )?;
+                    let pending = match into_store {
+                        true => Some(blob_dir.pending("layer")?),
+                        false => None,
+                    };
+                    let stored = |f: &file::Pending| f.file().try_clone();
+                    let (info, f) = match &pending {
+                        None => layer::write_layer_to(entries, ts, level, f, &step),
+                        Some(p) => {
+                            let also = stored(p).map_err(|source| source::Error::Write {
+                                path: p.temp_path(),
+                                source,
+                            })?;
+                            layer::write_layer_to(entries, ts, level, layer::Tee(f, also), &step)
+                                .map(|(i, t)| (i, t.0))
+                        }
+                    }
+                    .map_err(|e| match e {
+                        // The layer goes straight into the output file.
+                        layer::Error::Write { source, .. } => Error::Image(source::Error::Write {
+                            path: opts.output.clone(),
+                            source,
+                        }),
+                        e => Error::Layer(e),
+                    })?;
                     let (d, n) = (info.digest.clone(), info.size);
+                    if let Some(p) = pending {
+                        blob_dir.commit(p, &d)?;
+                    }
                     Ok::<_, Error>((info, d, n, f))
                 })?;
                 infos.push(info.expect("uncompressed archives take new blobs"));
@@ -407,11 +484,12 @@ pub fn execute(
         .progress
         .step("writing output", total, layers.len() as u64);
     let sel = Selection::image(&manifest_desc, &opts.tags);
-    match (&output, dest) {
-        (Some(out), _) => {
-            copy(&built, out, &sel)?;
+    let mut staged = None;
+    match (output, dest) {
+        (Some(out), Dest::Output) => {
+            copy(&built, &out, &sel)?;
         }
-        (None, Dest::Store { store, name }) => {
+        (out, Dest::Store { store, name }) => {
             // Base layers from other stores join the image in this one.
             // The output is the caller's to write, last.
             copy(&built, store, &Selection::image(&manifest_desc, &[name]))?;
@@ -462,6 +540,12 @@ pub fn execute(
                     }
                 }
             }
+            // The streamed output gets the rest (config, manifest, base
+            // layers); the caller commits it last.
+            if let Some(out) = out {
+                let images = crate::copy::copy_uncommitted(&built, &out, &sel)?.images;
+                staged = Some(StagedOutput { out, images });
+            }
         }
         (None, Dest::Output) => unreachable!("an output was created"),
     }
@@ -478,7 +562,7 @@ pub fn execute(
         status: "built".into(),
         steps: planned.reports,
     };
-    Ok((result, manifest_desc))
+    Ok((result, manifest_desc, staged))
 }
 
 /// Copies an image from a store to `opts.output` (the last step of a

@@ -154,7 +154,7 @@ fn miss(
         remote: io.cache_registry.clone(),
     });
     let opts = &with_steps;
-    let (result, desc) = assemble::execute(
+    let (result, desc, staged) = assemble::execute(
         plan,
         opts,
         Dest::Store {
@@ -188,8 +188,11 @@ fn miss(
         reg.pushed.lock().unwrap().push(repo);
     }
     // Last: the output appears only once the store, the index and the
-    // registry hold the image.
-    assemble::write_output(&io.store, &desc, opts)?;
+    // registry hold the image (an archive was written with the store).
+    match staged {
+        Some(out) => out.commit()?,
+        None => assemble::write_output(&io.store, &desc, opts)?,
+    }
     Ok(Cached {
         result,
         parent: Parent {

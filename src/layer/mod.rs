@@ -336,20 +336,21 @@ pub fn write_layer(
 
 /// Writes a layer's compressed stream to `file` at its current position and
 /// returns what was written and the file (positioned after the stream).
-pub fn write_layer_to(
+/// `file` may be a [`Tee`]: one stream, two destinations.
+pub fn write_layer_to<W: Write + Send>(
     entries: &Planned,
     mtime: u64,
     compression: Compression,
-    file: File,
+    file: W,
     step: &Step,
-) -> Result<(LayerInfo, File), Error> {
+) -> Result<(LayerInfo, W), Error> {
     let werr = |e: io::Error| Error::Write {
         dir: PathBuf::from("layer blob"),
         source: e,
     };
     let (diff_id, written) = std::thread::scope(|scope| -> Result<_, Error> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-        let writer = scope.spawn(move || -> io::Result<(Digest, u64, File)> {
+        let writer = scope.spawn(move || -> io::Result<(Digest, u64, W)> {
             let mut out = HashingWriter::new(file);
             for chunk in rx {
                 out.write_all(&chunk)?;
@@ -411,6 +412,23 @@ pub fn write_layer_to(
         compressor: compression.describe(),
     };
     Ok((info, file))
+}
+
+/// Two files written as one: an indexed build's layer goes into the user
+/// store and the output archive in the same pass.
+pub struct Tee(pub File, pub File);
+
+impl Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_all(buf)?;
+        self.1.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()?;
+        self.1.flush()
+    }
 }
 
 #[cfg(test)]

@@ -458,7 +458,10 @@ pub fn closure(src: &(impl Source + ?Sized), d: &Descriptor) -> Result<Closure, 
             todo.extend(index.manifests.iter().rev().map(|m| (m.bare(), depth + 1)));
         } else {
             let m: Manifest = parse_json(src, &bytes, &format!("manifest {}", d.digest))?;
-            for b in std::iter::once(&m.config).chain(&m.layers) {
+            // Layers in order, then the config: the order a build streams
+            // an archive in, so an exported image and a built one are the
+            // same bytes.
+            for b in m.layers.iter().chain(std::iter::once(&m.config)) {
                 if seen.insert(b.digest.clone()) {
                     out.blobs.push(b.clone());
                 }
