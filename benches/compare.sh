@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # kiln's comparison runner: generates the seeded benchmark trees (never
 # committed), warms the page cache, runs every contender several times and
-# writes benches/RESULTS.md: medians, peak RSS and ratios, with each target of
-# issue 3 marked met or missed.
+# writes benches/RESULTS.md: medians, peak RSS and ratios, with each target
+# (issues 3 and 16) marked met or missed. Besides the contenders it measures
+# the floors (examples/read_floor.rs: open+fstat+read+close of every file,
+# with and without sha256, batched through io_uring, and stat only), kiln-v1's
+# time and peak RSS at 1x, 2x and 4x the many-small tree, the default
+# (indexed) build against --no-index, and the time to the first RUN
+# (benches/run_start.sh).
 #
-#   bash benches/compare.sh [--runs N] [--slow-runs N] [--scale-check] [--work DIR]
+#   bash benches/compare.sh [--runs N] [--slow-runs N] [--no-scale-check] [--work DIR]
 #                           [--trees many-small,large] [--append] [--no-buildah] [--no-docker]
 #                           [--slow-timeout SECONDS]
 #
@@ -13,13 +18,14 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
-runs=3 slow_runs=1 scale_check=0 work=${TMPDIR:-/tmp}/kiln-bench buildah=1 docker=1
+runs=3 slow_runs=1 scale_check=1 work=${TMPDIR:-/tmp}/kiln-bench buildah=1 docker=1
 trees="many-small large" append=0 slow_timeout=900
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift ;;
     --slow-runs) slow_runs=$2; shift ;;
     --scale-check) scale_check=1 ;;
+    --no-scale-check) scale_check=0 ;;
     --work) work=$2; shift ;;
     --no-buildah) buildah=0 ;;
     --no-docker) docker=0 ;;
@@ -34,7 +40,7 @@ command -v buildah >/dev/null || { [ $buildah = 0 ] || { echo "compare: installi
 [ -x /usr/bin/time ] || apt-get install -y -qq time >/dev/null
 py="$repo/.tools/taskgraph-venv/bin/python"
 [ -x "$py" ] || bash "$repo/setup.sh"
-(cd "$repo" && cargo build --release --quiet && cargo build --release --quiet --example sha256_limit)
+(cd "$repo" && cargo build --release --quiet && cargo build --release --quiet --example sha256_limit --example read_floor)
 kiln="$repo/target/release/kiln"
 mkdir -p "$work"
 results="$work/results.tsv"
@@ -79,7 +85,13 @@ for kind in $trees; do
   img="$d/taskcluster/docker/$kind"
   warm "$d"
   cd "$d"
+  floor="$repo/target/release/examples/read_floor"
+  measure "$kind" "floor: open+fstat+read+close" "$runs" "$floor" "$d/tree"
+  measure "$kind" "floor: open+fstat+read+sha256+close" "$runs" "$floor" --sha256 "$d/tree"
+  measure "$kind" "floor: the same batched (io_uring)" "$runs" "$floor" --uring-fstat --sha256 "$d/tree"
+  measure "$kind" "floor: stat only" "$runs" "$floor" --stat "$d/tree"
   measure "$kind" "kiln hash kiln-v1" "$runs" "$kiln" hash --topsrcdir "$d" "$img"
+  measure "$kind" "kiln hash kiln-v1, one call per operation (KILN_NO_URING=1)" "$runs" env KILN_NO_URING=1 "$kiln" hash --topsrcdir "$d" "$img"
   measure "$kind" "kiln hash taskgraph" "$runs" "$kiln" hash --algorithm taskgraph --topsrcdir "$d" "$img"
   rm -f "$work/hash-cache"
   "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache" > /dev/null
@@ -87,6 +99,9 @@ for kind in $trees; do
   "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache" > /dev/null
   measure "$kind" "kiln hash kiln-v1 --hash-cache (unchanged)" "$runs" "$kiln" hash --topsrcdir "$d" "$img" --hash-cache "$work/hash-cache"
   measure "$kind" "kiln build (docker-archive, zstd -3 layers)" "$runs" "$kiln" build --no-index --topsrcdir "$d" "$img" --layer-compression zstd --compression-level 3 -o "$work/out.tar"
+  # The default build: indexed, each layer written into a fresh user store and the output at once.
+  measure "$kind" "kiln build, indexed (the default)" "$runs" sh -c "c=\$(mktemp -d -p '$work' xdg.XXXXXX) && XDG_CACHE_HOME=\$c '$kiln' build --topsrcdir '$d' '$img' --layer-compression zstd --compression-level 3 -o '$work/out-indexed.tar'"
+  rm -rf "$work"/xdg.*
   measure "$kind" "taskgraph generate_context_hash" "$runs" "$py" -c "from taskgraph.util.docker import generate_context_hash as g; print(g('$d', 'taskcluster/docker/$kind', {}))"
   measure "$kind" "find | sort | xargs sha256sum | sha256sum" "$runs" sh -c 'find tree -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum'
   measure "$kind" "tar cf - | zstd -T0 -3 (floor)" "$runs" sh -c "tar cf - tree | zstd -T0 -3 -q > '$work/floor.tar.zst'"
@@ -96,9 +111,11 @@ for kind in $trees; do
   if [ $docker = 1 ] && docker version --format '{{.Server.Version}}' > /dev/null 2>&1; then
     measure "$kind" "docker build + docker save" "$slow_runs" timeout "$slow_timeout" sh -c "DOCKER_BUILDKIT=0 docker build -q -f Dockerfile.plain -t kiln-bench:$kind . && docker save -o '$work/docker.tar' kiln-bench:$kind && docker rmi -f kiln-bench:$kind"
   fi
-  rm -f "$work/out.tar" "$work/floor.tar.zst" "$work/docker.tar"
+  rm -f "$work/out.tar" "$work/out-indexed.tar" "$work/floor.tar.zst" "$work/docker.tar"
   cd "$repo"
 done
+
+bash "$here/run_start.sh" "$results" "$runs" >&2
 
 if [ $scale_check = 1 ]; then
   for s in 1 2 4; do

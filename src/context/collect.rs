@@ -367,8 +367,7 @@ fn walk_into(
     w: &Walker<'_>,
     root: &Path,
 ) -> Result<(), Error> {
-    let walked = walk(dir, prefix, w, root)?;
-    ctx.listing.append(walked.listing);
+    let walked = walk(dir, prefix, w, root, &mut ctx.listing)?;
     // The walk emits archive-path order, so building the map is one pass.
     if ctx.entries.is_empty() {
         ctx.entries = walked.entries.into_iter().collect();

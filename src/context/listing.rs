@@ -65,6 +65,13 @@ impl Listing {
     /// Moves every entry of `other` to the end of this listing (later
     /// entries replace earlier ones of the same path, as map inserts do).
     pub fn append(&mut self, other: Listing) {
+        if self.recs.is_empty() && self.arena.is_empty() {
+            // Moved, not copied: no second copy of a whole walk at once.
+            let bytes = self.bytes;
+            *self = other;
+            self.bytes += bytes;
+            return;
+        }
         let base = self.arena.len() as u64;
         self.arena.extend_from_slice(&other.arena);
         self.recs.extend(other.recs.into_iter().map(|r| Rec {

@@ -40,7 +40,8 @@ pub struct Walker<'a> {
 pub struct Walked {
     pub entries: Vec<(Vec<u8>, Entry)>,
     pub dirs: Vec<(Vec<u8>, u32)>,
-    /// What a compact walk keeps instead of `entries` (unsorted).
+    /// What a compact walk keeps of one directory instead of `entries`
+    /// (moved into the caller's listing as each round ends).
     pub listing: Listing,
 }
 
@@ -122,7 +123,15 @@ const ROUND: usize = 64;
 /// so depth cannot overflow a stack) and resolves every name relative to its
 /// directory's descriptor (so full paths longer than `PATH_MAX` are no
 /// limit). Directories are read in parallel rounds; the result is sorted.
-pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<Walked, Error> {
+/// A compact walk adds its entries to `into` (one growing listing, never a
+/// second copy of a whole walk).
+pub fn walk(
+    path: &Path,
+    prefix: &[u8],
+    w: &Walker<'_>,
+    root: &Path,
+    into: &mut Listing,
+) -> Result<Walked, Error> {
     let mut stack = vec![Pending {
         parent: None,
         name: Vec::new(),
@@ -139,7 +148,7 @@ pub fn walk(path: &Path, prefix: &[u8], w: &Walker<'_>, root: &Path) -> Result<W
         for (found, subdirs) in results {
             out.entries.extend(found.entries);
             out.dirs.extend(found.dirs);
-            out.listing.append(found.listing);
+            into.append(found.listing);
             // Reversed so the stack pops them in name order.
             stack.extend(subdirs.into_iter().rev());
         }
