@@ -660,3 +660,48 @@ fn without_kind_yml_a_from_naming_a_tree_image_makes_it_the_parent() {
     let base = manifest(&t.join("out/base.tar"));
     assert_eq!(child.layers[..base.layers.len()], base.layers[..]);
 }
+
+#[test]
+fn a_base_layer_is_scanned_and_verified_once_and_a_later_change_is_still_caught() {
+    let (d, store, digest) = base_store();
+    let st = store.to_str().unwrap();
+    let m = store_manifest(&store, &digest);
+    let cache = d.path().join("cache");
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/base:2\nCOPY f /etc/f\n",
+    );
+    write(d.path(), "img/f", b"file");
+    let run = |out: &str| {
+        let mut c = build_cmd(d.path(), out, &["--store", st, "--no-index"]);
+        c.env("XDG_CACHE_HOME", &cache);
+        c
+    };
+    ok(&mut run("one.tar"));
+    // One record per base layer, named by its digest.
+    for l in &m.layers {
+        let rec = cache.join("kiln/scans").join(l.digest.hex());
+        assert!(rec.is_file(), "no scan record {}", rec.display());
+    }
+    ok(&mut run("two.tar"));
+    assert_eq!(
+        fs::read(d.path().join("one.tar")).unwrap(),
+        fs::read(d.path().join("two.tar")).unwrap(),
+        "a build from the records writes the same bytes"
+    );
+    // Same size, one byte flipped: the file's ctime moved, the record no
+    // longer stands, and the blob is verified again.
+    let layer = &m.layers[1].digest;
+    let p = store.join("blobs/sha256").join(layer.hex());
+    let mut b = fs::read(&p).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0xff;
+    fs::write(&p, &b).unwrap();
+    let err = fails(&mut run("bad.tar"));
+    assert!(
+        err.contains(&format!("blob {layer} does not match its digest or size")),
+        "{err}"
+    );
+    assert!(!d.path().join("bad.tar").exists());
+}

@@ -36,7 +36,7 @@ pub struct ImageFs {
     pub keep_all: bool,
 }
 
-const SMALL: &[&[u8]] = &[b"etc/passwd", b"etc/group"];
+use crate::layer::scan::{self, SMALL};
 
 impl ImageFs {
     pub fn is_dir(&self, path: &[u8]) -> bool {
@@ -92,110 +92,72 @@ impl ImageFs {
         }
     }
 
-    /// Scans a base image's layer blobs, in order, applying whiteouts.
+    /// Applies a layer blob (a base image's, a cached step's, a RUN's),
+    /// whiteouts included. The blob is scanned once ([`scan::scan`]: a
+    /// store blob's scan is recorded with its verification).
     pub fn apply_blob(&mut self, blob: &Path) -> io::Result<()> {
-        let blob: Arc<Path> = Arc::from(blob);
-        let mut ar = tar::Archive::new(crate::source::layer_file(&blob)?);
-        let mut adds: Vec<(Vec<u8>, LayerEntry, Option<Origin>)> = Vec::new();
-        let mut whiteouts: Vec<Vec<u8>> = Vec::new();
-        let mut opaque: Vec<Vec<u8>> = Vec::new();
-        let mut sizes: HashMap<Vec<u8>, u64> = HashMap::new();
-        for entry in ar.entries()? {
-            let mut entry = entry?;
-            let path = norm(&entry.path_bytes());
-            if path.is_empty() {
-                continue;
-            }
-            let (dir, base) = match path.iter().rposition(|&c| c == b'/') {
-                Some(i) => (path[..i].to_vec(), path[i + 1..].to_vec()),
-                None => (Vec::new(), path.clone()),
+        let s = scan::scan(blob)?;
+        self.apply_scan(&s, Arc::from(blob));
+        Ok(())
+    }
+
+    /// Applies a scanned layer whose bytes are in `blob`.
+    pub fn apply_scan(&mut self, s: &scan::Scan, blob: Arc<Path>) {
+        for d in &s.opaque {
+            self.remove_children(d);
+        }
+        for w in &s.whiteouts {
+            self.remove_tree(w);
+        }
+        for m in &s.members {
+            let (mode, uid, gid) = (m.mode, m.uid, m.gid);
+            let origin = |link: Option<Vec<u8>>| Origin {
+                blob: blob.clone(),
+                link,
             };
-            if base == b".wh..wh..opq" {
-                opaque.push(dir);
-                continue;
-            }
-            if let Some(name) = base.strip_prefix(b".wh.") {
-                let mut p = dir.clone();
-                if !p.is_empty() {
-                    p.push(b'/');
-                }
-                p.extend_from_slice(name);
-                whiteouts.push(p);
-                continue;
-            }
-            let h = entry.header();
-            let mode = h.mode()? & 0o7777;
-            let (uid, gid) = (h.uid().unwrap_or(0), h.gid().unwrap_or(0));
-            let et = h.entry_type();
-            let link = || -> io::Result<Vec<u8>> {
-                Ok(entry
-                    .link_name_bytes()
-                    .map(|l| l.into_owned())
-                    .unwrap_or_default())
-            };
-            let (e, origin) = if et.is_dir() {
-                (LayerEntry::dir(mode, uid, gid), None)
-            } else if et.is_symlink() {
-                let target = link()?;
-                (
+            let (e, origin) = match &m.kind {
+                scan::Kind::Dir => (LayerEntry::dir(mode, uid, gid), None),
+                scan::Kind::Symlink(target) => (
                     LayerEntry {
-                        content: Content::Symlink(target),
+                        content: Content::Symlink(target.clone()),
                         mode: 0o777,
                         uid,
                         gid,
                     },
                     None,
-                )
-            } else if et.is_hard_link() {
-                let target = norm(&link()?);
-                let size = sizes.get(&target).copied().unwrap_or(0);
-                let origin = Origin {
-                    blob: blob.clone(),
-                    link: Some(target),
-                };
-                (placeholder(size, mode, uid, gid), Some(origin))
-            } else if et.is_file() || et == tar::EntryType::Continuous {
-                let size = entry.size();
-                sizes.insert(path.clone(), size);
-                if SMALL.contains(&path.as_slice()) && size <= crate::limits::MAX_USER_DB {
-                    let mut b = Vec::with_capacity(size as usize);
-                    entry.read_to_end(&mut b)?;
-                    let e = LayerEntry::file(FileSource::Bytes(Arc::from(b)), size, mode, uid, gid);
-                    (e, None)
-                } else {
-                    let origin = Origin {
-                        blob: blob.clone(),
-                        link: None,
-                    };
-                    (placeholder(size, mode, uid, gid), Some(origin))
+                ),
+                scan::Kind::HardLink { target, size } => (
+                    placeholder(*size, mode, uid, gid),
+                    Some(origin(Some(target.clone()))),
+                ),
+                scan::Kind::File { size } => {
+                    (placeholder(*size, mode, uid, gid), Some(origin(None)))
                 }
-            } else {
-                // Devices and FIFOs: nothing a COPY can use.
-                continue;
+                scan::Kind::Small(b) => (
+                    LayerEntry::file(
+                        FileSource::Bytes(Arc::from(&b[..])),
+                        b.len() as u64,
+                        mode,
+                        uid,
+                        gid,
+                    ),
+                    None,
+                ),
             };
-            adds.push((path, e, origin));
-        }
-        for d in opaque {
-            self.remove_children(&d);
-        }
-        for w in whiteouts {
-            self.remove_tree(&w);
-        }
-        for (p, e, origin) in adds {
+            let p = &m.path;
             if !e.is_dir() {
-                self.remove_children(&p);
+                self.remove_children(p);
             }
-            self.origins.remove(&p);
-            if self.keeps(&p, &e) {
+            self.origins.remove(p);
+            if self.keeps(p, &e) {
                 if let Some(o) = origin {
                     self.origins.insert(p.clone(), o);
                 }
-                self.nodes.insert(p, e);
+                self.nodes.insert(p.clone(), e);
             } else {
-                self.nodes.remove(&p);
+                self.nodes.remove(p);
             }
         }
-        Ok(())
     }
 
     /// Follows symlinks in `path` (all components) as the image would,

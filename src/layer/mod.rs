@@ -3,6 +3,7 @@
 //! into a blob file, with memory that does not grow with file sizes.
 
 pub mod compress;
+pub mod scan;
 pub mod tar;
 
 use std::collections::{BTreeMap, HashMap};
