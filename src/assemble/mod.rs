@@ -391,16 +391,28 @@ pub fn execute(
                                 path: p.temp_path(),
                                 source,
                             })?;
-                            layer::write_layer_to(entries, ts, level, layer::Tee(f, also), &step)
+                            let tee = layer::Tee(f, also, p.temp_path());
+                            layer::write_layer_to(entries, ts, level, tee, &step)
                                 .map(|(i, t)| (i, t.0))
                         }
                     }
                     .map_err(|e| match e {
-                        // The layer goes straight into the output file.
-                        layer::Error::Write { source, .. } => Error::Image(source::Error::Write {
-                            path: opts.output.clone(),
-                            source,
-                        }),
+                        // The layer goes straight into the output file (and,
+                        // indexed, into the store: a failure there names the
+                        // store's file).
+                        layer::Error::Write { source, .. } => {
+                            let store_side = source
+                                .get_ref()
+                                .and_then(|e| e.downcast_ref::<layer::TeeFailed>())
+                                .map(|t| {
+                                    let e =
+                                        std::io::Error::new(t.source.kind(), t.source.to_string());
+                                    (t.path.clone(), e)
+                                });
+                            let (path, source) =
+                                store_side.unwrap_or_else(|| (opts.output.clone(), source));
+                            Error::Image(source::Error::Write { path, source })
+                        }
                         e => Error::Layer(e),
                     })?;
                     let (d, n) = (info.digest.clone(), info.size);

@@ -416,13 +416,30 @@ pub fn write_layer_to<W: Write + Send>(
 }
 
 /// Two files written as one: an indexed build's layer goes into the user
-/// store and the output archive in the same pass.
-pub struct Tee(pub File, pub File);
+/// store and the output archive in the same pass. The second file is named
+/// (`.2`) so that its failure (a full disk under the store) names it.
+pub struct Tee(pub File, pub File, pub PathBuf);
+
+/// The second file of a [`Tee`] failed.
+#[derive(Debug, thiserror::Error)]
+#[error("writing {}: {source}", path.display())]
+pub struct TeeFailed {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
 
 impl Write for Tee {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write_all(buf)?;
-        self.1.write_all(buf)?;
+        self.1.write_all(buf).map_err(|source| {
+            io::Error::new(
+                source.kind(),
+                TeeFailed {
+                    path: self.2.clone(),
+                    source,
+                },
+            )
+        })?;
         Ok(buf.len())
     }
 

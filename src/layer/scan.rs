@@ -152,7 +152,14 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         return Ok(s);
     };
     // Whatever follows the tar's end (padding, the compressor's trailer).
-    io::copy(&mut h.inner, &mut io::sink())?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = h.inner.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.hash.update(&buf[..n]);
+    }
     let Some(hex) = named_digest(blob) else {
         return Ok(s);
     };
