@@ -101,6 +101,7 @@ impl Bases {
         reference: &str,
         platform: Option<&Platform>,
         opts: &BuildOptions,
+        verify_layers: bool,
     ) -> Result<BaseImage, String> {
         let (store, d) = match self.list.iter().find(|b| b.reference == reference) {
             Some(Base {
@@ -113,7 +114,7 @@ impl Bases {
             }
         };
         store
-            .load(&d, reference, platform)
+            .load(&d, reference, platform, verify_layers)
             .map_err(|e| e.to_string())
     }
 }

@@ -267,12 +267,15 @@ impl<'a> State<'a> {
     }
 
     /// Loads an image reference that the plan resolved.
+    /// Loads a base image; `scanned` says each of its layers is scanned
+    /// next (which verifies it in the same pass).
     fn resolve_image(
         &self,
         reference: &str,
         platform: Option<&Platform>,
+        scanned: bool,
     ) -> Result<BaseImage, String> {
-        self.bases.load(reference, platform, self.opts)
+        self.bases.load(reference, platform, self.opts, !scanned)
     }
 
     fn from(&mut self, ins: &Instr, global: &Vars, scan: bool) -> Result<(), StageError> {
@@ -333,7 +336,7 @@ impl<'a> State<'a> {
             return Ok(());
         }
         let base = self
-            .resolve_image(&image, platform.as_ref().map(|p| &p.1))
+            .resolve_image(&image, platform.as_ref().map(|p| &p.1), scan)
             .map_err(|m| at(ins, m))?;
         if let Some(t) = base
             .config
@@ -772,7 +775,7 @@ impl<'a> State<'a> {
         }
         if !self.from_images.contains_key(value) {
             let base = self
-                .resolve_image(value, None)
+                .resolve_image(value, None, true)
                 .map_err(|m| format!("--from={value}: no stage is named {value}, and {m}"))?;
             let mut fs = ImageFs {
                 keep_all: true,

@@ -132,7 +132,18 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     if let Some(s) = recorded(blob) {
         return Ok(s);
     }
-    let before = fs::metadata(blob)?;
+    let before = match fs::metadata(blob) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let what =
+                named_digest(blob).map_or("the layer blob".into(), |h| format!("blob sha256:{h}"));
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{}: {what} is missing from the image", blob.display()),
+            ));
+        }
+        Err(e) => return Err(e),
+    };
     let mut head = [0u8; 4];
     let n = fs::File::open(blob)?.read(&mut head)?;
     let hashing = Hashing {
@@ -146,10 +157,9 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         reader,
         &blob.display().to_string(),
     )?;
-    let mut s = scan_reader(decoder)?;
-    s.members.shrink_to_fit();
+    let scanned = scan_reader(decoder);
     let Some(mut h) = shared.lock().map_err(|_| io::Error::other("scan"))?.take() else {
-        return Ok(s);
+        return scanned;
     };
     // Whatever follows the tar's end (padding, the compressor's trailer).
     let mut buf = vec![0u8; 64 * 1024];
@@ -161,18 +171,22 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         h.hash.update(&buf[..n]);
     }
     let Some(hex) = named_digest(blob) else {
-        return Ok(s);
+        return scanned;
     };
+    // A damaged blob is reported as such, whatever the tar reader made of it.
     let got = hex::encode(h.hash.finalize());
     if got != hex {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "{}: the blob's content has sha256:{got}, not the sha256:{hex} it is named by; the store is damaged (kiln store verify names what, kiln store repair or a new pull restores it)",
-                blob.display()
+                "{}: blob sha256:{hex} does not match its digest or size (got sha256:{got}, {} bytes); the image is corrupt: re-import it (kiln store add) or restore the file",
+                blob.display(),
+                before.len()
             ),
         ));
     }
+    let mut s = scanned?;
+    s.members.shrink_to_fit();
     let after = fs::metadata(blob)?;
     if stamp(&before) == stamp(&after) {
         let _ = record(&hex, &after, &s);

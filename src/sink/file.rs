@@ -311,11 +311,19 @@ impl BlobDir {
 pub fn put_blob(blobs: &Path, blob: &super::Blob<'_>) -> Result<(), Error> {
     let d = blob.desc;
     let dir = BlobDir::plain(blobs)?;
+    // One read either way: a hard link (same filesystem) is verified by
+    // reading it once, in the output's staging directory, and taken back
+    // if it does not match; otherwise the copy is verified as it is made.
     if let Some(f) = blob.file().filter(|f| f.offset == 0 && f.len == d.size) {
-        io::copy(&mut blob.reader()?, &mut io::sink())
-            .map_err(|e| read_error(blob.from(), d, e))?;
         let target = blobs.join(d.digest.hex());
-        if f.path == target || fs::hard_link(&f.path, &target).is_ok() {
+        let linked = f.path != target && fs::hard_link(&f.path, &target).is_ok();
+        if linked || f.path == target {
+            if let Err(e) = io::copy(&mut blob.reader()?, &mut io::sink()) {
+                if linked {
+                    let _ = fs::remove_file(&target);
+                }
+                return Err(read_error(blob.from(), d, e));
+            }
             return Ok(());
         }
     }

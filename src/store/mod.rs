@@ -187,11 +187,15 @@ impl Store {
 
     /// Loads the image a descriptor names, choosing `platform` (else the
     /// host's) from a multi-platform index; verifies every blob.
+    /// Loads a base image. With `verify_layers` false the caller verifies
+    /// each layer itself, in the pass that scans it
+    /// ([`crate::layer::scan::scan`]), so a cold build reads it once there.
     pub fn load(
         &self,
         d: &Descriptor,
         reference: &str,
         platform: Option<&Platform>,
+        verify_layers: bool,
     ) -> Result<BaseImage, Error> {
         let r = crate::source::resolve(self, d, platform).map_err(|e| match e {
             Error::NotFound { message } => Error::NotFound {
@@ -234,7 +238,11 @@ impl Store {
                     ),
                 });
             }
-            let path = self.verify(l)?;
+            let path = if verify_layers {
+                self.verify(l)?
+            } else {
+                self.blob_path(&l.digest)
+            };
             let mut desc = l.clone();
             desc.media_type = l.media_type.to_oci();
             layers.push((desc, path));

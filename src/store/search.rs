@@ -52,7 +52,7 @@ impl Stores {
         platform: Option<&Platform>,
     ) -> Result<BaseImage, Error> {
         let (s, d) = self.find(reference)?;
-        s.load(&d, reference, platform)
+        s.load(&d, reference, platform, true)
     }
 
     /// The first store holding a reference, and its descriptor there (nothing verified yet).

@@ -91,7 +91,7 @@ impl State<'_> {
             };
         }
         let base = self
-            .resolve_image(from, None)
+            .resolve_image(from, None, false)
             .map_err(|m| format!("--mount from={from}: {m}"))?;
         Ok(format!("image@{}", base.manifest_digest))
     }

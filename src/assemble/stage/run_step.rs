@@ -31,7 +31,7 @@ impl State<'_> {
             );
         }
         let base = self
-            .resolve_image(from, None)
+            .resolve_image(from, None, false)
             .map_err(|m| format!("--mount from={from}: no stage is named {from}, and {m}"))?;
         crate::assemble::run::lowers(
             &base.layers,
