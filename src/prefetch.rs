@@ -26,7 +26,8 @@ pub enum Msg {
     Open(Option<(u64, u64)>, u64),
     Data(Vec<u8>),
     /// The file ended after this many bytes.
-    End(u64),
+    /// The file's length and its mtime (ns) by `fstat` once it was read.
+    End(u64, i64),
     Err(PathBuf, io::Error),
 }
 
@@ -35,6 +36,7 @@ pub struct Prefetch {
     rx: Vec<Receiver<Vec<Msg>>>,
     pending: Vec<std::collections::VecDeque<Msg>>,
     next: usize,
+    last_mtime: i64,
 }
 
 impl Prefetch {
@@ -68,6 +70,7 @@ impl Prefetch {
             rx,
             pending,
             next: 0,
+            last_mtime: 0,
         }
     }
 
@@ -114,10 +117,22 @@ impl Prefetch {
                     f(Event::Data(&d)).map_err(out)?;
                 }
                 Msg::Data(_) => {}
-                Msg::End(n) => return Ok(n),
+                Msg::End(n, mtime) => {
+                    self.last_mtime = mtime;
+                    return Ok(n);
+                }
                 Msg::Err(p, e) => return Err((p, e)),
             }
         }
+    }
+}
+
+impl Prefetch {
+    /// The mtime (ns) of the file last received, by `fstat` of its open
+    /// descriptor after it was read: the build's check that no context file
+    /// changed under it rides on this, with no second lookup by path.
+    pub fn last_mtime(&self) -> i64 {
+        self.last_mtime
     }
 }
 
@@ -168,17 +183,24 @@ fn read_one(path: &Path, size: u64, batch: &mut Batch) -> Result<(), ()> {
         Err(e) => return send(Msg::Err(path.to_path_buf(), e)),
     }
     let mut total = 0u64;
+    let end = |f: &std::fs::File, total: u64| {
+        use std::os::unix::fs::MetadataExt;
+        match f.metadata() {
+            Ok(md) => Msg::End(total, md.mtime() * 1_000_000_000 + md.mtime_nsec()),
+            Err(e) => Msg::Err(path.to_path_buf(), e),
+        }
+    };
     loop {
         // Sized to what is left (+1 to see the end in the same read), never zeroed.
         let want = (size.saturating_sub(total) as usize).min(CHUNK) + 1;
         let mut buf = Vec::with_capacity(want.min(CHUNK));
         match (&mut f).take(CHUNK as u64).read_to_end(&mut buf) {
-            Ok(0) => return send(Msg::End(total)),
+            Ok(0) => return send(end(&f, total)),
             Ok(n) => {
                 total += n as u64;
                 send(Msg::Data(buf))?;
                 if n < CHUNK {
-                    return send(Msg::End(total));
+                    return send(end(&f, total));
                 }
             }
             Err(e) => return send(Msg::Err(path.to_path_buf(), e)),

@@ -19,7 +19,7 @@ mod stage;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -433,7 +433,7 @@ pub fn execute(
             .collect::<Result<_, _>>()?,
     };
     step.finish();
-    unchanged(&watch)?;
+    unchanged(&watch, &infos)?;
 
     let mut config: ImageConfig = planned.config;
     let mut diff_ids = std::mem::take(&mut config.rootfs.diff_ids);
@@ -609,21 +609,33 @@ fn too_large(
 }
 
 /// Checks that no context file changed (size or mtime) since it was
-/// collected: the layers were read after the hash was computed.
-fn unchanged(watch: &[(Arc<Path>, u64, i64)]) -> Result<(), Error> {
+/// collected: the layers were read after the hash was computed. A file a
+/// layer read is checked against the `fstat` the layer writer made of it
+/// once read (no second lookup); only files no layer read are stat-ed here.
+fn unchanged(watch: &[(Arc<Path>, u64, i64)], layers: &[LayerInfo]) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
+    // Keyed by the shared path's address: layer entries hold the very Arcs
+    // the context's entries hold.
+    let key = |p: &Arc<Path>| Arc::as_ptr(p) as *const u8 as usize;
+    let read: HashMap<usize, (u64, i64)> = layers
+        .iter()
+        .flat_map(|l| &l.read)
+        .map(|(p, size, mtime)| (key(p), (*size, *mtime)))
+        .collect();
     watch.par_iter().try_for_each(|(p, size, mtime)| {
-        let now = crate::fsx::lstat_deep(p).ok();
-        let same = now.as_ref().is_some_and(|m| {
-            m.len() == *size && m.mtime() * 1_000_000_000 + m.mtime_nsec() == *mtime
-        });
-        if same {
+        let now = match read.get(&key(p)) {
+            Some(&seen) => Some(seen),
+            None => crate::fsx::lstat_deep(p)
+                .ok()
+                .map(|m| (m.len(), m.mtime() * 1_000_000_000 + m.mtime_nsec())),
+        };
+        if now == Some((*size, *mtime)) {
             Ok(())
         } else {
             Err(Error::Context(context::Error::Changed {
                 path: p.to_path_buf(),
                 expected: *size,
-                got: now.map_or(0, |m| m.len()),
+                got: now.map_or(0, |m| m.0),
             }))
         }
     })

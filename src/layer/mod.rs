@@ -77,7 +77,13 @@ pub struct LayerInfo {
     pub media_type: crate::image::MediaType,
     /// The compressor annotation, if compressed.
     pub compressor: Option<String>,
+    /// The files on disk the layer read, as they were once read.
+    pub read: Vec<Observed>,
 }
+
+/// A file a layer read: its path (shared with the context entry it came
+/// from), length, and mtime (ns) by `fstat` after the read.
+pub type Observed = (Arc<Path>, u64, i64);
 
 /// Errors writing a layer.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +145,7 @@ impl Planned {
                     .annotations
                     .get(crate::image::ANNOTATION_COMPRESSOR)
                     .cloned(),
+                read: Vec::new(),
             }),
             _ => None,
         }
@@ -152,7 +159,8 @@ pub fn write_tar<W: Write>(
     mtime: u64,
     w: &mut W,
     step: &Step,
-) -> Result<(), Error> {
+) -> Result<Vec<Observed>, Error> {
+    let mut read = Vec::new();
     let werr = |e: io::Error| Error::Write {
         dir: PathBuf::from("layer stream"),
         source: e,
@@ -256,13 +264,14 @@ pub fn write_tar<W: Write>(
                     if got != *size {
                         return Err(changed(got));
                     }
+                    read.push((p.clone(), got, prefetch.last_mtime()));
                     tar::pad(w, *size).map_err(werr)?;
                     step.inc(*size, 1);
                 }
             }
         }
         tar::finish(w).map_err(werr)?;
-        Ok(())
+        Ok(read)
     })
 }
 
@@ -365,8 +374,9 @@ pub fn write_layer_to<W: Write + Send>(
         let result = (|| {
             let comp = compression.writer(offload).map_err(werr)?;
             let mut inner = HashingWriter::new(BufWriter::with_capacity(1 << 20, comp));
+            let mut read = Vec::new();
             match entries {
-                Planned::Entries(entries) => write_tar(entries, mtime, &mut inner, step)?,
+                Planned::Entries(entries) => read = write_tar(entries, mtime, &mut inner, step)?,
                 Planned::Cached { .. } => unreachable!("a cache hit is never written again"),
                 Planned::Tar { path, .. } => {
                     // A RUN's layer, already a deterministic tar: hashed
@@ -394,7 +404,7 @@ pub fn write_layer_to<W: Write + Send>(
             let mut offload = comp.finish().map_err(werr)?;
             offload.flush().map_err(werr)?;
             drop(offload.tx.take());
-            Ok(diff_id)
+            Ok((diff_id, read))
         })();
         let written = writer
             .join()
@@ -405,9 +415,11 @@ pub fn write_layer_to<W: Write + Send>(
         Ok((result?, written))
     })?;
     let (digest, size, file) = written;
+    let (diff_id, read) = diff_id;
     let info = LayerInfo {
         digest,
         diff_id,
+        read,
         size,
         media_type: compression.media_type(),
         compressor: compression.describe(),
