@@ -331,100 +331,7 @@ pub fn execute(
     let infos: Vec<LayerInfo> = match streaming {
         // Archive outputs: each layer's stream goes straight into the archive,
         // one layer after another (each layer is itself parallel inside).
-        Some(out) => {
-            // Every layer goes in in manifest order (base layers, then this
-            // build's, cache hits at their place), then the config: the
-            // order `copy` exports an image in, so a build and an export
-            // give the same archive bytes.
-            let mut ready = BTreeMap::new();
-            let mut base = Vec::new();
-            for (d, path) in &planned.base {
-                ready.insert(d.digest.clone(), path.clone());
-                base.push(d.clone());
-            }
-            for l in &planned.layers {
-                if let layer::Planned::Cached { desc, blob, .. } = l {
-                    ready.insert(desc.digest.clone(), blob.clone());
-                }
-            }
-            let have = source::BuildBlobs {
-                blobs: blobs.clone(),
-                extra: ready,
-                image: Descriptor::new(MediaType::OciManifest, crate::Digest::from_raw([0; 32]), 0),
-                tags: Vec::new(),
-            };
-            let put = |d: &Descriptor| {
-                if crate::sink::Sink::has_blob(out, d)? {
-                    return Ok::<_, Error>(());
-                }
-                crate::sink::Sink::put_blob(
-                    out,
-                    crate::sink::Blob {
-                        desc: d,
-                        data: crate::sink::BlobData::Source(&have),
-                    },
-                )?;
-                Ok(())
-            };
-            for d in &base {
-                put(d)?;
-            }
-            let mut infos = Vec::new();
-            for entries in &planned.layers {
-                if let layer::Planned::Cached { desc, .. } = entries {
-                    put(desc)?;
-                }
-                if let Some(info) = entries.cached_info() {
-                    infos.push(info);
-                    continue;
-                }
-                let info = out.put_new_blob(|f| {
-                    let pending = match into_store {
-                        true => Some(blob_dir.pending("layer")?),
-                        false => None,
-                    };
-                    let stored = |f: &file::Pending| f.file().try_clone();
-                    let (info, f) = match &pending {
-                        None => layer::write_layer_to(entries, ts, level, f, &step),
-                        Some(p) => {
-                            let also = stored(p).map_err(|source| source::Error::Write {
-                                path: p.temp_path(),
-                                source,
-                            })?;
-                            let tee = layer::Tee(f, also, p.temp_path());
-                            layer::write_layer_to(entries, ts, level, tee, &step)
-                                .map(|(i, t)| (i, t.0))
-                        }
-                    }
-                    .map_err(|e| match e {
-                        // The layer goes straight into the output file (and,
-                        // indexed, into the store: a failure there names the
-                        // store's file).
-                        layer::Error::Write { source, .. } => {
-                            let store_side = source
-                                .get_ref()
-                                .and_then(|e| e.downcast_ref::<layer::TeeFailed>())
-                                .map(|t| {
-                                    let e =
-                                        std::io::Error::new(t.source.kind(), t.source.to_string());
-                                    (t.path.clone(), e)
-                                });
-                            let (path, source) =
-                                store_side.unwrap_or_else(|| (opts.output.clone(), source));
-                            Error::Image(source::Error::Write { path, source })
-                        }
-                        e => Error::Layer(e),
-                    })?;
-                    let (d, n) = (info.digest.clone(), info.size);
-                    if let Some(p) = pending {
-                        blob_dir.commit(p, &d)?;
-                    }
-                    Ok::<_, Error>((info, d, n, f))
-                })?;
-                infos.push(info.expect("uncompressed archives take new blobs"));
-            }
-            infos
-        }
+        Some(out) => stream_layers(out, &planned, &blob_dir, into_store, opts, &step)?,
         // Layouts, stores and .tar.zst: blobs first; independent layers in parallel.
         None => planned
             .layers
@@ -606,6 +513,109 @@ fn too_large(
             "the image {what} would be {size} bytes, more than the {max} bytes (4 MiB) kiln, registries and Docker's tools read back{hint}; move large data into a file and COPY it"
         ),
     })
+}
+
+/// Streams a build's layers into an archive output, in manifest order
+/// (base layers, then this build's, cache hits at their place): the order
+/// `copy` exports an image in, so a build and an export give the same
+/// archive bytes. Each new layer is written once; `into_store` (an indexed
+/// build) writes the same stream into the store's blob directory too.
+fn stream_layers(
+    out: &Output,
+    planned: &stage::Planned,
+    blob_dir: &file::BlobDir,
+    into_store: bool,
+    opts: &BuildOptions,
+    step: &crate::progress::Step,
+) -> Result<Vec<LayerInfo>, Error> {
+    let (level, ts) = (opts.compression, opts.timestamp);
+    let blobs = blob_dir.path().to_path_buf();
+    let mut ready = BTreeMap::new();
+    let mut base = Vec::new();
+    for (d, path) in &planned.base {
+        ready.insert(d.digest.clone(), path.clone());
+        base.push(d.clone());
+    }
+    for l in &planned.layers {
+        if let layer::Planned::Cached { desc, blob, .. } = l {
+            ready.insert(desc.digest.clone(), blob.clone());
+        }
+    }
+    let have = source::BuildBlobs {
+        blobs: blobs.clone(),
+        extra: ready,
+        image: Descriptor::new(MediaType::OciManifest, crate::Digest::from_raw([0; 32]), 0),
+        tags: Vec::new(),
+    };
+    let put = |d: &Descriptor| {
+        if crate::sink::Sink::has_blob(out, d)? {
+            return Ok::<_, Error>(());
+        }
+        crate::sink::Sink::put_blob(
+            out,
+            crate::sink::Blob {
+                desc: d,
+                data: crate::sink::BlobData::Source(&have),
+            },
+        )?;
+        Ok(())
+    };
+    for d in &base {
+        put(d)?;
+    }
+    let mut infos = Vec::new();
+    for entries in &planned.layers {
+        if let layer::Planned::Cached { desc, .. } = entries {
+            put(desc)?;
+        }
+        if let Some(info) = entries.cached_info() {
+            infos.push(info);
+            continue;
+        }
+        let info = out.put_new_blob(|f| {
+            let pending = match into_store {
+                true => Some(blob_dir.pending("layer")?),
+                false => None,
+            };
+            let stored = |f: &file::Pending| f.file().try_clone();
+            let (info, f) = match &pending {
+                None => layer::write_layer_to(entries, ts, level, f, step),
+                Some(p) => {
+                    let also = stored(p).map_err(|source| source::Error::Write {
+                        path: p.temp_path(),
+                        source,
+                    })?;
+                    let tee = layer::Tee(f, also, p.temp_path());
+                    layer::write_layer_to(entries, ts, level, tee, step).map(|(i, t)| (i, t.0))
+                }
+            }
+            .map_err(|e| match e {
+                // The layer goes straight into the output file (and,
+                // indexed, into the store: a failure there names the
+                // store's file).
+                layer::Error::Write { source, .. } => {
+                    let store_side = source
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<layer::TeeFailed>())
+                        .map(|t| {
+                            let e = std::io::Error::new(t.source.kind(), t.source.to_string());
+                            (t.path.clone(), e)
+                        });
+                    let (path, source) =
+                        store_side.unwrap_or_else(|| (opts.output.clone(), source));
+                    Error::Image(source::Error::Write { path, source })
+                }
+                e => Error::Layer(e),
+            })?;
+            let (d, n) = (info.digest.clone(), info.size);
+            if let Some(p) = pending {
+                blob_dir.commit(p, &d)?;
+            }
+            Ok::<_, Error>((info, d, n, f))
+        })?;
+        infos.push(info.expect("uncompressed archives take new blobs"));
+    }
+    Ok(infos)
 }
 
 /// Checks that no context file changed (size or mtime) since it was
