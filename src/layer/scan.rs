@@ -84,7 +84,8 @@ fn stamp(md: &fs::Metadata) -> [u64; 5] {
 /// The recorded scan of `blob`, if there is one for this very file.
 fn recorded(blob: &Path) -> Option<Scan> {
     let hex = named_digest(blob)?;
-    let md = fs::metadata(blob).ok()?;
+    // The blob itself, never what a link in its place points to.
+    let md = fs::symlink_metadata(blob).ok().filter(|m| m.is_file())?;
     let path = records().join(&hex);
     if fs::metadata(&path).ok()?.len() > MAX_RECORD {
         return None;
@@ -108,10 +109,13 @@ pub fn trusted(blob: &Path, size: u64) -> bool {
     let Some(hex) = named_digest(blob) else {
         return false;
     };
-    let (Ok(md), Ok(f)) = (fs::metadata(blob), fs::File::open(records().join(hex))) else {
+    let (Ok(md), Ok(f)) = (
+        fs::symlink_metadata(blob),
+        fs::File::open(records().join(hex)),
+    ) else {
         return false;
     };
-    if md.len() != size {
+    if !md.is_file() || md.len() != size {
         return false;
     }
     let mut head = [0u8; 8 + 40];
@@ -132,8 +136,8 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     if let Some(s) = recorded(blob) {
         return Ok(s);
     }
-    let before = match fs::metadata(blob) {
-        Ok(md) => md,
+    let file = match open_blob(blob) {
+        Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let what =
                 named_digest(blob).map_or("the layer blob".into(), |h| format!("blob sha256:{h}"));
@@ -144,10 +148,12 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         }
         Err(e) => return Err(e),
     };
+    let before = file.metadata()?;
     let mut head = [0u8; 4];
-    let n = fs::File::open(blob)?.read(&mut head)?;
+    let n = (&file).read(&mut head)?;
+    io::Seek::seek(&mut (&file), io::SeekFrom::Start(0))?;
     let hashing = Hashing {
-        inner: io::BufReader::with_capacity(1 << 20, fs::File::open(blob)?),
+        inner: io::BufReader::with_capacity(1 << 20, file),
         hash: Sha256::new(),
     };
     let shared = std::sync::Arc::new(std::sync::Mutex::new(Some(hashing)));
@@ -187,11 +193,30 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     }
     let mut s = scanned?;
     s.members.shrink_to_fit();
-    let after = fs::metadata(blob)?;
+    let after = fs::symlink_metadata(blob)?;
     if stamp(&before) == stamp(&after) {
         let _ = record(&hex, &after, &s);
     }
     Ok(s)
+}
+
+/// Opens a layer blob, never through a link (a store's blobs are its own
+/// files: a link in a blob's place is refused, and nothing about its target
+/// is read or printed).
+fn open_blob(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => crate::fsx::not_regular(path, "a symbolic link"),
+            _ => e,
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(crate::fsx::not_regular(path, "a directory or special file"));
+    }
+    Ok(f)
 }
 
 struct Hashing {
