@@ -27,10 +27,6 @@ fn main() -> ExitCode {
     // SAFETY: called before any other thread exists; SIG_DFL is always valid.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        // Large arrays (a hash listing of a huge tree) grow by mremap in
-        // place: with glibc's sliding threshold they would move within the
-        // heap and leave each old copy resident, doubling the peak.
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
     // The RUN sandbox's helper: kiln re-executed, single-threaded.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
