@@ -80,7 +80,17 @@ pub fn hash_batch(dir: BorrowedFd<'_>, names: &[&CStr]) -> Vec<Option<Hashed>> {
         let Some((ring, buf)) = slot.as_mut() else {
             return false;
         };
-        run(ring, buf, dir, names, &mut out).is_ok()
+        if run(ring, buf, dir, names, &mut out).is_ok() {
+            return true;
+        }
+        // Requests may still be in flight into the buffer: it is never
+        // freed or reused, and io_uring is not used again in this process.
+        STATE.store(2, Ordering::Relaxed);
+        if let Some((ring, buf)) = slot.take() {
+            std::mem::forget(buf);
+            drop(ring);
+        }
+        false
     });
     if !done {
         // The ring failed as a whole: nothing it returned is trusted.
@@ -117,6 +127,8 @@ fn run(
             let mut sq = ring.submission();
             for &i in chunk {
                 let open = opcode::OpenAt::new(dfd, names[i].as_ptr())
+                    // Not O_NONBLOCK: io_uring would then answer EAGAIN for
+                    // reads not in the page cache instead of waiting for them.
                     .flags(libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
                     .build()
                     .user_data(i as u64);
