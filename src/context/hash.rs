@@ -12,7 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
-use super::listing::{Listing, REGULAR, SYMLINK};
+use super::listing::{mode_of, Listing, REGULAR, SYMLINK};
 use super::walk::hash_reader;
 use super::{Context, Entry, Error, ModePolicy, Source};
 use crate::progress::Step;
@@ -35,10 +35,7 @@ pub fn entry_sha256(entry: &Entry) -> Result<[u8; 32], Error> {
 
 /// The git-style mode string of an entry under `policy`.
 pub fn mode_string(entry: &Entry, policy: ModePolicy) -> std::borrow::Cow<'static, str> {
-    match &entry.source {
-        Source::Symlink { .. } => mode_text(SYMLINK, policy),
-        _ => mode_text(REGULAR | (entry.mode & 0o7777), policy),
-    }
+    mode_text(mode_of(entry), policy)
 }
 
 /// The mode string of a listing's mode under `policy`.
@@ -66,11 +63,7 @@ pub fn kiln_v1(ctx: &Context, policy: ModePolicy) -> Result<String, Error> {
         .collect::<Result<_, _>>()?;
     let mut listing = Listing::default();
     for ((path, e), d) in entries.iter().zip(digests) {
-        let mode = match e.source {
-            Source::Symlink { .. } => SYMLINK,
-            _ => REGULAR | (e.mode & 0o7777),
-        };
-        listing.push(path, b"", mode, e.size, d);
+        listing.push(path, b"", mode_of(e), e.size, d);
     }
     Ok(lines_digest(ctx, &listing, policy))
 }

@@ -14,6 +14,14 @@ pub const SYMLINK: u32 = 0o120000;
 /// The type bits of a regular file.
 pub const REGULAR: u32 = 0o100000;
 
+/// The listing mode of a context entry.
+pub fn mode_of(e: &Entry) -> u32 {
+    match e.source {
+        Source::Symlink { .. } => SYMLINK,
+        _ => REGULAR | (e.mode & 0o7777),
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Rec {
     off: u64,
@@ -54,11 +62,13 @@ impl Listing {
     /// Adds an entry found other than by a compact walk (a symlink, an
     /// included file, the Dockerfile), hashing its content.
     pub fn push_entry(&mut self, prefix: &[u8], name: &[u8], e: &Entry) -> Result<(), Error> {
-        let mode = match e.source {
-            Source::Symlink { .. } => SYMLINK,
-            _ => REGULAR | (e.mode & 0o7777),
-        };
-        self.push(prefix, name, mode, e.size, super::hash::entry_sha256(e)?);
+        self.push(
+            prefix,
+            name,
+            mode_of(e),
+            e.size,
+            super::hash::entry_sha256(e)?,
+        );
         Ok(())
     }
 
