@@ -27,6 +27,26 @@ pub struct DirFd {
     pub path: PathBuf,
 }
 
+/// Opens a file kiln owns (a blob of a store or a build) by path for
+/// reading, never through a link: a link in its place is refused (nothing
+/// about its target is read or printed), and so is anything not a regular
+/// file.
+pub fn open_own_file(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => not_regular(path, "a symbolic link"),
+            _ => e,
+        })?;
+    if !f.metadata()?.is_file() {
+        return Err(not_regular(path, "a directory or special file"));
+    }
+    Ok(f)
+}
+
 /// The error for a link (or other non-regular file) where kiln wants its own file.
 pub fn not_regular(path: &Path, what: &str) -> io::Error {
     io::Error::new(

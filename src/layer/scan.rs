@@ -136,7 +136,8 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     if let Some(s) = recorded(blob) {
         return Ok(s);
     }
-    let file = match open_blob(blob) {
+    // Never through a link, as the store's own reads.
+    let file = match crate::fsx::open_own_file(blob) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let what =
@@ -198,25 +199,6 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         let _ = record(&hex, &after, &s);
     }
     Ok(s)
-}
-
-/// Opens a layer blob, never through a link (a store's blobs are its own
-/// files: a link in a blob's place is refused, and nothing about its target
-/// is read or printed).
-fn open_blob(path: &Path) -> io::Result<fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => crate::fsx::not_regular(path, "a symbolic link"),
-            _ => e,
-        })?;
-    if !f.metadata()?.is_file() {
-        return Err(crate::fsx::not_regular(path, "a directory or special file"));
-    }
-    Ok(f)
 }
 
 struct Hashing {

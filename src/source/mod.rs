@@ -192,22 +192,7 @@ pub(crate) fn open_file(
     d: &Descriptor,
 ) -> Result<Box<dyn Read + Send + 'static>, Error> {
     // Never through a link: blob files are kiln's own or a store's.
-    let open = || -> io::Result<File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP) => crate::fsx::not_regular(path, "a symbolic link"),
-                _ => e,
-            })?;
-        if !f.metadata()?.is_file() {
-            return Err(crate::fsx::not_regular(path, "not a regular file"));
-        }
-        Ok(f)
-    };
-    match open() {
+    match crate::fsx::open_own_file(path) {
         Ok(f) => Ok(Box::new(BufReader::with_capacity(1 << 20, f))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Error::Missing {
             path: owner.to_path_buf(),
