@@ -81,52 +81,55 @@ fn stamp(md: &fs::Metadata) -> [u64; 5] {
     ]
 }
 
+/// A store blob's hex digest (its name) and its own metadata (never that
+/// of what a link in its place points to).
+fn own_blob(blob: &Path) -> Option<(String, fs::Metadata)> {
+    let hex = named_digest(blob)?;
+    let md = fs::symlink_metadata(blob).ok().filter(|m| m.is_file())?;
+    Some((hex, md))
+}
+
+/// Bytes of a record's header: magic and the blob's stamp.
+const RECORD_HEAD: usize = 8 + 40;
+
+/// Whether a record's header names this very file (same stamp).
+fn stamped(head: &[u8], md: &fs::Metadata) -> bool {
+    head.len() >= RECORD_HEAD
+        && &head[..8] == MAGIC
+        && head[8..RECORD_HEAD]
+            .chunks(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .eq(stamp(md))
+}
+
 /// The recorded scan of `blob`, if there is one for this very file.
 fn recorded(blob: &Path) -> Option<Scan> {
-    let hex = named_digest(blob)?;
-    // The blob itself, never what a link in its place points to.
-    let md = fs::symlink_metadata(blob).ok().filter(|m| m.is_file())?;
+    let (hex, md) = own_blob(blob)?;
     let path = records().join(&hex);
     if fs::metadata(&path).ok()?.len() > MAX_RECORD {
         return None;
     }
     let bytes = fs::read(&path).ok()?;
-    let mut r = Reader { b: &bytes, at: 0 };
-    if r.take(8)? != MAGIC {
+    if !stamped(&bytes, &md) {
         return None;
     }
-    for want in stamp(&md) {
-        if r.u64()? != want {
-            return None;
-        }
-    }
-    decode(&mut r)
+    decode(&mut Reader {
+        b: &bytes,
+        at: RECORD_HEAD,
+    })
 }
 
 /// Whether `blob` (a store blob named by its sha256, `size` bytes long)
 /// was verified by a scan whose record still matches the file.
 pub fn trusted(blob: &Path, size: u64) -> bool {
-    let Some(hex) = named_digest(blob) else {
+    let Some((hex, md)) = own_blob(blob).filter(|(_, md)| md.len() == size) else {
         return false;
     };
-    let (Ok(md), Ok(f)) = (
-        fs::symlink_metadata(blob),
-        fs::File::open(records().join(hex)),
-    ) else {
-        return false;
-    };
-    if !md.is_file() || md.len() != size {
-        return false;
-    }
-    let mut head = [0u8; 8 + 40];
-    if f.take(48).read_exact(&mut head).is_err() || &head[..8] != MAGIC {
-        return false;
-    }
-    let got: Vec<u64> = head[8..]
-        .chunks(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-        .collect();
-    got == stamp(&md)
+    let mut head = [0u8; RECORD_HEAD];
+    fs::File::open(records().join(hex))
+        .and_then(|f| f.take(RECORD_HEAD as u64).read_exact(&mut head))
+        .is_ok()
+        && stamped(&head, &md)
 }
 
 /// Scans `blob` (a layer, compressed or not), from its record when one
