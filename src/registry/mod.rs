@@ -399,12 +399,7 @@ impl Client {
 
     fn fail(method: &str, url: &str, mut resp: http::Response<ureq::Body>) -> Error {
         let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(4096)
-            .read_to_string()
-            .unwrap_or_default();
+        let body = error_body(&mut resp);
         Error::Http {
             method: method.to_string(),
             url: url.to_string(),
@@ -553,6 +548,15 @@ fn encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// The start of an error response's body (4 KiB at most), for messages.
+fn error_body(resp: &mut http::Response<ureq::Body>) -> String {
+    resp.body_mut()
+        .with_config()
+        .limit(4096)
+        .read_to_string()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -52,17 +52,9 @@ pub fn pull(
     names: &[String],
     platform: Option<&Platform>,
 ) -> Result<Option<Descriptor>, Error> {
-    let Some(src) = RegistrySource::open(client.clone(), reference)? else {
-        return Ok(None);
-    };
-    let sel = Selection {
-        image: Some(src.descriptor().clone()),
-        names: names.to_vec(),
-        platform: platform.cloned(),
-        ..Default::default()
-    };
-    let copied = copy(&src, store, &sel)?;
-    Ok(copied.images.into_iter().next().map(|(d, _)| d))
+    pull_selected(client, reference, store, names, |sel| {
+        sel.platform = platform.cloned()
+    })
 }
 
 /// [`pull`] of a whole image index: every platform's manifest and the
@@ -73,15 +65,29 @@ pub fn pull_all_platforms(
     store: &Store,
     names: &[String],
 ) -> Result<Option<Descriptor>, Error> {
+    pull_selected(client, reference, store, names, |sel| {
+        sel.all_platforms = true
+    })
+}
+
+/// The one pull: the reference's image into `store` under `names`, with
+/// what `narrow` sets of the selection (a platform, or all of them).
+fn pull_selected(
+    client: &Arc<Client>,
+    reference: &Reference,
+    store: &Store,
+    names: &[String],
+    narrow: impl FnOnce(&mut Selection),
+) -> Result<Option<Descriptor>, Error> {
     let Some(src) = RegistrySource::open(client.clone(), reference)? else {
         return Ok(None);
     };
-    let sel = Selection {
+    let mut sel = Selection {
         image: Some(src.descriptor().clone()),
         names: names.to_vec(),
-        all_platforms: true,
         ..Default::default()
     };
+    narrow(&mut sel);
     let copied = copy(&src, store, &sel)?;
     Ok(copied.images.into_iter().next().map(|(d, _)| d))
 }

@@ -72,12 +72,7 @@ impl Client {
             }) => {
                 let status = match self.send_with("GET", session, &[], &Payload::Empty, 0) {
                     Ok(mut resp) => {
-                        let body = resp
-                            .body_mut()
-                            .with_config()
-                            .limit(4096)
-                            .read_to_string()
-                            .unwrap_or_default();
+                        let body = super::error_body(&mut resp);
                         format!(
                             "; the registry then answered {}{}{}",
                             resp.status().as_u16(),
