@@ -73,32 +73,20 @@ fn uring_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -> (u64
                 }
             }
         }
-        let want = names.len() * 3;
-        ring.submit_and_wait(want).expect("submit");
         let mut lens = vec![0usize; names.len()];
-        let mut seen = 0;
-        while seen < want {
-            for c in ring.completion() {
-                seen += 1;
-                let ud = c.user_data() as usize;
-                assert!(c.result() >= 0, "op {} failed: {}", ud % 4, c.result());
-                if ud % 4 == 1 {
-                    lens[ud / 4] = c.result() as usize;
-                }
-            }
-            if seen < want {
-                ring.submit_and_wait(1).expect("wait");
+        for (ud, res) in reap(ring, names.len() * 3) {
+            if ud % 4 == 1 {
+                lens[ud / 4] = res as usize;
             }
         }
         let mut out = (0u64, 0u64, 0u8);
         for (i, &len) in lens.iter().enumerate() {
             assert!(len < FBUF, "file too big for the floor's buffers");
-            let first = if hash {
-                Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0]
-            } else {
-                bufs[i * FBUF]
-            };
-            out = (out.0 + 1, out.1 + len as u64, out.2 ^ first);
+            out = (
+                out.0 + 1,
+                out.1 + len as u64,
+                out.2 ^ slot_first(bufs, i, len, hash),
+            );
         }
         out
     })
@@ -127,17 +115,8 @@ fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -
                 unsafe { sq.push(&open).unwrap() };
             }
         }
-        ring.submit_and_wait(names.len()).expect("submit");
-        let mut seen = 0;
-        while seen < names.len() {
-            for c in ring.completion() {
-                assert!(c.result() >= 0);
-                fds[c.user_data() as usize] = c.result();
-                seen += 1;
-            }
-            if seen < names.len() {
-                ring.submit_and_wait(1).expect("wait");
-            }
+        for (i, fd) in reap(ring, names.len()) {
+            fds[i] = fd;
         }
         let mut sizes = vec![0i64; names.len()];
         let mut out = (0u64, 0u64, 0u8);
@@ -170,21 +149,10 @@ fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -
                 }
             }
         }
-        let want = small * 2;
-        ring.submit_and_wait(want).expect("submit");
         let mut lens = vec![0usize; names.len()];
-        let mut seen = 0;
-        while seen < want {
-            for c in ring.completion() {
-                seen += 1;
-                let ud = c.user_data() as usize;
-                assert!(c.result() >= 0);
-                if ud % 2 == 0 {
-                    lens[ud / 2] = c.result() as usize;
-                }
-            }
-            if seen < want {
-                ring.submit_and_wait(1).expect("wait");
+        for (ud, res) in reap(ring, small * 2) {
+            if ud % 2 == 0 {
+                lens[ud / 2] = res as usize;
             }
         }
         for (i, &len) in lens.iter().enumerate() {
@@ -192,12 +160,11 @@ fn uring_fstat_batch(dirfd: &OwnedFd, names: &[std::ffi::CString], hash: bool) -
                 continue;
             }
             assert_eq!(len as i64, sizes[i]);
-            let first = if hash {
-                Sha256::digest(&bufs[i * FBUF..i * FBUF + len])[0]
-            } else {
-                bufs[i * FBUF]
-            };
-            out = (out.0 + 1, out.1 + len as u64, out.2 ^ first);
+            out = (
+                out.0 + 1,
+                out.1 + len as u64,
+                out.2 ^ slot_first(bufs, i, len, hash),
+            );
         }
         out
     })
@@ -264,6 +231,35 @@ fn dir(fd: OwnedFd, hash: bool) -> (u64, u64, u8) {
         fold ^= s.2;
     }
     (n, bytes, fold)
+}
+
+/// Submits what is queued and waits for `want` completions: (user data,
+/// result), every one a success (the floor has no error path).
+fn reap(ring: &mut io_uring::IoUring, want: usize) -> Vec<(usize, i32)> {
+    let mut got = Vec::with_capacity(want);
+    while got.len() < want {
+        ring.submit_and_wait(want - got.len()).expect("submit");
+        for c in ring.completion() {
+            assert!(
+                c.result() >= 0,
+                "op {} failed: {}",
+                c.user_data(),
+                c.result()
+            );
+            got.push((c.user_data() as usize, c.result()));
+        }
+    }
+    got
+}
+
+/// The first byte of slot `i`'s digest (or of its bytes, not hashing).
+fn slot_first(bufs: &[u8], i: usize, len: usize, hash: bool) -> u8 {
+    let b = &bufs[i * FBUF..i * FBUF + len];
+    if hash {
+        Sha256::digest(b)[0]
+    } else {
+        bufs[i * FBUF]
+    }
 }
 
 /// Reads a whole file one call at a time: (1, bytes, first digest byte).
