@@ -260,3 +260,100 @@ fn routes_of_a_digest_pinned_from_need_no_store() {
         "{err}"
     );
 }
+
+/// Every file of a directory tree, relative path → bytes.
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().display().to_string();
+                out.push((rel, fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn no_index_an_indexed_build_and_a_hit_write_the_same_archive_bytes() {
+    // A base layer from a store, a cached-nothing build: the archive takes
+    // the base layer, this build's layer (streamed into the user store and
+    // the output at once) and the config, in one order on every path.
+    let d = included_tree();
+    let t = d.path();
+    let vendor = repo().join("vendor-images");
+    write(
+        t,
+        "img/Dockerfile",
+        b"FROM kiln/base:1\n# %include shared/data.txt\nCOPY topsrcdir/shared/data.txt /data.txt\n",
+    );
+    let st = vendor.to_str().unwrap();
+    let plain = json(&ok(&mut build_cmd(
+        t,
+        "plain.tar",
+        &["--store", st, "--no-index", "--json"],
+    )));
+    let built = cached_build(t, "built.tar", &["--store", st]);
+    let hit = cached_build(t, "hit.tar", &["--store", st]);
+    assert_eq!(s(&built["status"]), "built");
+    assert_eq!(s(&hit["status"]), "up to date");
+    assert_eq!(plain["manifest_digest"], built["manifest_digest"]);
+    let bytes = |n: &str| fs::read(t.join(n)).unwrap();
+    assert!(
+        bytes("plain.tar") == bytes("built.tar"),
+        "--no-index and indexed archives differ"
+    );
+    assert!(
+        bytes("built.tar") == bytes("hit.tar"),
+        "a built and an exported archive differ"
+    );
+    // The user store holds the layer the build streamed into it.
+    let layer = built["layers"].as_array().unwrap().last().unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let stored = t.join("cache/kiln/store/blobs/sha256").join(&layer);
+    assert!(stored.is_file(), "{} missing", stored.display());
+}
+
+#[test]
+fn a_layout_export_of_a_damaged_stored_blob_is_refused_and_leaves_nothing() {
+    let d = included_tree();
+    let t = d.path();
+    let built = cached_build(t, "lay", &["--format", "oci-dir"]);
+    assert_eq!(s(&built["status"]), "built");
+    let first = files_of(&t.join("lay"));
+    // A hit hard-links (or copies) each blob out of the user store, verified once.
+    let again = cached_build(t, "lay2", &["--format", "oci-dir"]);
+    assert_eq!(s(&again["status"]), "up to date");
+    assert_eq!(files_of(&t.join("lay2")), first);
+    // Same size, one byte flipped, in the user store: the export refuses it.
+    let layer = built["layers"].as_array().unwrap()[0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p = t
+        .join("cache/kiln/store/blobs/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    let mut b = fs::read(&p).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0xff;
+    fs::remove_file(&p).unwrap(); // the first layout may share its inode
+    fs::write(&p, &b).unwrap();
+    let mut c = build_cmd(t, "lay3", &["--format", "oci-dir"]);
+    c.env("XDG_CACHE_HOME", t.join("cache"));
+    let err = fails(&mut c);
+    assert!(
+        err.contains(&format!("blob {layer} does not match its digest or size")),
+        "{err}"
+    );
+    assert!(!t.join("lay3").exists(), "no output from a damaged store");
+    assert_eq!(files_of(&t.join("lay")), first, "earlier outputs untouched");
+}
