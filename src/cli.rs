@@ -285,6 +285,11 @@ pub struct BuildArgs {
     /// loopback). `RUN --network=…` overrides it for one step.
     #[arg(long, value_name = "host|none", default_value = "host", value_parser = ["host", "none", "default"])]
     pub network: String,
+    /// Grant an entitlement (BuildKit's word): network.host lets a step ask for the host's network
+    /// with `RUN --network=host`. Without it such a step fails; a build-wide --network none binds
+    /// every step whatever is allowed.
+    #[arg(long = "allow", value_name = "network.host", value_parser = ["network.host"])]
+    pub allow: Vec<String>,
     /// Pull a FROM or COPY --from image no store has into the user store (--pull or
     /// --pull=missing), or every tag reference again (--pull=always). Off by default: kiln then
     /// never touches the network for a base. A pinned digest accepts only those bytes.

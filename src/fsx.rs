@@ -307,10 +307,60 @@ impl DirFd {
         Ok(out)
     }
 
+    /// An `O_PATH` descriptor of `rel` beneath (a directory or a regular
+    /// file), reached with no link followed: a link on the way or in its
+    /// place is an error naming it. Returns whether it is a directory.
+    pub fn open_path(&self, rel: impl AsRef<Path>) -> io::Result<(OwnedFd, bool)> {
+        let rel = rel.as_ref();
+        let fd = open_beneath(self.fd(), rel, OFlags::PATH, Mode::empty())
+            .map_err(|e| self.link_error(rel, e))?;
+        let st = rustix::fs::fstat(&fd)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Directory => Ok((fd, true)),
+            FileType::RegularFile => Ok((fd, false)),
+            _ => Err(not_regular(&self.join(rel), describe(&st))),
+        }
+    }
+
     /// Syncs the directory (a rename in it becomes durable).
     pub fn sync(&self) -> io::Result<()> {
         rustix::fs::fsync(&self.fd).map_err(Into::into)
     }
+}
+
+/// Creates `path` (and its parents) and makes it private (0700): a
+/// directory holding a build's or a RUN's files, which no other local user
+/// may enter (a RUN may leave a setuid binary there).
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    let md = std::fs::symlink_metadata(path)?;
+    if md.permissions().mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Removes a tree that may hold directories without write or search
+/// permission (overlay's `work/work` is mode 0000): each directory is made
+/// 0700 before its entries go. Links are removed, never followed. Best
+/// effort; what is left stays.
+pub fn force_remove_tree(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(md) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    if !md.is_dir() {
+        let _ = std::fs::remove_file(dir);
+        return;
+    }
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            force_remove_tree(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// Most of a path one `open` takes (`PATH_MAX` is 4096 with its NUL).

@@ -33,6 +33,7 @@ pub mod dockerfile;
 pub mod fsx;
 pub mod image;
 pub mod index;
+pub mod interrupt;
 pub mod layer;
 pub mod limits;
 pub mod prefetch;

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
     if args.len() == 3 && args[1] == kiln::sandbox::HELPER {
         kiln::sandbox::helper_main(std::path::Path::new(&args[2]));
     }
+    // Before any thread: an interrupt removes kiln's temporary files.
+    kiln::interrupt::install();
     raise_open_file_limit();
     let cli = Cli::parse();
     let code = match run(cli) {
@@ -42,6 +44,11 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     };
+    // `--secret env=` files: gone on success and on failure alike.
+    SECRET_FILES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
     kiln::store::release_leases();
     code
 }
@@ -554,6 +561,7 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         parents: Default::default(),
         progress,
         network: kiln::sandbox::Network::parse(&b.network).unwrap_or_default(),
+        allow_network_host: b.allow.iter().any(|a| a == "network.host"),
         secrets: secrets(&b.secrets)?,
         steps: None,
         pull: match b.pull.as_deref() {
@@ -567,7 +575,13 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
     Ok(opts)
 }
 
-/// `--secret id=ID,src=FILE` (or `env=VAR`, copied to a private file).
+/// The private files holding `--secret id=ID,env=VAR` values: removed when
+/// kiln ends, and by an interrupt.
+static SECRET_FILES: std::sync::Mutex<Vec<kiln::interrupt::TempFile>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// `--secret id=ID,src=FILE` (or `env=VAR`, copied to a private file that
+/// lives only as long as the build).
 fn secrets(specs: &[String]) -> Result<std::collections::BTreeMap<String, PathBuf>> {
     let mut out = std::collections::BTreeMap::new();
     for spec in specs {
@@ -587,11 +601,14 @@ fn secrets(specs: &[String]) -> Result<std::collections::BTreeMap<String, PathBu
             (None, Some(var)) => {
                 let value = std::env::var(var)
                     .map_err(|_| anyhow!("--secret {spec}: ${var} is not set"))?;
-                let f = tempfile::Builder::new()
-                    .prefix(".kiln-secret-")
-                    .tempfile()?;
-                std::fs::write(f.path(), value)?;
-                f.into_temp_path().keep()?
+                let f = kiln::interrupt::TempFile::new(id, value.as_bytes())
+                    .context("writing the secret to a private temporary file")?;
+                let p = f.path().to_path_buf();
+                SECRET_FILES
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(f);
+                p
             }
             _ => bail!("--secret {spec}: expected id=ID,src=FILE or id=ID,env=VAR"),
         };

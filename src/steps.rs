@@ -140,6 +140,15 @@ impl StepCache {
         )
     }
 
+    /// Forgets a key's entry (one that failed verification).
+    pub fn remove(&self, key: &str) {
+        if Self::valid(key) {
+            if let Ok(dir) = crate::fsx::DirFd::open(&self.dir) {
+                let _ = dir.remove(std::ffi::OsStr::new(key));
+            }
+        }
+    }
+
     /// Every entry, with its last use (seconds since 1970), oldest use first.
     pub fn list(&self) -> io::Result<Vec<(Entry, u64)>> {
         let rd = match std::fs::read_dir(&self.dir) {

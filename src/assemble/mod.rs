@@ -66,6 +66,9 @@ pub struct BuildOptions {
     pub parents: Arc<BTreeMap<String, Parent>>,
     /// The network RUN steps get (`--network`; `RUN --network` overrides).
     pub network: crate::sandbox::Network,
+    /// `--allow network.host`: a step may ask for the host's network with
+    /// `RUN --network=host` (BuildKit's entitlement).
+    pub allow_network_host: bool,
     /// `--secret id=ID,src=FILE`: files `RUN --mount=type=secret` binds.
     pub secrets: BTreeMap<String, PathBuf>,
     /// The step cache, when the build goes into a store (indexed builds).
@@ -269,6 +272,8 @@ pub fn execute(
             path: opts.output.clone(),
             source,
         })?;
+    // An interrupt removes the work directory (a RUN's spool included).
+    let _interrupt = crate::interrupt::remove_on_interrupt(work.path());
     let blob_dir = match &dest {
         Dest::Store { store, .. } => {
             store.create()?;

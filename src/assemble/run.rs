@@ -17,23 +17,55 @@ pub fn layer_cache() -> PathBuf {
 }
 
 /// Unpacks a layer (blob or tar) into `dir` with the sandbox helper (in the
-/// user namespace when rootless, so owners map), unless it is there.
-fn unpack(tar: &Path, dir: &Path, spool: &Path) -> Result<(), String> {
+/// user namespace when rootless, so owners map), unless it is there. A
+/// directory of the layer cache is named by its diff_id and made only
+/// when the layer's bytes have it.
+fn unpack(tar: &Path, dir: &Path, diff_id: Option<&Digest>, spool: &Path) -> Result<(), String> {
     if dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
-        std::fs::create_dir_all(parent)
+        // Private: a RUN may leave a setuid root binary in a layer.
+        crate::fsx::create_private_dir(parent)
             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        remove_stale_unpacks(parent);
     }
     let spec = Spec {
         rootless: sandbox::rootless(),
         action: Action::Extract {
             tar: tar.to_path_buf(),
             dir: dir.to_path_buf(),
+            diff_id: diff_id.cloned(),
         },
     };
     sandbox::run(&spec, spool, |_| {}).map_err(|e| format!("unpacking {}: {e}", tar.display()))
+}
+
+/// Removes the unpacks in progress (`.<name>.tmp-<pid>`) under `dir`
+/// whose process is gone (killed mid-unpack); returns how many.
+pub fn remove_stale_unpacks(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix('.')
+            .and_then(|r| r.rsplit_once(sandbox::extract::TMP_INFIX))
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        if !alive {
+            sandbox::remove_tree(&e.path());
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The lower directories of a RUN, topmost first: every base layer (from
@@ -49,13 +81,14 @@ pub fn lowers(
 ) -> Result<Vec<PathBuf>, String> {
     let mut out = Vec::new();
     let cache = layer_cache();
-    std::fs::create_dir_all(spool).map_err(|e| format!("creating {}: {e}", spool.display()))?;
+    crate::fsx::create_private_dir(spool)
+        .map_err(|e| format!("creating {}: {e}", spool.display()))?;
     for (i, (d, blob)) in base.iter().enumerate() {
         let id = base_diff_ids
             .get(i)
             .ok_or_else(|| format!("base layer {} has no diff_id in its config", d.digest))?;
         let dir = cache.join(id.hex());
-        unpack(blob, &dir, spool)?;
+        unpack(blob, &dir, Some(id), spool)?;
         out.push(dir);
     }
     for (i, layer) in layers.iter().enumerate() {
@@ -67,7 +100,7 @@ pub fn lowers(
             // A step cache hit: unpacked once into the cache, like a base layer.
             Layer::Cached { blob, diff_id, .. } => {
                 let dir = cache.join(diff_id.hex());
-                unpack(blob, &dir, spool)?;
+                unpack(blob, &dir, Some(diff_id), spool)?;
                 dirs[i] = Some(dir.clone());
                 out.push(dir);
                 continue;
@@ -85,7 +118,7 @@ pub fn lowers(
             }
         };
         let dir = spool.join(format!("lower-{i}"));
-        unpack(&tar, &dir, spool)?;
+        unpack(&tar, &dir, None, spool)?;
         dirs[i] = Some(dir.clone());
         out.push(dir);
     }
@@ -105,7 +138,6 @@ pub fn parse_mount(
     value: &str,
     context_dir: &Path,
     secrets: &BTreeMap<String, PathBuf>,
-    stage_dir: &dyn Fn(&str) -> Result<PathBuf, String>,
 ) -> Result<Option<(Mount, Option<std::fs::File>)>, String> {
     let mut kv: BTreeMap<String, String> = BTreeMap::new();
     for part in value.split(',') {
@@ -148,7 +180,8 @@ pub fn parse_mount(
             };
             Ok(Some((
                 Mount::Bind {
-                    source: dir,
+                    root: dir,
+                    rel: String::new(),
                     target,
                     readonly: false,
                 },
@@ -162,22 +195,24 @@ pub fn parse_mount(
                 .or_else(|| kv.get("src"))
                 .cloned()
                 .unwrap_or_default();
-            let base = match kv.get("from") {
-                Some(from) => stage_dir(from)?,
-                None => context_dir.to_path_buf(),
-            };
-            let rel = crate::dockerfile::ignore::clean(source.as_bytes());
-            let path = base.join(String::from_utf8_lossy(&rel).as_ref());
-            if std::fs::symlink_metadata(&path).is_err() {
-                return Err(format!(
-                    "--mount={value}: {} does not exist in {}",
-                    if source.is_empty() { "." } else { &source },
-                    if kv.contains_key("from") {
-                        "that stage or image"
-                    } else {
-                        "the build context"
-                    }
-                ));
+            if kv.contains_key("from") {
+                // Another stage's or image's files: resolved in the sandbox.
+                return Err(format!("--mount={value}: from= is handled by the stage"));
+            }
+            let rel = String::from_utf8_lossy(&crate::dockerfile::ignore::clean(source.as_bytes()))
+                .into_owned();
+            // Beneath the context, with no link followed (as COPY): a link
+            // would reach the host's files.
+            let what = if source.is_empty() { "." } else { &source };
+            if !rel.is_empty() {
+                let ctx = crate::fsx::DirFd::open(context_dir)
+                    .map_err(|e| format!("--mount={value}: {}: {e}", context_dir.display()))?;
+                ctx.open_path(&rel).map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => format!(
+                        "--mount={value}: {what} does not exist in the build context"
+                    ),
+                    _ => format!("--mount={value}: source {what}: {e}; kiln binds only files and directories of the context, never through a link"),
+                })?;
             }
             let rw = kv.get("rw").or_else(|| kv.get("readwrite")).is_some();
             if rw {
@@ -185,7 +220,8 @@ pub fn parse_mount(
             }
             Ok(Some((
                 Mount::Bind {
-                    source: path,
+                    root: context_dir.to_path_buf(),
+                    rel,
                     target,
                     readonly: true,
                 },
@@ -207,7 +243,8 @@ pub fn parse_mount(
             match secrets.get(&id) {
                 Some(src) => Ok(Some((
                     Mount::Bind {
-                        source: src.clone(),
+                        root: src.clone(),
+                        rel: String::new(),
                         target,
                         readonly: true,
                     },
@@ -265,15 +302,22 @@ pub fn etc_files(
     Ok(out)
 }
 
-/// A user's supplementary groups from an `/etc/group` text (members named).
+/// A user's supplementary groups from an `/etc/group` text, as Docker
+/// computes them: the primary group, then the groups that list the user's
+/// name as a member. A user without a name (a numeric USER with no passwd
+/// entry, or root without one) is a member of nothing more; an empty
+/// member list names no one.
 pub fn supplementary_groups(group: &[u8], user: &str, primary: u32) -> Vec<u32> {
     let mut out = vec![primary];
+    if user.is_empty() {
+        return out;
+    }
     for line in String::from_utf8_lossy(group).lines() {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() < 4 {
             continue;
         }
-        if f[3].split(',').any(|m| m == user) {
+        if f[3].split(',').any(|m| !m.is_empty() && m.trim() == user) {
             if let Ok(g) = f[2].parse::<u32>() {
                 if !out.contains(&g) {
                     out.push(g);

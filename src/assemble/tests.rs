@@ -33,6 +33,7 @@ fn options(root: &Path, output: &Path) -> BuildOptions {
         stores: crate::store::Stores::default(),
         parents: Default::default(),
         network: Default::default(),
+        allow_network_host: false,
         secrets: Default::default(),
         steps: None,
         pull: Default::default(),

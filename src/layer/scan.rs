@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-const MAGIC: &[u8; 8] = b"KILNSC01";
+const MAGIC: &[u8; 8] = b"KILNSC02";
 /// Records larger than this are not trusted (a scan of a huge layer with
 /// many files is still far below it).
 const MAX_RECORD: u64 = 256 << 20;
@@ -59,6 +59,9 @@ pub struct Scan {
     pub members: Vec<Member>,
     pub whiteouts: Vec<Vec<u8>>,
     pub opaque: Vec<Vec<u8>>,
+    /// The sha256 of the uncompressed stream (the layer's diff_id), where
+    /// the whole blob was read ([`scan`] always sets it).
+    pub diff_id: Option<crate::Digest>,
 }
 
 fn records() -> PathBuf {
@@ -167,7 +170,9 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         reader,
         &blob.display().to_string(),
     )?;
-    let scanned = scan_reader(decoder);
+    let mut uncompressed = crate::digest::HashingReader::new(decoder);
+    let scanned = scan_reader(&mut uncompressed);
+    let diff_id = uncompressed.finish().map(|(d, _)| d);
     let Some(mut h) = shared.lock().map_err(|_| io::Error::other("scan"))?.take() else {
         return scanned;
     };
@@ -196,6 +201,7 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
         ));
     }
     let mut s = scanned?;
+    s.diff_id = Some(diff_id?);
     s.members.shrink_to_fit();
     let after = fs::symlink_metadata(blob)?;
     if stamp(&before) == stamp(&after) {
@@ -337,6 +343,10 @@ fn encode(s: &Scan, out: &mut Vec<u8>) {
             put_bytes(out, p);
         }
     }
+    put_bytes(
+        out,
+        s.diff_id.as_ref().map_or("", |d| d.as_str()).as_bytes(),
+    );
 }
 
 struct Reader<'a> {
@@ -397,6 +407,10 @@ fn decode(r: &mut Reader<'_>) -> Option<Scan> {
             list.push(r.bytes()?);
         }
     }
+    let d = r.bytes()?;
+    if !d.is_empty() {
+        s.diff_id = Some(crate::Digest::parse(std::str::from_utf8(&d).ok()?)?);
+    }
     (r.at == r.b.len()).then_some(s)
 }
 
@@ -449,6 +463,7 @@ mod tests {
             ],
             whiteouts: vec![b"x/y".to_vec()],
             opaque: vec![b"z".to_vec()],
+            diff_id: Some(crate::Digest::of(b"layer")),
         };
         let mut out = Vec::new();
         encode(&s, &mut out);

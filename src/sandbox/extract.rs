@@ -57,10 +57,21 @@ fn set_xattr(dir: &DirFd, name: &OsStr, key: &str, value: &[u8]) -> io::Result<(
     Ok(())
 }
 
-/// Unpacks `tar` into `dir` (created here; it appears only when complete).
-pub fn extract(tar: &Path, dir: &Path, rootless: bool) -> Result<(), String> {
+/// The prefix of an unpack in progress (`.<name>.tmp-<pid>`), so a later
+/// run can remove one that a killed process left.
+pub const TMP_INFIX: &str = ".tmp-";
+
+/// Unpacks `tar` into `dir` (created here; it appears only when complete
+/// and, where `diff_id` is given, only when the uncompressed stream has
+/// that digest: a directory named by a diff_id holds exactly that layer).
+pub fn extract(
+    tar: &Path,
+    dir: &Path,
+    diff_id: Option<&crate::image::Digest>,
+    rootless: bool,
+) -> Result<(), String> {
     let tmp = dir.with_file_name(format!(
-        ".{}.tmp-{}",
+        ".{}{TMP_INFIX}{}",
         dir.file_name()
             .map_or("layer".into(), |n| n.to_string_lossy()),
         std::process::id()
@@ -70,7 +81,8 @@ pub fn extract(tar: &Path, dir: &Path, rootless: bool) -> Result<(), String> {
     let root = DirFd::open(&tmp).map_err(|e| format!("opening {}: {e}", tmp.display()))?;
     let reader =
         crate::source::layer_file(tar).map_err(|e| format!("reading {}: {e}", tar.display()))?;
-    let mut ar = ::tar::Archive::new(reader);
+    let mut hashed = crate::digest::HashingReader::new(reader);
+    let mut ar = ::tar::Archive::new(&mut hashed);
     let mut dir_times: Vec<(Vec<u8>, u64)> = Vec::new();
     let entries = ar
         .entries()
@@ -222,6 +234,17 @@ pub fn extract(tar: &Path, dir: &Path, rootless: bool) -> Result<(), String> {
             );
         }
     }
+    drop(ar);
+    let (got, _) = hashed
+        .finish()
+        .map_err(|e| format!("reading {}: {e}", tar.display()))?;
+    if let Some(want) = diff_id.filter(|w| **w != got) {
+        remove_tree(&tmp);
+        return Err(format!(
+            "{}: the layer's uncompressed digest is {got}, not the diff_id {want} it was given as; the layer is not used",
+            tar.display()
+        ));
+    }
     drop(root);
     match std::fs::rename(&tmp, dir) {
         Ok(()) => Ok(()),
@@ -239,7 +262,7 @@ pub fn extract(tar: &Path, dir: &Path, rootless: bool) -> Result<(), String> {
 }
 
 fn remove_tree(p: &Path) {
-    let _ = std::fs::remove_dir_all(p);
+    crate::fsx::force_remove_tree(p);
 }
 
 /// A C string of a path (for xattr calls by path).

@@ -1,7 +1,9 @@
 //! The helper process (`kiln __sandbox SPEC`): single-threaded, it enters
-//! the namespaces and runs one [`Action`]. Its own failures go to stderr as
-//! one `kiln-sandbox-error: …` line and exit code 125; a command's end is
-//! one `kiln-sandbox-status: …` line.
+//! the namespaces and runs one [`Action`]. It speaks to kiln on a channel
+//! of its own ([`CONTROL_FD`], which the command never holds): its own
+//! failures are one `kiln-sandbox-error: …` line and exit code 125, a
+//! command's end one `kiln-sandbox-status: …` line. The command's output
+//! is only ever output.
 
 use std::ffi::{CString, OsStr};
 use std::io::{BufRead, Write};
@@ -11,12 +13,36 @@ use std::path::{Path, PathBuf};
 use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags};
 use rustix::thread::UnshareFlags;
 
-use super::{Action, Mount, Network, RunSpec, Spec, ERROR_PREFIX, SETUP_FAILED, STATUS_PREFIX};
+use super::masks::{self, bind, bind_fd};
+use super::{
+    Action, Mount, Network, RunSpec, Spec, CONTROL_FD, ERROR_PREFIX, SETUP_FAILED, STATUS_PREFIX,
+};
 
-/// Prints the helper's error line and exits 125.
+/// Writes one control line to kiln.
+fn control(line: &str) {
+    let line = format!("{line}\n");
+    // SAFETY: writes our own buffer to the control descriptor.
+    unsafe { libc::write(CONTROL_FD, line.as_ptr().cast(), line.len()) };
+}
+
+/// Sends the helper's error line and exits 125.
 fn fail(msg: impl std::fmt::Display) -> ! {
-    let _ = writeln!(std::io::stderr(), "{ERROR_PREFIX}{msg}");
+    control(&format!("{ERROR_PREFIX}{msg}"));
     std::process::exit(SETUP_FAILED)
+}
+
+/// Closes every descriptor from `first` up.
+fn close_from(first: i32) {
+    // SAFETY: close_range closes descriptors this process owns; nothing
+    // here uses them afterwards.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
 }
 
 fn read_sysctl(path: &str) -> Option<String> {
@@ -56,8 +82,7 @@ fn enter_userns() {
     if let Err(e) = unsafe { rustix::thread::unshare_unsafe(UnshareFlags::NEWUSER) } {
         fail(userns_error(e));
     }
-    println!("kiln-sandbox-userns");
-    let _ = std::io::stdout().flush();
+    control("userns");
     let mut answer = String::new();
     let _ = std::io::stdin().lock().read_line(&mut answer);
     match answer.trim() {
@@ -86,6 +111,9 @@ pub fn helper_main(spec_path: &Path) -> ! {
     // Die with kiln.
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // Only stdin, stdout, stderr and the control channel: whatever kiln's
+    // caller left open (a directory of the host, say) stays outside.
+    close_from(CONTROL_FD + 1);
     let spec: Spec = match std::fs::read(spec_path)
         .map_err(|e| e.to_string())
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
@@ -97,14 +125,14 @@ pub fn helper_main(spec_path: &Path) -> ! {
         enter_userns();
     }
     match spec.action {
-        Action::Extract { tar, dir } => {
-            if let Err(e) = super::extract::extract(&tar, &dir, spec.rootless) {
+        Action::Extract { tar, dir, diff_id } => {
+            if let Err(e) = super::extract::extract(&tar, &dir, diff_id.as_ref(), spec.rootless) {
                 fail(e);
             }
             std::process::exit(0)
         }
         Action::Remove { dir } => {
-            let _ = std::fs::remove_dir_all(&dir);
+            crate::fsx::force_remove_tree(&dir);
             std::process::exit(0)
         }
         Action::Run(run) => run_command(&run, spec.rootless),
@@ -239,24 +267,54 @@ fn ensure_file(root: &Path, rel: &str, created: &mut Vec<String>) -> Option<Path
     }
 }
 
-fn bind(src: &Path, target: &Path, readonly: bool) -> Result<(), String> {
-    rustix::mount::mount_bind_recursive(src, target)
-        .map_err(|e| format!("binding {} at {}: {e}", src.display(), target.display()))?;
+/// The flags a bind of kiln's own files or the build's inputs gets:
+/// never a device or a setuid bit through it, and read-only if asked.
+fn bind_flags(readonly: bool) -> MountFlags {
+    let f = MountFlags::NOSUID | MountFlags::NODEV;
     if readonly {
-        rustix::mount::mount_remount(
-            target,
-            MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
-            "",
-        )
-        .map_err(|e| format!("making {} read-only: {e}", target.display()))?;
+        f | MountFlags::RDONLY
+    } else {
+        f
     }
-    Ok(())
 }
 
-/// Binds `source` (a directory or a file) at `target` inside `root`,
-/// making the mount point as needed.
-fn bind_at(root: &Path, source: &Path, target: &str, readonly: bool, created: &mut Vec<String>) {
-    let t = if source.is_dir() {
+/// An `O_PATH` descriptor of `rel` beneath `root` (root itself when
+/// `rel` is empty), resolved with no link followed; `what` names the
+/// mount in an error.
+fn resolve(root: &Path, rel: &str, what: &str) -> (std::os::fd::OwnedFd, bool) {
+    let rel =
+        String::from_utf8_lossy(&crate::dockerfile::ignore::clean(rel.as_bytes())).into_owned();
+    let r = if rel.is_empty() {
+        rustix::fs::open(
+            root,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|fd| {
+            let st = rustix::fs::fstat(&fd)?;
+            Ok((
+                fd,
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory,
+            ))
+        })
+    } else {
+        crate::fsx::DirFd::open(root).and_then(|d| d.open_path(&rel))
+    };
+    r.unwrap_or_else(|e| fail(format!("{what}: {e}")))
+}
+
+/// Binds the object `fd` names at `target` inside `root`, making the
+/// mount point as needed.
+fn bind_at(
+    root: &Path,
+    fd: &std::os::fd::OwnedFd,
+    is_dir: bool,
+    target: &str,
+    readonly: bool,
+    created: &mut Vec<String>,
+) {
+    let t = if is_dir {
         Some(ensure_dir(root, target, created))
     } else {
         ensure_file(root, target, created)
@@ -266,7 +324,7 @@ fn bind_at(root: &Path, source: &Path, target: &str, readonly: bool, created: &m
             "mount target {target} is a symlink or not a file in the image"
         ));
     };
-    if let Err(e) = bind(source, &t, readonly) {
+    if let Err(e) = bind_fd(fd, &t, bind_flags(readonly)) {
         fail(e);
     }
 }
@@ -340,11 +398,13 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
     let overlay = if forced {
         Err(rustix::io::Errno::NODEV)
     } else {
+        // nodev: a device node the command makes is never a way to the
+        // host's disks (Docker's device cgroup does this there).
         rustix::mount::mount(
             "overlay",
             root,
             "overlay",
-            MountFlags::empty(),
+            MountFlags::NODEV,
             cdata.as_c_str(),
         )
     };
@@ -366,7 +426,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
                 root.display()
             ));
         }
-        if let Err(b) = bind(&spec.upper, root, false) {
+        if let Err(b) = bind(&spec.upper, root, MountFlags::NODEV) {
             fail(format!(
                 "overlayfs cannot mount at {} ({e}), and {b}",
                 root.display()
@@ -374,18 +434,25 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
         }
     }
     let mut created = Vec::new();
-    // /proc: a fresh one, else the host's bound (where a fresh one is denied).
+    // /proc: a fresh one. Where that is refused (a rootless build in a
+    // container whose /proc has masked paths), the host's bound read-only;
+    // as root, never: a fresh one must be had.
     let proc_ = ensure_dir(root, "proc", &mut created);
-    if rustix::mount::mount(
+    if let Err(e) = rustix::mount::mount(
         "proc",
         &proc_,
         "proc",
         MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
         None,
-    )
-    .is_err()
-    {
-        if let Err(e) = bind(Path::new("/proc"), &proc_, false) {
+    ) {
+        if !rootless {
+            fail(format!("mounting a fresh /proc: {e}"));
+        }
+        if let Err(e) = bind(
+            Path::new("/proc"),
+            &proc_,
+            MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+        ) {
             fail(e);
         }
     }
@@ -398,13 +465,18 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
         MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
         None,
     );
+    if let Err(e) = masks::apply(root) {
+        fail(e);
+    }
     // /dev: a tmpfs with the usual devices bound from the host.
     let dev = ensure_dir(root, "dev", &mut created);
+    // nodev: only the devices bound below open; a node the command makes
+    // with mknod does not.
     if let Err(e) = rustix::mount::mount(
         "tmpfs",
         &dev,
         "tmpfs",
-        MountFlags::NOSUID | MountFlags::STRICTATIME,
+        MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC | MountFlags::STRICTATIME,
         c"mode=755,size=65536k",
     ) {
         fail(format!("mounting /dev: {e}"));
@@ -412,7 +484,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
     for d in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(d);
         if std::fs::File::create(&target).is_ok() {
-            if let Err(e) = bind(&Path::new("/dev").join(d), &target, false) {
+            if let Err(e) = bind(&Path::new("/dev").join(d), &target, MountFlags::NOSUID) {
                 if d != "tty" {
                     fail(e);
                 }
@@ -448,7 +520,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
     }
     for (name, src) in &spec.etc {
         if let Some(target) = ensure_file(root, &format!("etc/{name}"), &mut created) {
-            if let Err(e) = bind(src, &target, false) {
+            if let Err(e) = bind(src, &target, bind_flags(false)) {
                 fail(e);
             }
         }
@@ -456,11 +528,13 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
     for m in &spec.mounts {
         match m {
             Mount::Bind {
-                source,
+                root: from,
+                rel,
                 target,
                 readonly,
             } => {
-                bind_at(root, source, target, *readonly, &mut created);
+                let (fd, is_dir) = resolve(from, rel, &format!("--mount target={target}"));
+                bind_at(root, &fd, is_dir, target, *readonly, &mut created);
             }
             Mount::Stack {
                 lowers,
@@ -468,7 +542,8 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
                 target,
             } => {
                 // A read-only overlay of the lowers (no upper), in this
-                // private mount namespace, then the source inside it bound.
+                // private mount namespace, then the source inside it,
+                // resolved beneath it with no link followed, bound.
                 let at = spec
                     .capture
                     .with_extension(format!("stack-{}", created.len()));
@@ -484,7 +559,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
                         "overlay",
                         &at,
                         "overlay",
-                        MountFlags::RDONLY,
+                        MountFlags::RDONLY | MountFlags::NODEV | MountFlags::NOSUID,
                         d.as_c_str(),
                     ),
                     None => rustix::mount::mount_bind_recursive(&lowers[0], &at),
@@ -492,8 +567,12 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
                 if let Err(e) = r {
                     fail(format!("mounting the filesystem for {target}: {e}"));
                 }
-                let src = at.join(source.trim_start_matches('/'));
-                bind_at(root, &src, target, true, &mut created);
+                let (fd, is_dir) = resolve(
+                    &at,
+                    source,
+                    &format!("--mount target={target}: source {source}"),
+                );
+                bind_at(root, &fd, is_dir, target, true, &mut created);
             }
             Mount::Tmpfs { target } => {
                 let t = ensure_dir(root, target, &mut created);
@@ -531,6 +610,10 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
         fail(format!("pivot_root into {}: {e}", root.display()));
     }
     let _ = std::io::stdout().flush();
+    // The command cannot read this process's memory or descriptors
+    // through /proc/1 (it holds the control channel and full privileges).
+    // SAFETY: prctl with PR_SET_DUMPABLE takes 0 or 1.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0) };
     // SAFETY: single-threaded.
     let child = unsafe { libc::fork() };
     if child < 0 {
@@ -558,54 +641,112 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
             if code == 0 {
                 std::process::exit(0);
             }
-            let _ = writeln!(std::io::stderr(), "{STATUS_PREFIX}code={code}");
+            control(&format!("{STATUS_PREFIX}code={code}"));
         } else if libc::WIFSIGNALED(status) {
-            let _ = writeln!(
-                std::io::stderr(),
-                "{STATUS_PREFIX}signal={}",
-                libc::WTERMSIG(status)
-            );
+            control(&format!("{STATUS_PREFIX}signal={}", libc::WTERMSIG(status)));
         }
         // Exiting PID 1 kills everything else in the namespace.
         std::process::exit(1);
     }
 }
 
-/// In the command's process: drops to its user, enters its directory and
-/// executes it (searching `PATH` from its environment).
+/// Docker's default capabilities, no more: no CAP_SYS_ADMIN (mounts),
+/// CAP_SYS_MODULE, CAP_SYS_PTRACE, CAP_NET_ADMIN, ... for the command.
+pub const CAPABILITIES: [u32; 14] = [
+    0,  // CHOWN
+    1,  // DAC_OVERRIDE
+    3,  // FOWNER
+    4,  // FSETID
+    5,  // KILL
+    6,  // SETGID
+    7,  // SETUID
+    8,  // SETPCAP
+    10, // NET_BIND_SERVICE
+    13, // NET_RAW
+    18, // SYS_CHROOT
+    27, // MKNOD
+    29, // AUDIT_WRITE
+    31, // SETFCAP
+];
+
+/// Sets the capability sets explicitly: the bounding set and the
+/// permitted and effective sets to [`CAPABILITIES`], the inheritable and
+/// ambient sets empty (as Docker since 23.0).
+fn set_capabilities() -> Result<(), String> {
+    for cap in 0..64u32 {
+        if !CAPABILITIES.contains(&cap) {
+            // SAFETY: PR_CAPBSET_DROP takes a capability number; unknown
+            // ones fail harmlessly with EINVAL.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    let mask: u64 = CAPABILITIES.iter().fold(0, |m, c| m | 1 << c);
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: mask as u32,
+            permitted: mask as u32,
+            inheritable: 0,
+        },
+        Data {
+            effective: (mask >> 32) as u32,
+            permitted: (mask >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: a version-3 header and two data structs, as capset wants.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(format!(
+            "setting capabilities: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: prctl with PR_CAP_AMBIENT_CLEAR_ALL takes no pointers.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
+}
+
+/// In the command's process: the seccomp filter, Docker's capabilities,
+/// its user and groups, umask 022, its directory, no descriptor above 2,
+/// then exec (searching `PATH` from its environment).
 fn exec_command(spec: &RunSpec) -> ! {
     let die = |msg: String| -> ! {
         let _ = writeln!(std::io::stderr(), "kiln: {msg}");
-        let _ = writeln!(std::io::stderr(), "{STATUS_PREFIX}code=127");
         // SAFETY: _exit in a forked child.
         unsafe { libc::_exit(127) }
     };
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
-    // Docker's default capabilities, no more: no CAP_SYS_ADMIN (mounts),
-    // CAP_SYS_MODULE, CAP_SYS_PTRACE, CAP_NET_ADMIN, ... for the command.
-    const KEEP: [u32; 14] = [
-        0,  // CHOWN
-        1,  // DAC_OVERRIDE
-        3,  // FOWNER
-        4,  // FSETID
-        5,  // KILL
-        6,  // SETGID
-        7,  // SETUID
-        8,  // SETPCAP
-        10, // NET_BIND_SERVICE
-        13, // NET_RAW
-        18, // SYS_CHROOT
-        27, // MKNOD
-        29, // AUDIT_WRITE
-        31, // SETFCAP
-    ];
-    for cap in 0..64u32 {
-        if !KEEP.contains(&cap) {
-            // SAFETY: PR_CAPBSET_DROP takes a capability number; unknown
-            // ones fail harmlessly with EINVAL.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        }
+    // The filter first, while this process still has CAP_SYS_ADMIN (kiln
+    // sets no no_new_privs: setuid programs work, as under Docker).
+    if let Err(e) = super::seccomp::install() {
+        die(format!("installing the seccomp filter: {e}"));
+    }
+    if let Err(e) = set_capabilities() {
+        die(e);
     }
     // SAFETY: plain credential syscalls with valid arguments.
     unsafe {
@@ -631,6 +772,8 @@ fn exec_command(spec: &RunSpec) -> ! {
                 std::io::Error::last_os_error()
             ));
         }
+        // As Docker sets it: the layer never depends on kiln's caller.
+        libc::umask(0o022);
     }
     // SAFETY: open/dup2 of /dev/null onto stdin in the forked child.
     unsafe {
@@ -673,6 +816,9 @@ fn exec_command(spec: &RunSpec) -> ! {
     a.push(std::ptr::null());
     let mut e: Vec<*const libc::c_char> = envp.iter().map(|c| c.as_ptr()).collect();
     e.push(std::ptr::null());
+    // Nothing but stdin, stdout and stderr: not the control channel, not
+    // a descriptor kiln's caller left open.
+    close_from(3);
     // SAFETY: NUL-terminated arrays of valid C strings that outlive the call.
     unsafe { libc::execve(cpath.as_ptr(), a.as_ptr(), e.as_ptr()) };
     die(format!(

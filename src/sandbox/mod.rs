@@ -24,9 +24,11 @@
 pub mod capture;
 pub mod extract;
 mod helper;
+mod masks;
+mod seccomp;
 pub mod snapshot;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -74,9 +76,13 @@ impl Network {
 /// A `RUN --mount`, resolved to host paths.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Mount {
-    /// A host directory or file bound at `target`.
+    /// `rel` beneath the host directory `root` (or `root` itself, a
+    /// directory or file, where `rel` is empty), bound at `target`. The
+    /// helper resolves `rel` with no link followed and binds what it
+    /// opened, so a link in the context never reaches the host.
     Bind {
-        source: PathBuf,
+        root: PathBuf,
+        rel: String,
         target: String,
         readonly: bool,
     },
@@ -84,7 +90,8 @@ pub enum Mount {
         target: String,
     },
     /// Read-only: `source` inside the stack of `lowers` (another stage's or
-    /// image's filesystem, topmost first), bound at `target`.
+    /// image's filesystem, topmost first), resolved beneath it with no link
+    /// followed, bound at `target`.
     Stack {
         lowers: Vec<PathBuf>,
         source: String,
@@ -96,8 +103,13 @@ pub enum Mount {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Action {
     /// Unpacks a layer (a tar, compressed or not) into `dir`, which must
-    /// not exist; it appears only when complete.
-    Extract { tar: PathBuf, dir: PathBuf },
+    /// not exist; it appears only when complete, and, where `diff_id` is
+    /// given, only when the uncompressed stream has that digest.
+    Extract {
+        tar: PathBuf,
+        dir: PathBuf,
+        diff_id: Option<crate::image::Digest>,
+    },
     /// Removes a directory tree (a rootless build's spool holds files of
     /// the user namespace's ids, which only it can remove).
     Remove { dir: PathBuf },
@@ -289,9 +301,14 @@ fn pipe() -> std::io::Result<(std::fs::File, std::fs::File)> {
 }
 
 /// Removes `dir` and everything in it, through the sandbox helper where
-/// a rootless build left files of other ids there. Best effort.
+/// a rootless build left files of other ids there (overlay's `work/work`
+/// is mode 0000 and owned by the namespace's root). Best effort.
 pub fn remove_tree(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+        return;
+    }
+    crate::fsx::force_remove_tree(dir);
+    if !dir.exists() {
         return;
     }
     if rootless() {
@@ -306,10 +323,103 @@ pub fn remove_tree(dir: &Path) {
     }
 }
 
-/// Runs the helper for `spec`; `output` gets each line the command prints.
-/// Returns when the helper has finished (the layer tar written, for a run).
+/// The descriptor the helper writes its control lines to (never the
+/// command's output, so nothing a command prints is taken for one).
+pub const CONTROL_FD: i32 = 3;
+/// The longest output line shown whole; longer ones are clipped.
+pub const MAX_LINE: usize = 8 * 1024;
+/// How much of a step's output is shown (BuildKit's default step log
+/// limit); the rest is counted and dropped.
+pub const MAX_LOG: u64 = 2 * 1024 * 1024;
+
+/// A command's output, split into bounded lines: at most [`MAX_LINE`]
+/// bytes a line and [`MAX_LOG`] bytes shown, and the last
+/// [`TAIL_LINES`] lines kept for an error; memory stays flat whatever
+/// the command prints.
+struct Lines {
+    partial: Vec<u8>,
+    /// Bytes of the current line beyond MAX_LINE.
+    dropped: u64,
+    shown: u64,
+    hidden: u64,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl Lines {
+    fn new() -> Lines {
+        Lines {
+            partial: Vec::new(),
+            dropped: 0,
+            shown: 0,
+            hidden: 0,
+            tail: Default::default(),
+        }
+    }
+
+    fn push(&mut self, mut bytes: &[u8], output: &mut dyn FnMut(&str)) {
+        while !bytes.is_empty() {
+            let (chunk, end) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], Some(i + 1)),
+                None => (bytes, None),
+            };
+            let room = MAX_LINE.saturating_sub(self.partial.len());
+            let take = chunk.len().min(room);
+            self.partial.extend_from_slice(&chunk[..take]);
+            self.dropped += (chunk.len() - take) as u64;
+            match end {
+                Some(i) => {
+                    self.line(output);
+                    bytes = &bytes[i..];
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn line(&mut self, output: &mut dyn FnMut(&str)) {
+        let mut text = String::from_utf8_lossy(&self.partial)
+            .trim_end_matches('\r')
+            .to_string();
+        if self.dropped > 0 {
+            text.push_str(&format!(
+                " [kiln: line clipped, {} more bytes]",
+                self.dropped
+            ));
+        }
+        let len = self.partial.len() as u64 + self.dropped + 1;
+        self.partial.clear();
+        self.dropped = 0;
+        if self.shown + len <= MAX_LOG {
+            self.shown += len;
+            output(&text);
+        } else {
+            self.hidden += len;
+        }
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(text);
+    }
+
+    fn finish(&mut self, output: &mut dyn FnMut(&str)) {
+        if !self.partial.is_empty() || self.dropped > 0 {
+            self.line(output);
+        }
+        if self.hidden > 0 {
+            output(&format!(
+                "[kiln: output clipped: the step printed {} more bytes after the first {} MiB; they are not shown]",
+                self.hidden,
+                MAX_LOG >> 20
+            ));
+        }
+    }
+}
+
+/// Runs the helper for `spec`; `output` gets each line the command prints
+/// (bounded: see [`Lines`]). Returns when the helper has finished (the
+/// layer tar written, for a run).
 pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<(), Error> {
-    let _ = std::fs::create_dir_all(spool);
+    let _ = crate::fsx::create_private_dir(spool);
     let spec_file = tempfile::Builder::new()
         .prefix(".kiln-sandbox-")
         .tempfile_in(spool)
@@ -321,19 +431,40 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
         })?;
     serde_json::to_writer(spec_file.as_file(), spec).expect("specs serialize");
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-    let (mut out_r, out_w) = pipe().map_err(|e| Error::Spawn {
+    let spawn_err = |source| Error::Spawn {
         path: exe.clone(),
-        source: e,
-    })?;
+        source,
+    };
+    let (mut out_r, out_w) = pipe().map_err(spawn_err)?;
+    let (mut ctl_r, ctl_w) = pipe().map_err(spawn_err)?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(HELPER)
         .arg(spec_file.path())
         .stdin(Stdio::piped())
-        .stdout(out_w.try_clone().map_err(|e| Error::Spawn {
-            path: exe.clone(),
-            source: e,
-        })?)
+        .stdout(out_w.try_clone().map_err(spawn_err)?)
         .stderr(out_w);
+    {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let ctl = ctl_w.as_raw_fd();
+        // SAFETY: dup2 and close_range are async-signal-safe; the closure
+        // touches no memory of the parent beyond the copied descriptor.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(ctl, CONTROL_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Nothing kiln's caller left open reaches the helper.
+                libc::syscall(
+                    libc::SYS_close_range,
+                    (CONTROL_FD + 1) as libc::c_uint,
+                    libc::c_uint::MAX,
+                    0 as libc::c_uint,
+                );
+                Ok(())
+            })
+        };
+    }
     let map = spec.rootless.then(UserMap::current);
     if let Some(w) = map.as_ref().and_then(UserMap::warning) {
         static WARNED: std::sync::Once = std::sync::Once::new();
@@ -344,58 +475,82 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
         source,
     })?;
     drop(cmd);
+    drop(ctl_w);
+    let _interrupt = crate::interrupt::kill_on_interrupt(child.id());
     let mut stdin = child.stdin.take().expect("piped");
-    // The helper's first line says it is in its user namespace; kiln maps
-    // it and answers on stdin.
-    let mut reader = BufReader::new(&mut out_r);
-    let mut tail: std::collections::VecDeque<String> = Default::default();
+    let mut lines = Lines::new();
+    let mut control = Vec::new();
     let mut setup_error = None;
-    let mut line = Vec::new();
     let mut mapped = false;
     let mut ended: Option<(Option<i32>, Option<i32>)> = None;
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line).unwrap_or(0);
-        if n == 0 {
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut out_open, mut ctl_open) = (true, true);
+    while out_open || ctl_open {
+        use std::os::fd::AsRawFd;
+        let mut fds = [
+            libc::pollfd {
+                fd: if out_open { out_r.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: if ctl_open { ctl_r.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd structs.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
             break;
         }
-        let text = String::from_utf8_lossy(&line);
-        let text = text.trim_end_matches(['\n', '\r']);
-        if text == "kiln-sandbox-userns" && !mapped {
-            mapped = true;
-            let answer = match &map {
-                Some(m) => match m.apply(child.id()) {
-                    Ok(true) => "mapped\n",
-                    Ok(false) => "self\n",
-                    Err(e) => {
-                        setup_error = Some(e);
-                        "abort\n"
+        if fds[0].revents != 0 {
+            match out_r.read(&mut buf) {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => lines.push(&buf[..n], &mut output),
+            }
+        }
+        if fds[1].revents != 0 {
+            match ctl_r.read(&mut buf) {
+                Ok(0) | Err(_) => ctl_open = false,
+                Ok(n) => {
+                    // Control lines are short; a helper that sends more
+                    // than this is broken, and the rest is ignored.
+                    if control.len() < 64 * 1024 {
+                        control.extend_from_slice(&buf[..n]);
                     }
-                },
-                None => "self\n",
-            };
-            let _ = stdin.write_all(answer.as_bytes());
-            let _ = stdin.flush();
-            continue;
+                }
+            }
+            while let Some(i) = control.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = control.drain(..=i).collect();
+                let text = String::from_utf8_lossy(&line[..i]).to_string();
+                if text == "userns" && !mapped {
+                    mapped = true;
+                    let answer = match &map {
+                        Some(m) => match m.apply(child.id()) {
+                            Ok(true) => "mapped\n",
+                            Ok(false) => "self\n",
+                            Err(e) => {
+                                setup_error = Some(e);
+                                "abort\n"
+                            }
+                        },
+                        None => "self\n",
+                    };
+                    let _ = stdin.write_all(answer.as_bytes());
+                    let _ = stdin.flush();
+                } else if let Some(msg) = text.strip_prefix(ERROR_PREFIX) {
+                    setup_error.get_or_insert(Error::Setup(msg.to_string()));
+                } else if let Some(st) = text.strip_prefix(STATUS_PREFIX) {
+                    let num = |k: &str| st.strip_prefix(k).and_then(|v| v.parse().ok());
+                    ended = Some((num("code="), num("signal=")));
+                }
+            }
         }
-        if let Some(msg) = text.strip_prefix(ERROR_PREFIX) {
-            setup_error.get_or_insert(Error::Setup(msg.to_string()));
-            continue;
-        }
-        if let Some(st) = text.strip_prefix(STATUS_PREFIX) {
-            let num = |k: &str| st.strip_prefix(k).and_then(|v| v.parse().ok());
-            ended = Some((num("code="), num("signal=")));
-            continue;
-        }
-        output(text);
-        if tail.len() == TAIL_LINES {
-            tail.pop_front();
-        }
-        tail.push_back(text.to_string());
     }
-    drop(reader);
-    let mut rest = Vec::new();
-    let _ = out_r.read_to_end(&mut rest);
+    lines.finish(&mut output);
     let status = child
         .wait()
         .map_err(|source| Error::Spawn { path: exe, source })?;
@@ -416,7 +571,7 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
     Err(Error::Failed {
         code,
         signal,
-        tail: tail.into_iter().collect(),
+        tail: lines.tail.into_iter().collect(),
     })
 }
 

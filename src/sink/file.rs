@@ -355,11 +355,13 @@ pub fn clean_stale(dir: &Path) {
             continue;
         }
         let p = e.path();
-        let _ = if p.is_dir() && !p.is_symlink() {
-            fs::remove_dir_all(&p)
+        if p.is_dir() && !p.is_symlink() {
+            // A rootless RUN's spool holds files of the user namespace's
+            // ids and overlay's mode-0000 work directory.
+            crate::sandbox::remove_tree(&p);
         } else {
-            fs::remove_file(&p)
-        };
+            let _ = fs::remove_file(&p);
+        }
     }
 }
 

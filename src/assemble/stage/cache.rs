@@ -135,9 +135,12 @@ impl State<'_> {
         Ok(crate::steps::hex(&h.finalize()))
     }
 
-    /// Looks a step up; on a hit (its layer verified in the store) the
-    /// layer joins the stage as it is. A miss (or a corrupt layer, which is
-    /// removed and never served) makes every later step a miss.
+    /// Looks a step up; on a hit (its layer verified in the store: its
+    /// digest, and its diff_id from the uncompressed bytes) the layer joins
+    /// the stage as it is. Nothing from the cache is trusted unverified:
+    /// a registry error, a corrupt blob or an entry whose diff_id is not
+    /// its layer's is a miss with a one-line warning, never a failure and
+    /// never a use. A miss makes every later step a miss.
     pub(super) fn try_cached(&mut self, ins: &Instr, key: &str) -> Result<bool, String> {
         let Some(st) = self
             .opts
@@ -148,29 +151,57 @@ impl State<'_> {
             self.missed = true;
             return Ok(false);
         };
-        let remote = || match &st.remote {
-            Some(r) => r
-                .fetch(key, &st.cache, &st.store)
-                .map_err(|e| format!("fetching step {key} from the cache registry: {e}")),
-            None => Ok(None),
+        let miss = |why: String| {
+            eprintln!("kiln: warning: step cache entry {key}: {why}; running the step");
         };
-        let Some(entry) = st.cache.get(key).map_or_else(remote, |e| Ok(Some(e)))? else {
+        let entry = match st.cache.get(key) {
+            Some(e) => Some(e),
+            None => match &st.remote {
+                Some(r) => match r.fetch(key, &st.cache, &st.store) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        miss(format!("fetching it from the cache registry: {e}"));
+                        None
+                    }
+                },
+                None => None,
+            },
+        };
+        let Some(entry) = entry else {
             self.missed = true;
             return Ok(false);
         };
-        let blob = match st.store.verify(&entry.layer) {
-            Ok(p) => p,
-            Err(e) => {
+        let checked = st
+            .store
+            .verify(&entry.layer)
+            .map_err(|e| {
                 // A corrupt or missing layer: rebuilt, never served.
                 let _ = std::fs::remove_file(st.store.blob_path(&entry.layer.digest));
-                eprintln!("kiln: warning: step cache entry {key}: {e}; running the step again");
+                e.to_string()
+            })
+            .and_then(|blob| {
+                let scan = crate::layer::scan::scan(&blob).map_err(|e| e.to_string())?;
+                match &scan.diff_id {
+                    Some(d) if *d == entry.diff_id => Ok((blob, scan)),
+                    got => Err(format!(
+                        "its layer {} has the diff_id {}, not the {} the entry claims",
+                        entry.layer.digest,
+                        got.as_ref().map_or("(unknown)", |d| d.as_str()),
+                        entry.diff_id
+                    )),
+                }
+            });
+        let (blob, scan) = match checked {
+            Ok(x) => x,
+            Err(why) => {
+                st.cache.remove(key);
+                miss(why);
                 self.missed = true;
                 return Ok(false);
             }
         };
         self.fs
-            .apply_blob(&blob)
-            .map_err(|e| format!("reading the cached layer {}: {e}", entry.layer.digest))?;
+            .apply_scan(&scan, std::sync::Arc::from(blob.as_path()));
         self.layers.push(Layer::Cached {
             desc: Box::new(entry.layer),
             diff_id: entry.diff_id,

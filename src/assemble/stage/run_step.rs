@@ -12,6 +12,27 @@ use crate::image::Digest;
 use crate::sandbox::{self, Network};
 
 impl State<'_> {
+    /// A step's `RUN --network=MODE` under the build's entitlements: a
+    /// build-wide `--network none` binds every step, `default` is the
+    /// build's mode, and `host` needs `kiln build --allow network.host`
+    /// (BuildKit's entitlement).
+    fn step_network(&self, mode: &str) -> Result<Network, String> {
+        match mode {
+            "default" => Ok(self.opts.network),
+            "none" => Ok(Network::None),
+            "host" if self.opts.network == Network::None => Err(
+                "--network=host: the build runs with --network none, which binds every step; leave out --network none to give steps the network".into(),
+            ),
+            "host" if !self.opts.allow_network_host => Err(
+                "--network=host needs the entitlement: run kiln build --allow network.host (or leave the flag out: steps get the build's network, the host's by default)".into(),
+            ),
+            "host" => Ok(Network::Host),
+            other => Err(format!(
+                "--network={other}: expected default, none or host"
+            )),
+        }
+    }
+
     /// The lower directories of another stage or image, for
     /// `RUN --mount=type=bind,from=…`.
     fn stack_of(&mut self, from: &str) -> Result<Vec<PathBuf>, String> {
@@ -59,10 +80,7 @@ impl State<'_> {
                 .transpose()?
                 .unwrap_or_default();
             match name.as_str() {
-                "network" => {
-                    network = Network::parse(&v)
-                        .ok_or_else(|| format!("--network={v}: expected default, none or host"))?
-                }
+                "network" => network = self.step_network(&v)?,
                 "security" if v == "sandbox" => {}
                 "security" => {
                     return Err(format!(
@@ -85,13 +103,12 @@ impl State<'_> {
                         }
                     }
                     let ctx = self.view.ctx.image_dir.clone();
-                    let no_stage = |_: &str| -> Result<PathBuf, String> { unreachable!() };
                     if let Some((m, lock)) =
-                        crate::assemble::run::parse_mount(&v, &ctx, &self.opts.secrets, &no_stage)?
+                        crate::assemble::run::parse_mount(&v, &ctx, &self.opts.secrets)?
                     {
                         if kv.get("type").map_or(true, |t| *t == "bind") {
-                            if let sandbox::Mount::Bind { source, .. } = &m {
-                                context_binds.push(source.clone());
+                            if let sandbox::Mount::Bind { root, rel, .. } = &m {
+                                context_binds.push(root.join(rel));
                             }
                         }
                         mounts.push(m);
@@ -129,8 +146,10 @@ impl State<'_> {
         };
         let passwd = self.fs.read_small(b"etc/passwd").unwrap_or_default();
         let group = self.fs.read_small(b"etc/group").unwrap_or_default();
+        // The user's name: as written, else the passwd entry of its uid
+        // (root without USER is "root" where the image says so).
         let user_name = match self.user.split(':').next() {
-            Some(u) if u.parse::<u64>().is_err() => u.to_string(),
+            Some(u) if !u.is_empty() && u.parse::<u64>().is_err() => u.to_string(),
             _ => String::from_utf8_lossy(&passwd)
                 .lines()
                 .find_map(|l| {
