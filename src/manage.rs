@@ -51,6 +51,13 @@ pub fn cache(cmd: CacheCommand) -> Result<()> {
             println!(
                 "removed {n} cached step(s) naming {bytes} bytes of layers; `kiln store gc` frees the layers no image uses"
             );
+            // Unpacked layers (RUN's lower directories): by last use.
+            let (layers, stale) =
+                kiln::assemble::run::prune_layers(older.unwrap_or(std::time::Duration::ZERO));
+            println!(
+                "removed {layers} unpacked layer(s) of {} not used for that long, and {stale} unfinished unpack(s) of killed builds",
+                kiln::assemble::run::layer_cache().display()
+            );
         }
     }
     Ok(())

@@ -30,6 +30,8 @@ fn build_in(
         .arg("-o")
         .arg(dir.join(out))
         .arg("--json")
+        // The template's RUN asks for the host's network.
+        .args(["--allow", "network.host"])
         .args(extra)))
 }
 

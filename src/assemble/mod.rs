@@ -14,7 +14,7 @@ mod copy;
 mod fs;
 mod plan;
 mod reproduce;
-mod run;
+pub mod run;
 mod stage;
 #[cfg(test)]
 mod tests;
@@ -246,6 +246,17 @@ impl StagedOutput {
     }
 }
 
+/// Shares a fresh step through the cache registry; a cache is never worth
+/// a failed build, so an error is a one-line warning.
+fn publish_step(remote: &crate::steps::Remote, entry: &crate::steps::Entry, store: &Store) {
+    if let Err(e) = remote.publish(entry, store) {
+        eprintln!(
+            "kiln: warning: step cache entry {}: publishing it to the cache registry: {e}; the build goes on",
+            entry.key
+        );
+    }
+}
+
 /// Builds the image in `image_dir` and writes `opts.output`.
 pub fn build(image_dir: &Path, opts: &BuildOptions) -> Result<BuildResult, Error> {
     let plan = Plan::new(image_dir, opts, None)?;
@@ -433,7 +444,7 @@ pub fn execute(
                     };
                     st.cache.put(&entry)?;
                     if let Some(remote) = &st.remote {
-                        remote.publish(&entry, store)?;
+                        publish_step(remote, &entry, store);
                     }
                 }
                 // Other stages' fresh steps: their layers written here too.
@@ -460,7 +471,7 @@ pub fn execute(
                     };
                     st.cache.put(&entry)?;
                     if let Some(remote) = &st.remote {
-                        remote.publish(&entry, store)?;
+                        publish_step(remote, &entry, store);
                     }
                 }
             }

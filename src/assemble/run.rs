@@ -68,6 +68,42 @@ pub fn remove_stale_unpacks(dir: &Path) -> usize {
     n
 }
 
+/// Records that an unpacked layer of the cache was used now (the mtime of
+/// `<diff_id>.used` beside it; the layer's own directory is a lower of
+/// the command's root and stays as unpacked).
+fn mark_used(dir: &Path) {
+    let _ = std::fs::File::create(dir.with_extension("used"));
+}
+
+/// `kiln cache prune` for `layers/`: removes the unpacks that killed
+/// processes left, and every unpacked layer not used for `older` (all of
+/// them with `older` zero). Returns (layers removed, leftovers removed).
+pub fn prune_layers(older: std::time::Duration) -> (usize, usize) {
+    let cache = layer_cache();
+    let stale = remove_stale_unpacks(&cache);
+    let Ok(rd) = std::fs::read_dir(&cache) else {
+        return (0, stale);
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.len() != 64 || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let used = cache.join(format!("{name}.used"));
+        let last = std::fs::metadata(&used)
+            .and_then(|m| m.modified())
+            .unwrap_or(std::time::UNIX_EPOCH);
+        if now.duration_since(last).unwrap_or_default() >= older {
+            sandbox::remove_tree(&e.path());
+            let _ = std::fs::remove_file(&used);
+            removed += 1;
+        }
+    }
+    (removed, stale)
+}
+
 /// The lower directories of a RUN, topmost first: every base layer (from
 /// the cache), then every own layer (unpacked on first need; a RUN's is its
 /// upper directory). `dirs` records what was unpacked.
@@ -89,6 +125,7 @@ pub fn lowers(
             .ok_or_else(|| format!("base layer {} has no diff_id in its config", d.digest))?;
         let dir = cache.join(id.hex());
         unpack(blob, &dir, Some(id), spool)?;
+        mark_used(&dir);
         out.push(dir);
     }
     for (i, layer) in layers.iter().enumerate() {
@@ -101,6 +138,7 @@ pub fn lowers(
             Layer::Cached { blob, diff_id, .. } => {
                 let dir = cache.join(diff_id.hex());
                 unpack(blob, &dir, Some(diff_id), spool)?;
+                mark_used(&dir);
                 dirs[i] = Some(dir.clone());
                 out.push(dir);
                 continue;

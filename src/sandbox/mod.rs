@@ -386,7 +386,9 @@ impl Lines {
                 self.dropped
             ));
         }
-        let len = self.partial.len() as u64 + self.dropped + 1;
+        // What is shown counts against the log cap; a clipped line's
+        // dropped bytes are already said in it.
+        let len = self.partial.len() as u64 + 1;
         self.partial.clear();
         self.dropped = 0;
         if self.shown + len <= MAX_LOG {

@@ -438,3 +438,41 @@ pub fn kill_after(cmd: &mut Command, after: std::time::Duration) -> bool {
     child.kill().unwrap();
     child.wait().unwrap().signal() == Some(9)
 }
+
+/// The unprivileged user `kilnrun`, created with a subordinate id range.
+pub fn ensure_user() {
+    if Command::new("id")
+        .arg("kilnrun")
+        .output()
+        .is_ok_and(|o| !o.status.success())
+    {
+        ok(Command::new("useradd").args(["-m", "kilnrun"]));
+    }
+    let subuid = fs::read_to_string("/etc/subuid").unwrap_or_default();
+    if !subuid.lines().any(|l| l.starts_with("kilnrun:")) {
+        ok(Command::new("usermod").args([
+            "--add-subuids",
+            "200000-265535",
+            "--add-subgids",
+            "200000-265535",
+            "kilnrun",
+        ]));
+    }
+}
+
+/// Runs a shell command as `kilnrun` (kiln's tests run as root).
+pub fn as_user(cmd: &str) -> std::process::Output {
+    ensure_user();
+    Command::new("setpriv")
+        .args([
+            "--reuid=kilnrun",
+            "--regid=kilnrun",
+            "--init-groups",
+            "--reset-env",
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .output()
+        .unwrap()
+}

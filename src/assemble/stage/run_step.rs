@@ -146,6 +146,23 @@ impl State<'_> {
         };
         let passwd = self.fs.read_small(b"etc/passwd").unwrap_or_default();
         let group = self.fs.read_small(b"etc/group").unwrap_or_default();
+        // A numeric USER without a group runs with its passwd entry's
+        // group, else gid 0, as Docker runs it (COPY --chown=N differs:
+        // there the gid is N).
+        let gid = match self.user.split_once(':') {
+            None if !self.user.is_empty() && self.user.parse::<u64>().is_ok() => {
+                String::from_utf8_lossy(&passwd)
+                    .lines()
+                    .find_map(|l| {
+                        let f: Vec<&str> = l.split(':').collect();
+                        (f.len() > 3 && f[2] == uid.to_string())
+                            .then(|| f[3].parse::<u64>().ok())
+                            .flatten()
+                    })
+                    .unwrap_or(0)
+            }
+            _ => gid,
+        };
         // The user's name: as written, else the passwd entry of its uid
         // (root without USER is "root" where the image says so).
         let user_name = match self.user.split(':').next() {
