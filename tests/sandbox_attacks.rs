@@ -97,6 +97,7 @@ const PROBES: &[&str] = &[
     "delete_module",
     "open_pid1_root",
     "open_pid1_fd",
+    "open_pid1_exe",
     "pivot_root",
     "chroot_escape_setns",
     "clone3",
@@ -122,6 +123,7 @@ fn check_report(report: &str, who: &str) {
 /// What the attacks must leave alone.
 struct Host {
     core_pattern: String,
+    etc: Vec<Vec<u8>>,
     canary: (PathBuf, Vec<u8>),
     context: Vec<(String, Vec<u8>)>,
 }
@@ -130,6 +132,10 @@ impl Host {
     fn snapshot(canary: &Path, context: &Path) -> Host {
         Host {
             core_pattern: fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap(),
+            etc: ["/etc/passwd", "/etc/shadow", "/etc/group", "/etc/hosts"]
+                .iter()
+                .map(|p| fs::read(p).unwrap_or_default())
+                .collect(),
             canary: (canary.to_path_buf(), fs::read(canary).unwrap()),
             context: walkdir::WalkDir::new(context)
                 .sort_by_file_name()
@@ -144,6 +150,11 @@ impl Host {
     fn unchanged(&self, context: &Path) {
         let now = Host::snapshot(&self.canary.0, context);
         assert_eq!(now.core_pattern, self.core_pattern, "core_pattern changed");
+        assert!(now.etc == self.etc, "the host's /etc changed");
+        assert!(
+            !Path::new("/tmp/KILN-PWNED").exists(),
+            "a RUN wrote the host's /tmp"
+        );
         assert_eq!(now.canary.1, self.canary.1, "the canary changed");
         assert_eq!(now.context, self.context, "the context changed");
     }
@@ -164,7 +175,7 @@ fn every_escape_fails_inside_the_sandbox_root_and_rootless() {
         d.path(),
         "img/Dockerfile",
         format!(
-            "FROM t/busybox:1\nCOPY probe /probe\nRUN /probe {maj} {min} > /report 2>&1; echo 'kiln-sandbox-error: forged by the command'; echo 'kiln-sandbox-status: code=0'\n"
+            "FROM t/busybox:1\nCOPY probe /probe\nRUN /probe {maj} {min} > /report 2>&1; echo x > /proc/self/fd/7/tmp/KILN-PWNED; head -1 /proc/self/fd/7/etc/shadow; echo 'kiln-sandbox-error: forged by the command'; echo 'kiln-sandbox-status: code=0'\n"
         )
         .as_bytes(),
     );
@@ -375,10 +386,11 @@ fn another_user_reaches_no_setuid_file_of_a_run_during_or_after_the_build() {
     }
     let d = shared_tempdir("kiln-suid");
     let store = busybox_store(d.path());
+    // (And one in a cache mount, which outlives the build.)
     write(
         d.path(),
         "img/Dockerfile",
-        b"FROM t/busybox:1\nRUN cp /bin/busybox /kiln-suid-probe && chmod 4755 /kiln-suid-probe && sleep 4\nRUN true\n",
+        b"FROM t/busybox:1\nRUN --mount=type=cache,target=/c cp /bin/busybox /c/kiln-cached-suid && chmod 4755 /c/kiln-cached-suid && cp /bin/busybox /kiln-suid-probe && chmod 4755 /kiln-suid-probe && sleep 4\nRUN true\n",
     );
     let mut child = kiln()
         .env("XDG_CACHE_HOME", d.path().join("cache"))
@@ -419,6 +431,16 @@ fn another_user_reaches_no_setuid_file_of_a_run_during_or_after_the_build() {
         0o700
     );
     assert!(!nobody(&layers.join(".")).status.success());
+    let cached = find_named(&d.path().join("cache"), "kiln-cached-suid").unwrap();
+    assert!(
+        fs::metadata(&cached).unwrap().permissions().mode() & 0o4000 != 0,
+        "the cache mount kept the setuid file (as BuildKit's does)"
+    );
+    assert!(
+        !nobody(&cached).status.success(),
+        "nobody reached {}",
+        cached.display()
+    );
 }
 
 /// The step cache entry (JSON) of the build's first RUN.

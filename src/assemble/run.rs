@@ -204,7 +204,11 @@ pub fn parse_mount(
                 ));
             }
             let key = crate::Digest::of(id.as_bytes());
-            let dir = crate::cache_dir().join("run-cache").join(&key.hex()[..32]);
+            let caches = crate::cache_dir().join("run-cache");
+            // Private: a root RUN may leave a setuid root binary in a cache.
+            crate::fsx::create_private_dir(&caches)
+                .map_err(|e| format!("{}: {e}", caches.display()))?;
+            let dir = caches.join(&key.hex()[..32]);
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             // locked (and private, which kiln treats alike): one build at a time.
             let lock = if sharing == "shared" {

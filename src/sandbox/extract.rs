@@ -234,7 +234,6 @@ pub fn extract(
             );
         }
     }
-    drop(ar);
     let (got, _) = hashed
         .finish()
         .map_err(|e| format!("reading {}: {e}", tar.display()))?;

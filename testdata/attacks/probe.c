@@ -129,6 +129,8 @@ int main(int argc, char **argv) {
     report("delete_module", syscall(SYS_delete_module, "loop", 0));
     report("open_pid1_root", open("/proc/1/root/etc/hostname", O_RDONLY));
     report("open_pid1_fd", open("/proc/1/fd/3", O_WRONLY));
+    /* runc's CVE-2019-5736: kiln's own binary through the setup process. */
+    report("open_pid1_exe", open("/proc/1/exe", O_RDONLY));
     report("pivot_root", syscall(SYS_pivot_root, "/tmp", "/tmp/m"));
     report("chroot_escape_setns", syscall(SYS_setns, -1, 0));
     report("clone3", syscall(SYS_clone3, NULL, 0));
