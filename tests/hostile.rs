@@ -412,45 +412,6 @@ fn a_full_disk_is_a_clear_error_and_leaves_no_partial_output() {
     assert_eq!(kiln_temps(&t.join("out")), Vec::<String>::new());
 }
 
-/// A hand-made OCI layout store holding one image `t/evil:1` whose single
-/// (uncompressed) layer is `layer`; returns the store and the layer digest.
-fn evil_store(
-    dir: &Path,
-    layer: &[u8],
-    config_json: Option<&[u8]>,
-) -> (std::path::PathBuf, String) {
-    let store = dir.join("evil-store");
-    let blobs = store.join("blobs/sha256");
-    fs::create_dir_all(&blobs).unwrap();
-    let put = |b: &[u8]| {
-        let hex = sha256_hex(b);
-        fs::write(blobs.join(&hex), b).unwrap();
-        (format!("sha256:{hex}"), b.len())
-    };
-    let (ld, ls) = put(layer);
-    let default_config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{ld}"]}}}}"#
-    );
-    let (cd, cs) = put(config_json.unwrap_or(default_config.as_bytes()));
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{ls}}}]}}"#
-    );
-    let (md, ms) = put(manifest.as_bytes());
-    fs::write(
-        store.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    fs::write(
-        store.join("index.json"),
-        format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{ms},"annotations":{{"org.opencontainers.image.ref.name":"t/evil:1"}}}}]}}"#
-        ),
-    )
-    .unwrap();
-    (store, ld)
-}
-
 /// A tar with raw names (the tar crate refuses to write `..` and absolute
 /// paths, so headers are filled by hand).
 fn raw_tar(entries: &[(&str, u8, &str, &[u8])]) -> Vec<u8> {

@@ -906,3 +906,49 @@ fn leftovers_of_killed_unpacks_and_rootless_spools_are_removed() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(spools(), Vec::<String>::new());
 }
+
+#[test]
+fn a_base_layer_is_never_unpacked_under_a_diff_id_it_does_not_have() {
+    let d = shared_tempdir("kiln-diffid");
+    let store = busybox_store(d.path());
+    write(d.path(), "img/Dockerfile", b"FROM t/busybox:1\nRUN true\n");
+    let o = build(d.path(), &store, &["--no-index"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let busybox_id = config(&d.path().join("o.tar")).rootfs.diff_ids[0].clone();
+    sandbox_remove(&d.path().join("cache/kiln/layers"));
+    // An image whose config names busybox's diff_id for a layer of its own.
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(5);
+    h.set_mode(0o755);
+    layer
+        .append_data(&mut h, "bin/evil", &b"evil\n"[..])
+        .unwrap();
+    let layer = layer.into_inner().unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{busybox_id}"]}}}}"#
+    );
+    let (evil, _) = evil_store(d.path(), &layer, Some(config.as_bytes()));
+    write(d.path(), "img/Dockerfile", b"FROM t/evil:1\nRUN true\n");
+    let o = build(d.path(), &evil, &["--no-index"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("not the diff_id {busybox_id}")),
+        "{err}"
+    );
+    let dir = d.path().join("cache/kiln/layers").join(busybox_id.hex());
+    assert!(!dir.exists(), "the forged layer was unpacked as busybox's");
+    // A later build FROM the real base runs on the real files.
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN ls /bin/evil 2>&1 > /seen || echo absent > /seen\n",
+    );
+    let o = build(d.path(), &store, &["--no-index"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        file_in(&d.path().join("o.tar"), "seen").unwrap(),
+        b"absent\n"
+    );
+}
