@@ -22,6 +22,7 @@
 //! The parent (kiln) streams the command's output and reports failures.
 
 pub mod capture;
+mod exec;
 pub mod extract;
 mod helper;
 mod masks;
