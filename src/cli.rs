@@ -290,6 +290,10 @@ pub struct BuildArgs {
     /// every step whatever is allowed.
     #[arg(long = "allow", value_name = "network.host", value_parser = ["network.host"])]
     pub allow: Vec<String>,
+    /// How RUN is isolated: auto (kiln's sandbox where namespaces can be made; as root inside an
+    /// unprivileged container, the container's own root, as kaniko does), sandbox, or container.
+    #[arg(long, value_name = "auto|sandbox|container", default_value = "auto", value_parser = ["auto", "sandbox", "container"])]
+    pub isolation: String,
     /// Pull a FROM or COPY --from image no store has into the user store (--pull or
     /// --pull=missing), or every tag reference again (--pull=always). Off by default: kiln then
     /// never touches the network for a base. A pinned digest accepts only those bytes.

@@ -562,6 +562,7 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         progress,
         network: kiln::sandbox::Network::parse(&b.network).unwrap_or_default(),
         allow_network_host: b.allow.iter().any(|a| a == "network.host"),
+        isolation: kiln::sandbox::container::Isolation::parse(&b.isolation).unwrap_or_default(),
         secrets: secrets(&b.secrets)?,
         steps: None,
         pull: match b.pull.as_deref() {

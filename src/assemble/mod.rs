@@ -69,6 +69,9 @@ pub struct BuildOptions {
     /// `--allow network.host`: a step may ask for the host's network with
     /// `RUN --network=host` (BuildKit's entitlement).
     pub allow_network_host: bool,
+    /// `--isolation`: how RUN is isolated (kiln's sandbox, or the
+    /// container's own root inside an unprivileged container).
+    pub isolation: crate::sandbox::container::Isolation,
     /// `--secret id=ID,src=FILE`: files `RUN --mount=type=secret` binds.
     pub secrets: BTreeMap<String, PathBuf>,
     /// The step cache, when the build goes into a store (indexed builds).

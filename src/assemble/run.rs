@@ -30,6 +30,12 @@ fn unpack(tar: &Path, dir: &Path, diff_id: Option<&Digest>, spool: &Path) -> Res
             .map_err(|e| format!("creating {}: {e}", parent.display()))?;
         remove_stale_unpacks(parent);
     }
+    if sandbox::container::active() {
+        // In-process: once the container's root holds an image, kiln's
+        // own binary may not start again (its libraries are gone).
+        return sandbox::extract::extract(tar, dir, diff_id, true)
+            .map_err(|e| format!("unpacking {}: {e}", tar.display()));
+    }
     let spec = Spec {
         rootless: sandbox::rootless(),
         action: Action::Extract {

@@ -34,6 +34,7 @@ fn options(root: &Path, output: &Path) -> BuildOptions {
         parents: Default::default(),
         network: Default::default(),
         allow_network_host: false,
+        isolation: Default::default(),
         secrets: Default::default(),
         steps: None,
         pull: Default::default(),

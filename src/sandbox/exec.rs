@@ -90,10 +90,12 @@ fn set_capabilities() -> Result<(), String> {
     Ok(())
 }
 
-/// In the command's process: the seccomp filter, Docker's capabilities,
-/// its user and groups, umask 022, its directory, no descriptor above 2,
-/// then exec (searching `PATH` from its environment).
-pub(super) fn exec_command(spec: &RunSpec) -> ! {
+/// In the command's process: in kiln's sandbox the seccomp filter and
+/// Docker's capabilities (in container mode the container's own profile
+/// is the boundary), then its user and groups, umask 022, its directory,
+/// no descriptor above 2, then exec (searching `PATH` from its
+/// environment).
+pub(super) fn exec_command(spec: &RunSpec, sandboxed: bool) -> ! {
     let die = |msg: String| -> ! {
         let _ = writeln!(std::io::stderr(), "kiln: {msg}");
         // SAFETY: _exit in a forked child.
@@ -103,11 +105,13 @@ pub(super) fn exec_command(spec: &RunSpec) -> ! {
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     // The filter first, while this process still has CAP_SYS_ADMIN (kiln
     // sets no no_new_privs: setuid programs work, as under Docker).
-    if let Err(e) = super::seccomp::install() {
-        die(format!("installing the seccomp filter: {e}"));
-    }
-    if let Err(e) = set_capabilities() {
-        die(e);
+    if sandboxed {
+        if let Err(e) = super::seccomp::install() {
+            die(format!("installing the seccomp filter: {e}"));
+        }
+        if let Err(e) = set_capabilities() {
+            die(e);
+        }
     }
     // SAFETY: plain credential syscalls with valid arguments.
     unsafe {
@@ -148,30 +152,9 @@ pub(super) fn exec_command(spec: &RunSpec) -> ! {
         die(format!("entering the working directory {}: {e}", spec.cwd));
     }
     let cstr = |s: &str| CString::new(s).unwrap_or_else(|_| die(format!("{s:?} holds a NUL byte")));
-    let Some(prog) = spec.argv.first() else {
-        die("empty command".into());
-    };
     let argv: Vec<CString> = spec.argv.iter().map(|a| cstr(a)).collect();
     let envp: Vec<CString> = spec.env.iter().map(|a| cstr(a)).collect();
-    let path = if prog.contains('/') {
-        PathBuf::from(prog)
-    } else {
-        let search = spec
-            .env
-            .iter()
-            .find_map(|e| e.strip_prefix("PATH="))
-            .unwrap_or(crate::assemble::DEFAULT_PATH);
-        search
-            .split(':')
-            .map(|d| Path::new(d).join(prog))
-            .find(|p| {
-                std::fs::metadata(p).is_ok_and(|m| {
-                    use std::os::unix::fs::PermissionsExt;
-                    m.is_file() && m.permissions().mode() & 0o111 != 0
-                })
-            })
-            .unwrap_or_else(|| die(format!("{prog}: not found in PATH ({search})")))
-    };
+    let path = find_program(spec).unwrap_or_else(|e| die(e));
     let cpath = CString::new(OsStr::new(&path).as_bytes()).expect("no NUL");
     let mut a: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
     a.push(std::ptr::null());
@@ -187,4 +170,30 @@ pub(super) fn exec_command(spec: &RunSpec) -> ! {
         path.display(),
         std::io::Error::last_os_error()
     ))
+}
+
+/// The program a command names: a path as it is, else the first
+/// executable file of that name on the `PATH` of its environment.
+pub(super) fn find_program(spec: &RunSpec) -> Result<PathBuf, String> {
+    let Some(prog) = spec.argv.first() else {
+        return Err("empty command".into());
+    };
+    if prog.contains('/') {
+        return Ok(PathBuf::from(prog));
+    }
+    let search = spec
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(crate::assemble::DEFAULT_PATH);
+    search
+        .split(':')
+        .map(|d| Path::new(d).join(prog))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| {
+                use std::os::unix::fs::PermissionsExt;
+                m.is_file() && m.permissions().mode() & 0o111 != 0
+            })
+        })
+        .ok_or_else(|| format!("{prog}: not found in PATH ({search})"))
 }

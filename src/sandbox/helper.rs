@@ -184,7 +184,8 @@ fn run_command(spec: &RunSpec, rootless: bool) -> ! {
             .map_err(std::io::Error::other)
             .and_then(|before| {
                 let before: std::collections::BTreeMap<_, _> = before.into_iter().collect();
-                let found = super::snapshot::changes(&spec.upper, &before)?;
+                let found =
+                    super::snapshot::changes(&spec.upper, &before, &super::snapshot::nothing)?;
                 let lower = |p: &[u8]| before.get(p).and_then(super::snapshot::Snap::dir);
                 super::capture::write(
                     &spec.upper,
@@ -411,8 +412,8 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
         // No overlayfs here: one writable copy of the lowers, compared
         // with its snapshot afterwards (see snapshot.rs).
         let snap = (|| -> std::io::Result<()> {
-            super::snapshot::copy_lowers(&spec.lowers, &spec.upper)?;
-            let before = super::snapshot::scan(&spec.upper)?;
+            super::snapshot::copy_lowers(&spec.lowers, &spec.upper, &super::snapshot::nothing)?;
+            let before = super::snapshot::scan(&spec.upper, &super::snapshot::nothing)?;
             std::fs::write(
                 spec.capture.with_extension("before"),
                 serde_json::to_vec(&before.iter().collect::<Vec<_>>())
@@ -619,7 +620,7 @@ fn pid1(spec: &RunSpec, rootless: bool, created_file: &Path) -> ! {
         fail(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if child == 0 {
-        super::exec::exec_command(spec);
+        super::exec::exec_command(spec, true);
     }
     // Reap every orphan until the command itself ends.
     loop {

@@ -22,6 +22,7 @@
 //! The parent (kiln) streams the command's output and reports failures.
 
 pub mod capture;
+pub mod container;
 mod exec;
 pub mod extract;
 mod helper;
@@ -418,6 +419,71 @@ impl Lines {
     }
 }
 
+/// Reads a command's output `out` into bounded [`Lines`] (each shown line
+/// to `output`) and, where given, the helper's control channel `ctl`
+/// (each line to `control`), until both end.
+fn pump(
+    out: &mut std::fs::File,
+    mut ctl: Option<&mut std::fs::File>,
+    output: &mut dyn FnMut(&str),
+    mut control: impl FnMut(&str),
+) -> Lines {
+    use std::os::fd::AsRawFd;
+    let mut lines = Lines::new();
+    let mut pending = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut out_open, mut ctl_open) = (true, ctl.is_some());
+    while out_open || ctl_open {
+        let mut fds = [
+            libc::pollfd {
+                fd: if out_open { out.as_raw_fd() } else { -1 },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: match &ctl {
+                    Some(c) if ctl_open => c.as_raw_fd(),
+                    _ => -1,
+                },
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfd structs.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        if fds[0].revents != 0 {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => lines.push(&buf[..n], output),
+            }
+        }
+        if fds[1].revents != 0 {
+            let Some(c) = ctl.as_mut() else { continue };
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => ctl_open = false,
+                Ok(n) => {
+                    // Control lines are short; a helper that sends more
+                    // than this is broken, and the rest is ignored.
+                    if pending.len() < 64 * 1024 {
+                        pending.extend_from_slice(&buf[..n]);
+                    }
+                }
+            }
+            while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                control(&String::from_utf8_lossy(&line[..i]));
+            }
+        }
+    }
+    lines.finish(output);
+    lines
+}
+
 /// Runs the helper for `spec`; `output` gets each line the command prints
 /// (bounded: see [`Lines`]). Returns when the helper has finished (the
 /// layer tar written, for a run).
@@ -481,79 +547,32 @@ pub fn run(spec: &Spec, spool: &Path, mut output: impl FnMut(&str)) -> Result<()
     drop(ctl_w);
     let _interrupt = crate::interrupt::kill_on_interrupt(child.id());
     let mut stdin = child.stdin.take().expect("piped");
-    let mut lines = Lines::new();
-    let mut control = Vec::new();
     let mut setup_error = None;
     let mut mapped = false;
     let mut ended: Option<(Option<i32>, Option<i32>)> = None;
-    let mut buf = vec![0u8; 64 * 1024];
-    let (mut out_open, mut ctl_open) = (true, true);
-    while out_open || ctl_open {
-        use std::os::fd::AsRawFd;
-        let mut fds = [
-            libc::pollfd {
-                fd: if out_open { out_r.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: if ctl_open { ctl_r.as_raw_fd() } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfd structs.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            break;
-        }
-        if fds[0].revents != 0 {
-            match out_r.read(&mut buf) {
-                Ok(0) | Err(_) => out_open = false,
-                Ok(n) => lines.push(&buf[..n], &mut output),
-            }
-        }
-        if fds[1].revents != 0 {
-            match ctl_r.read(&mut buf) {
-                Ok(0) | Err(_) => ctl_open = false,
-                Ok(n) => {
-                    // Control lines are short; a helper that sends more
-                    // than this is broken, and the rest is ignored.
-                    if control.len() < 64 * 1024 {
-                        control.extend_from_slice(&buf[..n]);
+    let lines = pump(&mut out_r, Some(&mut ctl_r), &mut output, |text| {
+        if text == "userns" && !mapped {
+            mapped = true;
+            let answer = match &map {
+                Some(m) => match m.apply(child.id()) {
+                    Ok(true) => "mapped\n",
+                    Ok(false) => "self\n",
+                    Err(e) => {
+                        setup_error = Some(e);
+                        "abort\n"
                     }
-                }
-            }
-            while let Some(i) = control.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = control.drain(..=i).collect();
-                let text = String::from_utf8_lossy(&line[..i]).to_string();
-                if text == "userns" && !mapped {
-                    mapped = true;
-                    let answer = match &map {
-                        Some(m) => match m.apply(child.id()) {
-                            Ok(true) => "mapped\n",
-                            Ok(false) => "self\n",
-                            Err(e) => {
-                                setup_error = Some(e);
-                                "abort\n"
-                            }
-                        },
-                        None => "self\n",
-                    };
-                    let _ = stdin.write_all(answer.as_bytes());
-                    let _ = stdin.flush();
-                } else if let Some(msg) = text.strip_prefix(ERROR_PREFIX) {
-                    setup_error.get_or_insert(Error::Setup(msg.to_string()));
-                } else if let Some(st) = text.strip_prefix(STATUS_PREFIX) {
-                    let num = |k: &str| st.strip_prefix(k).and_then(|v| v.parse().ok());
-                    ended = Some((num("code="), num("signal=")));
-                }
-            }
+                },
+                None => "self\n",
+            };
+            let _ = stdin.write_all(answer.as_bytes());
+            let _ = stdin.flush();
+        } else if let Some(msg) = text.strip_prefix(ERROR_PREFIX) {
+            setup_error.get_or_insert(Error::Setup(msg.to_string()));
+        } else if let Some(st) = text.strip_prefix(STATUS_PREFIX) {
+            let num = |k: &str| st.strip_prefix(k).and_then(|v| v.parse().ok());
+            ended = Some((num("code="), num("signal=")));
         }
-    }
-    lines.finish(&mut output);
+    });
     let status = child
         .wait()
         .map_err(|source| Error::Spawn { path: exe, source })?;

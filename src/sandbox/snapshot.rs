@@ -16,6 +16,16 @@ use serde::{Deserialize, Serialize};
 
 use super::capture::Found;
 
+/// Which archive paths (relative to the root) a walk leaves alone: never
+/// read, compared, copied over or removed (container mode's kiln, cache,
+/// context and mount points).
+pub type Skip<'a> = &'a dyn Fn(&[u8]) -> bool;
+
+/// Skips nothing.
+pub fn nothing(_: &[u8]) -> bool {
+    false
+}
+
 /// What the comparison looks at.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snap {
@@ -97,8 +107,9 @@ fn own(p: &Path, md: &fs::Metadata) {
 }
 
 /// Copies `lowers` (topmost first, in overlay's format: 0/0 character
-/// devices are whiteouts, the opaque xattr hides what is below) into `root`.
-pub fn copy_lowers(lowers: &[PathBuf], root: &Path) -> io::Result<()> {
+/// devices are whiteouts, the opaque xattr hides what is below) into
+/// `root`, leaving the paths `skip` names alone.
+pub fn copy_lowers(lowers: &[PathBuf], root: &Path, skip: Skip<'_>) -> io::Result<()> {
     for lower in lowers.iter().rev() {
         let mut dir_modes: Vec<(PathBuf, fs::Metadata)> = Vec::new();
         let mut stack = vec![PathBuf::new()];
@@ -109,6 +120,9 @@ pub fn copy_lowers(lowers: &[PathBuf], root: &Path) -> io::Result<()> {
             names.sort();
             for name in names {
                 let r = rel.join(&name);
+                if skip(r.as_os_str().as_bytes()) {
+                    continue;
+                }
                 let src = lower.join(&r);
                 let dst = root.join(&r);
                 let md = fs::symlink_metadata(&src)?;
@@ -157,13 +171,17 @@ pub fn copy_lowers(lowers: &[PathBuf], root: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// The snapshot of every entry under `root`, by archive path.
-pub fn scan(root: &Path) -> io::Result<BTreeMap<Vec<u8>, Snap>> {
+/// The snapshot of every entry under `root` but what `skip` names, by
+/// archive path.
+pub fn scan(root: &Path, skip: Skip<'_>) -> io::Result<BTreeMap<Vec<u8>, Snap>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         for e in fs::read_dir(root.join(&rel))? {
             let r = rel.join(e?.file_name());
+            if skip(r.as_os_str().as_bytes()) {
+                continue;
+            }
             let md = fs::symlink_metadata(root.join(&r))?;
             if md.is_dir() {
                 stack.push(r.clone());
@@ -177,10 +195,11 @@ pub fn scan(root: &Path) -> io::Result<BTreeMap<Vec<u8>, Snap>> {
     Ok(out)
 }
 
-/// What changed under `root` since `before`.
+/// What changed under `root` since `before` (what `skip` names aside).
 pub fn changes(
     root: &Path,
     before: &BTreeMap<Vec<u8>, Snap>,
+    skip: Skip<'_>,
 ) -> io::Result<super::capture::Changes> {
     let mut found = BTreeMap::new();
     let mut now_paths = std::collections::HashSet::new();
@@ -189,6 +208,9 @@ pub fn changes(
     while let Some(rel) = stack.pop() {
         for e in fs::read_dir(root.join(&rel))? {
             let r = rel.join(e?.file_name());
+            if skip(r.as_os_str().as_bytes()) {
+                continue;
+            }
             let p = root.join(&r);
             let md = fs::symlink_metadata(&p)?;
             let key = r.as_os_str().as_bytes().to_vec();

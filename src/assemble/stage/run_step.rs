@@ -12,6 +12,27 @@ use crate::image::Digest;
 use crate::sandbox::{self, Network};
 
 impl State<'_> {
+    /// What container mode leaves alone in `/`: kiln's binary, its cache,
+    /// the build's work directory, the context, the stores, the output
+    /// (and, in [`sandbox::container::Keep::new`], every mount point).
+    fn container_keep(&self) -> sandbox::container::Keep {
+        let mut keep: Vec<PathBuf> = vec![
+            crate::cache_dir(),
+            self.view.ctx.image_dir.clone(),
+            self.view.ctx.topsrcdir.clone(),
+            self.opts.output.clone(),
+        ];
+        // The output's directory whole (other files may lie there).
+        keep.extend(self.opts.output.parent().map(|p| p.to_path_buf()));
+        keep.extend(self.opts.hash_cache.clone());
+        keep.extend(std::env::current_exe().ok());
+        keep.extend(self.spool.parent().map(|p| p.to_path_buf()));
+        keep.extend(self.opts.stores.list.iter().map(|s| s.dir.clone()));
+        keep.extend(self.opts.secrets.values().cloned());
+        keep.retain(|p| std::path::absolute(p).is_ok_and(|a| a != std::path::Path::new("/")));
+        sandbox::container::Keep::new(&keep)
+    }
+
     /// A step's `RUN --network=MODE` under the build's entitlements: a
     /// build-wide `--network none` binds every step, `default` is the
     /// build's mode, and `host` needs `kiln build --allow network.host`
@@ -223,6 +244,25 @@ impl State<'_> {
             self.history_as(format!("RUN {}", argv.join(" ")), false);
             return Ok(());
         }
+        let (isolation, why, first) = sandbox::container::choose(self.opts.isolation)?;
+        if first {
+            self.opts.progress.say(&format!(
+                "#{} RUN isolation: {} ({why})",
+                ins.line,
+                isolation.name()
+            ));
+        }
+        let container = isolation == sandbox::container::Isolation::Container;
+        if container && !mounts.is_empty() {
+            return Err(format!(
+                "RUN --mount needs kiln's sandbox, and RUN runs in container mode here ({why}): drop the --mount, or run kiln where it may create namespaces (on a host, or in a container started with --security-opt seccomp=unconfined --cap-add SYS_ADMIN)"
+            ));
+        }
+        if container && network == Network::None {
+            return Err(format!(
+                "--network none needs a network namespace, and RUN runs in container mode here ({why}): give the container itself no network (docker run --network none), or run kiln where it may create namespaces"
+            ));
+        }
         let n = self.layers.len();
         let lowers = crate::assemble::run::lowers(
             &self.base,
@@ -239,7 +279,14 @@ impl State<'_> {
             step_dir.join("merged"),
         );
         for d in [&upper, &work, &merged] {
-            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+            // 0755 whatever the umask: the upper directory is the root
+            // directory the command sees. (The spool around it is 0700.)
+            std::fs::create_dir_all(d)
+                .and_then(|_| {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))
+                })
+                .map_err(|e| format!("{}: {e}", d.display()))?;
         }
         let capture = step_dir.join("layer.tar");
         let run = sandbox::RunSpec {
@@ -255,7 +302,12 @@ impl State<'_> {
             groups,
             network,
             hostname: "kiln".into(),
-            etc: crate::assemble::run::etc_files(&step_dir, n, network)?,
+            // (In container mode, the container's own.)
+            etc: if container {
+                Vec::new()
+            } else {
+                crate::assemble::run::etc_files(&step_dir, n, network)?
+            },
             mounts,
             capture: capture.clone(),
             timestamp: self.opts.timestamp,
@@ -265,15 +317,22 @@ impl State<'_> {
             .progress
             .step(&format!("RUN (line {})", ins.line), 0, 0);
         let shown = argv.join(" ");
-        sandbox::run(
-            &sandbox::Spec {
-                rootless: sandbox::rootless(),
-                action: sandbox::Action::Run(Box::new(run)),
-            },
-            self.spool,
-            |line| step.line(line),
-        )
-        .map_err(|e| e.to_string())?;
+        if container {
+            let keep = self.container_keep();
+            sandbox::container::prepare(&run.lowers, &keep)?;
+            sandbox::container::run(&run, &keep, &mut |line| step.line(line))
+                .map_err(|e| e.to_string())?;
+        } else {
+            sandbox::run(
+                &sandbox::Spec {
+                    rootless: sandbox::rootless(),
+                    action: sandbox::Action::Run(Box::new(run)),
+                },
+                self.spool,
+                |line| step.line(line),
+            )
+            .map_err(|e| e.to_string())?;
+        }
         step.finish();
         drop(locks);
         self.fs
@@ -281,14 +340,19 @@ impl State<'_> {
             .map_err(|e| format!("reading the step's layer {}: {e}", capture.display()))?;
         let size = std::fs::metadata(&capture).map_or(0, |m| m.len());
         // Without overlayfs the "upper" directory is a whole root, not a
-        // layer: later steps unpack the layer tar instead.
+        // layer: later steps unpack the layer tar instead. In container
+        // mode the root holds the step already: the tar names it.
         let snapshot = capture.with_extension("before").exists();
+        self.dirs.push(if container {
+            Some(capture.clone())
+        } else {
+            (!snapshot).then_some(upper)
+        });
         self.layers.push(Layer::Tar {
             path: capture,
             size,
             files: 0,
         });
-        self.dirs.push((!snapshot).then_some(upper));
         self.fresh(ins, key);
         // History as Docker records it: the command, never a secret's value.
         self.history_as(format!("RUN {shown}"), false);
