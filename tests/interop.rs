@@ -452,3 +452,103 @@ fn dockerignore_classes_and_characters_match_docker_build() {
     // `caf?.txt` takes the two-byte é.
     assert_eq!(ours, ["ctx/bx", "ctx/keep"]);
 }
+
+#[test]
+fn outputs_for_docker_load_built_on_a_zstd_base_load_in_the_engine() {
+    if !docker_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    // A zstd base: busybox built to an OCI archive (zstd layers by default).
+    let gz_store = busybox_store(d.path());
+    write(
+        d.path(),
+        "z/Dockerfile",
+        b"FROM t/busybox:1\nRUN echo zstd-base > /base-note\n",
+    );
+    ok(kiln()
+        .arg("build")
+        .arg(d.path().join("z"))
+        .arg("--store")
+        .arg(&gz_store)
+        .args(["--no-index", "-t", "t/zbase:1", "-o"])
+        .arg(d.path().join("zbase.oci.tar")));
+    let store = d.path().join("zstore");
+    ok(kiln()
+        .args(["store", "add"])
+        .arg(d.path().join("zbase.oci.tar"))
+        .arg("--store")
+        .arg(&store));
+    let zbase = kiln::source::ImageFile::open(&d.path().join("zbase.oci.tar"))
+        .unwrap()
+        .summary()
+        .unwrap();
+    assert!(zbase
+        .manifest
+        .layers
+        .iter()
+        .any(|l| l.media_type.as_str().ends_with("+zstd")));
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/zbase:1\nRUN echo child > /child-note\nCMD [\"cat\", \"/base-note\", \"/child-note\"]\n",
+    );
+    for (out, tag) in [
+        ("d.tar", docker_tag("zbase")),
+        ("image.tar.zst", docker_tag("zbase-zst")),
+    ] {
+        let o = run(kiln()
+            .arg("build")
+            .arg(d.path().join("img"))
+            .arg("--store")
+            .arg(&store)
+            .args([
+                "--no-index",
+                "--progress",
+                "plain",
+                "--json",
+                "-t",
+                &tag,
+                "-o",
+            ])
+            .arg(d.path().join(out)));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        assert!(
+            err.contains("(zstd) with ")
+                && err.contains("Docker Engines before 23.0 cannot load zstd layers"),
+            "{err}"
+        );
+        let archive = if out.ends_with(".zst") {
+            let raw = zstd::decode_all(&fs::read(d.path().join(out)).unwrap()[..]).unwrap();
+            let tar = d.path().join("unzst.tar");
+            fs::write(&tar, raw).unwrap();
+            tar
+        } else {
+            d.path().join(out)
+        };
+        // No zstd layer is left in what Docker reads.
+        let summary = kiln::source::ImageFile::open(&archive)
+            .unwrap()
+            .summary()
+            .unwrap();
+        assert!(
+            summary
+                .manifest
+                .layers
+                .iter()
+                .all(|l| !l.media_type.as_str().contains("zstd")),
+            "{:?}",
+            summary.manifest.layers
+        );
+        // The diff_ids are the base's.
+        assert_eq!(
+            summary.config.rootfs.diff_ids[..zbase.config.rootfs.diff_ids.len()],
+            zbase.config.rootfs.diff_ids[..]
+        );
+        ok(Command::new("docker").arg("load").arg("-i").arg(&archive));
+        let said = ok(Command::new("docker").args(["run", "--rm", "--network", "none", &tag]));
+        let _ = run(Command::new("docker").args(["rmi", "-f", &tag]));
+        assert_eq!(said, "zstd-base\nchild\n");
+    }
+}

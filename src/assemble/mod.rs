@@ -11,6 +11,7 @@
 mod analysis;
 mod config;
 mod copy;
+mod docker_load;
 mod fs;
 mod plan;
 mod reproduce;
@@ -306,7 +307,8 @@ pub fn execute(
     }
     let _spool = Spool(spool.clone());
 
-    let planned = stage::run(&plan, opts, &spool).map_err(|e| stage_error(&plan.context, e))?;
+    let mut planned = stage::run(&plan, opts, &spool).map_err(|e| stage_error(&plan.context, e))?;
+    docker_load::recompress_bases(&mut planned, opts, &blob_dir, &spool)?;
     // What each file looked like when it was collected (and hashed).
     let watch: Vec<(Arc<Path>, u64, i64)> = plan
         .context
