@@ -64,6 +64,9 @@ pub enum Command {
     /// The step cache: list or prune the steps kiln will not run again.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Taskcluster: run as the image builder of a `docker-image` task.
+    #[command(subcommand)]
+    Taskcluster(TaskclusterCommand),
     /// Manage a local image store (an OCI layout of named base images).
     #[command(subcommand)]
     Store(StoreCommand),
@@ -193,6 +196,23 @@ pub enum StoreCommand {
 }
 
 #[derive(Subcommand)]
+pub enum TaskclusterCommand {
+    /// Build the image of a taskgraph `docker-image` task from its environment (CONTEXT_TASK_ID,
+    /// CONTEXT_PATH, IMAGE_NAME, DOCKER_BUILD_ARGS, DOCKER_IMAGE_ZSTD_LEVEL, PARENT_TASK_ID,
+    /// CHOWN_OUTPUT, HASH, TASKCLUSTER_ROOT_URL or TASKCLUSTER_PROXY_URL): fetch the context and the
+    /// parent, check HASH, build, write out/image.tar and out/image.tar.zst.
+    BuildImage {
+        /// The task's workspace: context.tar.gz and parent.tar are taken from it when present; the
+        /// outputs go to its out/.
+        #[arg(long, default_value = "/workspace")]
+        workspace: PathBuf,
+        /// More `kiln build` flags (after --), e.g. --isolation sandbox.
+        #[arg(last = true)]
+        build_flags: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum CacheCommand {
     /// List the cached steps (least recently used first).
     Ls {
@@ -250,7 +270,9 @@ impl StoreArg {
 
 #[derive(Args, Clone)]
 pub struct ContextArgs {
-    /// The image directory (holding the Dockerfile), or with -f any Docker build context.
+    /// The image directory (holding the Dockerfile), or with -f any Docker build context. For
+    /// `kiln build`, `-` or a tar file (.tar, .tar.gz, .tar.zst) is a context archive, built as it
+    /// is (as `docker build - < context.tar.gz`; taskgraph's context tars too).
     pub image_dir: PathBuf,
     /// The Dockerfile, when it is not IMAGE_DIR/Dockerfile (as `docker build -f`).
     #[arg(short = 'f', long = "file", value_name = "DOCKERFILE")]
@@ -267,6 +289,9 @@ pub struct ContextArgs {
     /// Print a JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Set for a context archive: its Dockerfile is used as it is.
+    #[arg(skip)]
+    pub plain_dockerfile: bool,
 }
 
 #[derive(Args)]
@@ -294,6 +319,10 @@ pub struct BuildArgs {
     /// unprivileged container, the container's own root, as kaniko does), sandbox, or container.
     #[arg(long, value_name = "auto|sandbox|container", default_value = "auto", value_parser = ["auto", "sandbox", "container"])]
     pub isolation: String,
+    /// Build arguments expand in FROM even where no ARG declares them (kaniko's rule, which
+    /// Taskcluster image Dockerfiles rely on: `FROM $DOCKER_IMAGE_PARENT`).
+    #[arg(long)]
+    pub build_args_in_from: bool,
     /// Pull a FROM or COPY --from image no store has into the user store (--pull or
     /// --pull=missing), or every tag reference again (--pull=always). Off by default: kiln then
     /// never touches the network for a base. A pinned digest accepts only those bytes.

@@ -44,6 +44,7 @@ pub mod sink;
 pub mod source;
 pub mod steps;
 pub mod store;
+pub mod taskcluster;
 pub mod tree;
 pub mod verify;
 

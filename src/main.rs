@@ -11,6 +11,7 @@ use clap::Parser;
 
 mod cli;
 mod manage;
+mod taskcluster_cmd;
 use cli::*;
 use manage::{cache, index, store};
 
@@ -114,6 +115,7 @@ fn context_options(a: &ContextArgs) -> Result<ContextOptions> {
         args,
         run_task_dir: a.run_task_dir.clone(),
         dockerfile: a.file.clone(),
+        plain_dockerfile: a.plain_dockerfile,
         ..Default::default()
     })
 }
@@ -234,6 +236,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         )?,
         Command::Index(cmd) => index(cmd)?,
         Command::Cache(cmd) => cache(cmd)?,
+        Command::Taskcluster(TaskclusterCommand::BuildImage {
+            workspace,
+            build_flags,
+        }) => return taskcluster_cmd::build_image(&workspace, &build_flags),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
@@ -278,7 +284,20 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
     Ok(h)
 }
 
-fn build(b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
+fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
+    // A context archive (`-` for standard input, or a tar file), as
+    // `docker build - < context.tar.gz`: unpacked, and built as it is.
+    let _unpacked = if !b.all && kiln::context::archive::is_archive(&b.ctx.image_dir) {
+        let u = kiln::context::archive::unpack_named(&b.ctx.image_dir).with_context(|| {
+            format!("reading the context archive {}", b.ctx.image_dir.display())
+        })?;
+        b.ctx.image_dir = u.path();
+        b.ctx.topsrcdir = Some(u.path());
+        b.ctx.plain_dockerfile = true;
+        Some(u)
+    } else {
+        None
+    };
     let opts = build_options(&b, progress)?;
     if b.all {
         return build_all(&b, opts);
@@ -563,6 +582,7 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         network: kiln::sandbox::Network::parse(&b.network).unwrap_or_default(),
         allow_network_host: b.allow.iter().any(|a| a == "network.host"),
         isolation: kiln::sandbox::container::Isolation::parse(&b.isolation).unwrap_or_default(),
+        args_in_from: b.build_args_in_from,
         secrets: secrets(&b.secrets)?,
         steps: None,
         pull: match b.pull.as_deref() {

@@ -139,6 +139,13 @@ pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageEr
             _ => {}
         }
     }
+    // kaniko's rule, which taskgraph's Dockerfiles rely on (`FROM
+    // $DOCKER_IMAGE_PARENT` with no ARG): every build argument reaches FROM.
+    if opts.args_in_from {
+        for (k, v) in &opts.context.args {
+            global.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     let target =
         match &opts.target {
             Some(t) => {

@@ -73,6 +73,9 @@ pub struct BuildOptions {
     /// `--isolation`: how RUN is isolated (kiln's sandbox, or the
     /// container's own root inside an unprivileged container).
     pub isolation: crate::sandbox::container::Isolation,
+    /// Build arguments expand in FROM even where no ARG declares them
+    /// (kaniko's rule; Taskcluster's image tasks rely on it).
+    pub args_in_from: bool,
     /// `--secret id=ID,src=FILE`: files `RUN --mount=type=secret` binds.
     pub secrets: BTreeMap<String, PathBuf>,
     /// The step cache, when the build goes into a store (indexed builds).

@@ -35,6 +35,7 @@ fn options(root: &Path, output: &Path) -> BuildOptions {
         network: Default::default(),
         allow_network_host: false,
         isolation: Default::default(),
+        args_in_from: false,
         secrets: Default::default(),
         steps: None,
         pull: Default::default(),

@@ -47,6 +47,9 @@ pub struct ContextOptions {
     /// Keep only what the kiln-v1 hash needs (`Context::listing`), not the
     /// entries a build reads: `kiln hash` of a huge tree in little memory.
     pub hash_only: bool,
+    /// The Dockerfile as it is, with no `# %ARG` or `# %include` processing:
+    /// a context taskgraph (or anyone) already assembled (a context tar).
+    pub plain_dockerfile: bool,
 }
 
 /// Where the bytes of one context entry come from.
@@ -181,6 +184,11 @@ impl Context {
         let mut line_map = Vec::new();
         for (idx, raw_line) in split_lines_keep_ends(&text).into_iter().enumerate() {
             let lineno = idx + 1;
+            if opts.plain_dockerfile {
+                content.push_str(raw_line);
+                line_map.push(lineno);
+                continue;
+            }
             if let Some(rest) = raw_line.strip_prefix("# %ARG") {
                 let name = rest.get(1..).unwrap_or("").trim();
                 let Some(value) = opts.args.get(name) else {

@@ -2,6 +2,7 @@
 //! parallel `kiln-v1` algorithm (`hash`) and writing or hashing the
 //! taskgraph-compatible context tar (`taskgraph`).
 
+pub mod archive;
 pub mod cache;
 pub mod collect;
 pub mod hash;

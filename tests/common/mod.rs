@@ -2,6 +2,8 @@
 //! trees, and finding the real tools `setup.sh` installs.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
