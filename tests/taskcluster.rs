@@ -118,8 +118,18 @@ fn image_task(ws: &Path, env: &[(&str, &str)], flags: &[&str]) -> std::process::
     run(&mut c)
 }
 
-#[test]
-fn a_parent_and_a_child_image_task_build_and_the_child_loads_through_taskgraph() {
+/// The registry with busybox, a taskgraph tree of a parent and a child
+/// image, and their context tars on the fake queue.
+struct Fixture {
+    _reg: Registry,
+    d: tempfile::TempDir,
+    q: Queue,
+    parent_hash: String,
+    child_hash: String,
+    root: String,
+}
+
+fn fixture() -> Fixture {
     let reg = Registry::start(None);
     let d = tempfile::tempdir().unwrap();
     busybox_store(d.path());
@@ -148,75 +158,117 @@ fn a_parent_and_a_child_image_task_build_and_the_child_loads_through_taskgraph()
     let q = Queue::start();
     let parent_hash = context_tar(&tree, "parent", &d.path().join("parent.tar.gz"), "None");
     let child_hash = context_tar(&tree, "child", &d.path().join("child.tar.gz"), "None");
-    q.artifact(
-        "CtxParent",
-        "public/docker-contexts/parent.tar.gz",
-        fs::read(d.path().join("parent.tar.gz")).unwrap(),
-    );
-    q.artifact(
-        "CtxChild",
-        "public/docker-contexts/child.tar.gz",
-        fs::read(d.path().join("child.tar.gz")).unwrap(),
-    );
+    for (task, name) in [("CtxParent", "parent"), ("CtxChild", "child")] {
+        q.artifact(
+            task,
+            &format!("public/docker-contexts/{name}.tar.gz"),
+            fs::read(d.path().join(format!("{name}.tar.gz"))).unwrap(),
+        );
+    }
     let root = q.url();
-    // The parent task.
-    let ws = d.path().join("ws-parent");
-    let out = image_task(
-        &ws,
-        &[
+    Fixture {
+        _reg: reg,
+        d,
+        q,
+        parent_hash,
+        child_hash,
+        root,
+    }
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn refs(v: &[(String, String)]) -> Vec<(&str, &str)> {
+    v.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+impl Fixture {
+    fn parent_env(&self) -> Vec<(String, String)> {
+        env(&[
             ("IMAGE_NAME", "parent"),
             ("CONTEXT_TASK_ID", "CtxParent"),
             ("CONTEXT_PATH", "public/docker-contexts/parent.tar.gz"),
-            ("HASH", &parent_hash),
+            ("HASH", &self.parent_hash),
             ("DOCKER_BUILD_ARGS", "{}"),
             ("DOCKER_IMAGE_ZSTD_LEVEL", "5"),
             ("CHOWN_OUTPUT", "1234:4321"),
-            ("TASKCLUSTER_ROOT_URL", &root),
-        ],
-        &["--insecure"],
-    );
+            ("TASKCLUSTER_ROOT_URL", &self.root),
+        ])
+    }
+
+    fn child_env(&self, hash: &str, ctx_path: &str) -> Vec<(String, String)> {
+        env(&[
+            ("IMAGE_NAME", "child"),
+            ("CONTEXT_TASK_ID", "CtxChild"),
+            ("CONTEXT_PATH", ctx_path),
+            ("HASH", hash),
+            ("PARENT_TASK_ID", "ParentTask"),
+            (
+                "DOCKER_BUILD_ARGS",
+                r#"{"GREETING": "hello", "DOCKER_IMAGE_PARENT": "parent:abc"}"#,
+            ),
+            ("TASKCLUSTER_ROOT_URL", &self.root),
+        ])
+    }
+
+    /// taskgraph's load_image of `zst` served as `task`'s image.tar.zst,
+    /// then `docker run` of it: what it printed.
+    fn load_and_run(&self, task: &str, zst: &Path) -> String {
+        self.q
+            .artifact(task, "public/image.tar.zst", fs::read(zst).unwrap());
+        let tag = format!("kiln-tc-{}-{}", task.to_lowercase(), std::process::id());
+        let code = format!(
+            "import json\nfrom taskgraph.docker import load_image\nprint(json.dumps(load_image({url:?}, imageName={tag:?}, imageTag='t')))",
+            url = format!("{}/api/queue/v1/task/{task}/artifacts/public/image.tar.zst", self.root),
+        );
+        let said = ok(Command::new(taskgraph_python())
+            .args(["-c", &code])
+            .env("NO_PROXY", "127.0.0.1"));
+        assert!(said.contains(&format!("Loaded image: {tag}:t")), "{said}");
+        let image = format!("{tag}:t");
+        let ran = ok(Command::new("docker").args(["run", "--rm", "--network", "none", &image]));
+        let _ = Command::new("docker").args(["rmi", "-f", &image]).output();
+        ran
+    }
+
+    fn expected_run(&self) -> String {
+        format!("parent\nhello from topsrcdir\nhello from {}\n", self.root)
+    }
+}
+
+#[test]
+fn a_parent_and_a_child_image_task_build_and_the_child_loads_through_taskgraph() {
+    let f = fixture();
+    let ws = f.d.path().join("ws-parent");
+    let out = image_task(&ws, &refs(&f.parent_env()), &["--insecure"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains(&format!("context hash {parent_hash} matches HASH")),
+        err.contains(&format!("context hash {} matches HASH", f.parent_hash)),
         "{err}"
     );
-    for f in ["image.tar", "image.tar.zst"] {
-        let md = fs::metadata(ws.join("out").join(f)).unwrap();
+    for name in ["image.tar", "image.tar.zst"] {
+        let md = fs::metadata(ws.join("out").join(name)).unwrap();
         use std::os::unix::fs::MetadataExt;
-        assert_eq!((md.uid(), md.gid()), (1234, 4321), "{f}");
+        assert_eq!((md.uid(), md.gid()), (1234, 4321), "{name}");
     }
     // image.tar.zst is the zstd stream of image.tar.
     let raw = zstd::decode_all(&fs::read(ws.join("out/image.tar.zst")).unwrap()[..]).unwrap();
     assert_eq!(raw, fs::read(ws.join("out/image.tar")).unwrap());
-    q.artifact(
+    f.q.artifact(
         "ParentTask",
         "public/image.tar.zst",
         fs::read(ws.join("out/image.tar.zst")).unwrap(),
     );
-    // The child task: FROM $DOCKER_IMAGE_PARENT with no ARG.
-    let ws = d.path().join("ws-child");
-    let child_env = |hash: &str, ctx_path: &str| -> Vec<(String, String)> {
-        vec![
-            ("IMAGE_NAME".into(), "child".into()),
-            ("CONTEXT_TASK_ID".into(), "CtxChild".into()),
-            ("CONTEXT_PATH".into(), ctx_path.into()),
-            ("HASH".into(), hash.into()),
-            ("PARENT_TASK_ID".into(), "ParentTask".into()),
-            (
-                "DOCKER_BUILD_ARGS".into(),
-                r#"{"GREETING": "hello", "DOCKER_IMAGE_PARENT": "parent:abc"}"#.into(),
-            ),
-            ("TASKCLUSTER_ROOT_URL".into(), root.clone()),
-        ]
-    };
-    let as_refs = |v: &[(String, String)]| -> Vec<(String, String)> { v.to_vec() };
-    let env = as_refs(&child_env(
-        &child_hash,
-        "public/docker-contexts/child.tar.gz",
-    ));
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let out = image_task(&ws, &env_refs, &[]);
+    // The child: FROM $DOCKER_IMAGE_PARENT with no ARG.
+    let ws = f.d.path().join("ws-child");
+    let child = f.child_env(&f.child_hash, "public/docker-contexts/child.tar.gz");
+    let out = image_task(&ws, &refs(&child), &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -225,55 +277,106 @@ fn a_parent_and_a_child_image_task_build_and_the_child_loads_through_taskgraph()
     );
     // A wrong HASH: both hashes named, no output.
     let bad = "0".repeat(64);
-    let env = child_env(&bad, "public/docker-contexts/child.tar.gz");
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let ws_bad = d.path().join("ws-bad");
-    let out = image_task(&ws_bad, &env_refs, &[]);
+    let ws_bad = f.d.path().join("ws-bad");
+    let wrong = f.child_env(&bad, "public/docker-contexts/child.tar.gz");
+    let out = image_task(&ws_bad, &refs(&wrong), &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
-        err.contains(&child_hash) && err.contains(&bad) && err.contains("HASH"),
+        err.contains(&f.child_hash) && err.contains(&bad) && err.contains("HASH"),
         "{err}"
     );
     assert!(!ws_bad.join("out/image.tar").exists());
     // A missing artifact: the URL and the status.
-    let env = child_env(&child_hash, "public/docker-contexts/nothing.tar.gz");
-    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let out = image_task(&ws_bad, &env_refs, &[]);
+    let missing = f.child_env(&f.child_hash, "public/docker-contexts/nothing.tar.gz");
+    let out = image_task(&ws_bad, &refs(&missing), &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!(
-            "{root}/api/queue/v1/task/CtxChild/artifacts/public/docker-contexts/nothing.tar.gz: HTTP 404"
+            "{}/api/queue/v1/task/CtxChild/artifacts/public/docker-contexts/nothing.tar.gz: HTTP 404",
+            f.root
         )),
         "{err}"
     );
-
     // taskgraph's load_image takes the child's image.tar.zst, and it runs.
     if !docker_available() {
         return;
     }
-    q.artifact(
-        "ChildTask",
+    let ran = f.load_and_run("ChildTask", &ws.join("out/image.tar.zst"));
+    assert_eq!(ran, f.expected_run());
+}
+
+/// Builds the image_builder image with examples/image-builder/build.sh
+/// (packaging this kiln binary) into `out`; its manifest digest.
+fn image_builder(out: &Path) -> String {
+    let o = run(Command::new("bash")
+        .arg(repo().join("examples/image-builder/build.sh"))
+        .arg(out)
+        .args(["--", "--json"])
+        .env("KILN", env!("CARGO_BIN_EXE_kiln"))
+        .env("XDG_CACHE_HOME", out.with_extension("cache")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    json(&String::from_utf8_lossy(&o.stdout))["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn the_image_builder_image_kiln_builds_for_itself_runs_the_image_tasks() {
+    if !docker_available() {
+        return;
+    }
+    let f = fixture();
+    // From scratch, twice: identical.
+    let (a, b) = (f.d.path().join("ib-a.tar"), f.d.path().join("ib-b.tar"));
+    assert_eq!(image_builder(&a), image_builder(&b));
+    let loaded = ok(Command::new("docker").arg("load").arg("-i").arg(&a));
+    let image = loaded
+        .lines()
+        .find_map(|l| l.strip_prefix("Loaded image: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    struct Rmi(String);
+    impl Drop for Rmi {
+        fn drop(&mut self) {
+            let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+        }
+    }
+    let _rmi = Rmi(image.clone());
+    // The task's container: Docker's defaults, --network host, the
+    // workspace mounted; nothing else added.
+    let task = |ws: &Path, vars: &[(String, String)], flags: &[&str]| {
+        fs::create_dir_all(ws).unwrap();
+        let mut c = Command::new("docker");
+        c.args(["run", "--rm", "--network", "host", "-v"])
+            .arg(format!("{}:/workspace", ws.display()));
+        for (k, v) in vars {
+            c.arg("-e").arg(format!("{k}={v}"));
+        }
+        c.arg(&image).arg("--").args(flags);
+        run(&mut c)
+    };
+    let ws = f.d.path().join("ib-parent");
+    let out = task(&ws, &f.parent_env(), &["--insecure"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("RUN isolation: container"), "{err}");
+    f.q.artifact(
+        "ParentTask",
         "public/image.tar.zst",
         fs::read(ws.join("out/image.tar.zst")).unwrap(),
     );
-    let tag = format!("kiln-tc-child-{}", std::process::id());
-    let code = format!(
-        "import json\nfrom taskgraph.docker import load_image\nprint(json.dumps(load_image({url:?}, imageName={tag:?}, imageTag='t')))",
-        url = format!("{root}/api/queue/v1/task/ChildTask/artifacts/public/image.tar.zst"),
+    let ws = f.d.path().join("ib-child");
+    let out = task(
+        &ws,
+        &f.child_env(&f.child_hash, "public/docker-contexts/child.tar.gz"),
+        &[],
     );
-    let said = ok(Command::new(taskgraph_python())
-        .args(["-c", &code])
-        .env("NO_PROXY", "127.0.0.1"));
-    assert!(said.contains(&format!("Loaded image: {tag}:t")), "{said}");
-    let ran =
-        ok(Command::new("docker").args(["run", "--rm", "--network", "none", &format!("{tag}:t")]));
-    let _ = Command::new("docker")
-        .args(["rmi", "-f", &format!("{tag}:t")])
-        .output();
-    assert_eq!(
-        ran,
-        format!("parent\nhello from topsrcdir\nhello from {root}\n")
-    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let ran = f.load_and_run("ChildTaskInImage", &ws.join("out/image.tar.zst"));
+    assert_eq!(ran, f.expected_run());
 }
