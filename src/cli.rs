@@ -366,9 +366,13 @@ pub struct BuildArgs {
     /// Context hash algorithm reported by the build.
     #[arg(long, value_enum, default_value_t = AlgorithmArg::KilnV1)]
     pub algorithm: AlgorithmArg,
-    /// Write the manifest digest to this file.
+    /// Write the manifest digest to this file (with --push: once every tag is pushed).
     #[arg(long)]
     pub digest_file: Option<PathBuf>,
+    /// Push the image to every -t tag's registry after the build: the blobs and the manifest once
+    /// a repository, then each of its tags.
+    #[arg(long)]
+    pub push: bool,
     /// Write the image id (the config digest) to this file, as docker and buildah do.
     #[arg(long)]
     pub iidfile: Option<PathBuf>,
@@ -424,6 +428,40 @@ pub struct NetArgs {
     /// Upload blobs larger than this in chunks of this many bytes (0: always one request).
     #[arg(long, value_name = "BYTES", default_value_t = 64 << 20)]
     pub chunk_size: u64,
+    /// Registry credentials from this Taskcluster secret, read through $TASKCLUSTER_PROXY_URL
+    /// (instead of Docker's or podman's configuration).
+    #[arg(long, value_name = "NAME")]
+    pub taskcluster_secret: Option<String>,
+    /// The keys of the secret's `secret` object that hold the user name and the password.
+    #[arg(
+        long,
+        value_name = "USER:PASSWORD",
+        default_value = "username:password"
+    )]
+    pub taskcluster_secret_keys: String,
+}
+
+impl NetArgs {
+    /// A registry client for `host`, with the Taskcluster secret's
+    /// credentials when one is named.
+    pub fn client(&self, host: &str) -> Result<kiln::registry::Client> {
+        let client = kiln::registry::Client::new(host, self.insecure);
+        let Some(name) = &self.taskcluster_secret else {
+            return Ok(client);
+        };
+        let (user, password) = self
+            .taskcluster_secret_keys
+            .split_once(':')
+            .ok_or_else(|| {
+                anyhow!(
+                    "--taskcluster-secret-keys {}: expected USER_KEY:PASSWORD_KEY",
+                    self.taskcluster_secret_keys
+                )
+            })?;
+        let creds =
+            kiln::taskcluster::secret_credentials(name, user, password).map_err(|e| anyhow!(e))?;
+        Ok(client.with_credentials(creds))
+    }
 }
 
 /// Splits `REGISTRY/PREFIX` of --index-registry.

@@ -330,6 +330,9 @@ fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCod
             }
         }
     }
+    if b.push {
+        push_tags(&r.output, &opts.tags, &b.index.net)?;
+    }
     // --digest-file ends in a newline as it always has; --iidfile holds
     // the bare id, as docker and buildah write it.
     let files = [
@@ -446,7 +449,7 @@ fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bo
     if r.digest.is_some() {
         bail!("--to {to}: push to a tag or to a bare repository, not to a digest");
     }
-    let client = std::sync::Arc::new(kiln::registry::Client::new(r.host(), net.insecure));
+    let client = std::sync::Arc::new(net.client(r.host())?);
     let src = ImageFile::open(image)?;
     let (desc, _) = kiln::source::first_image(&src)?;
     let opts = kiln::registry::PushOptions {
@@ -468,6 +471,42 @@ fn push(image: &Path, to: &str, mount_from: Vec<String>, net: &NetArgs, json: bo
             report.bytes_uploaded,
             report.present,
             report.mounted
+        );
+    }
+    Ok(())
+}
+
+/// `kiln build --push`: the built image to every tag's registry; each
+/// repository gets the blobs and the manifest once, then a PUT per tag.
+fn push_tags(output: &Path, tags: &[String], net: &NetArgs) -> Result<()> {
+    let mut repos: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for t in tags {
+        let r = Reference::parse_remote(t).map_err(|m| anyhow!("--push: -t {m}"))?;
+        let tag = r
+            .tag
+            .clone()
+            .ok_or_else(|| anyhow!("--push: -t {t} names no tag to push"))?;
+        repos
+            .entry((r.host().to_string(), r.path().to_string()))
+            .or_default()
+            .push(tag);
+    }
+    let src = ImageFile::open(output)?;
+    let (desc, _) = kiln::source::first_image(&src)?;
+    let opts = kiln::registry::PushOptions {
+        chunk: net.chunk_size,
+        mount_from: Vec::new(),
+    };
+    for ((host, path), tags) in &repos {
+        let client = std::sync::Arc::new(net.client(host)?);
+        let report = kiln::registry::push(&client, &src, &desc, path, tags, &opts)
+            .with_context(|| format!("pushing {} to {host}/{path}", output.display()))?;
+        for t in tags {
+            eprintln!("kiln: pushed {host}/{path}:{t} ({})", desc.digest);
+        }
+        eprintln!(
+            "kiln: {host}/{path}: {} blob(s) uploaded ({} bytes), {} already there",
+            report.uploaded, report.bytes_uploaded, report.present
         );
     }
     Ok(())

@@ -191,6 +191,66 @@ pub fn compress_zstd(src: &Path, dst: &Path, level: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// Registry credentials from a Taskcluster secret, read through the
+/// task's proxy (`TASKCLUSTER_PROXY_URL/api/secrets/v1/secret/NAME`, a
+/// JSON object whose `secret` holds `user_key` and `password_key`).
+pub fn secret_credentials(
+    name: &str,
+    user_key: &str,
+    password_key: &str,
+) -> Result<crate::registry::auth::Credentials, String> {
+    let proxy = std::env::var("TASKCLUSTER_PROXY_URL")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| format!("reading the Taskcluster secret {name} needs TASKCLUSTER_PROXY_URL (the task's proxy: set features.taskclusterProxy in the task)"))?;
+    let url = format!(
+        "{}/api/secrets/v1/secret/{name}",
+        proxy.trim_end_matches('/')
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let resp = agent
+        .get(&url)
+        .call()
+        .map_err(|e| format!("reading the Taskcluster secret {name} ({url}): {e}"))?;
+    let status = resp.status().as_u16();
+    match status {
+        200 => {}
+        401 | 403 => {
+            return Err(format!(
+                "reading the Taskcluster secret {name}: HTTP {status} from {url}: the task lacks the scope secrets:get:{name} (add it to the task's scopes)"
+            ))
+        }
+        404 => {
+            return Err(format!(
+                "reading the Taskcluster secret {name}: HTTP 404 from {url}: there is no secret of that name"
+            ))
+        }
+        s => return Err(format!("reading the Taskcluster secret {name}: HTTP {s} from {url}")),
+    }
+    let mut body = Vec::new();
+    resp.into_body()
+        .into_reader()
+        .take(1 << 20)
+        .read_to_end(&mut body)
+        .map_err(|e| format!("reading the Taskcluster secret {name}: {e}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| format!("the Taskcluster secret {name} is not JSON: {e}"))?;
+    let field = |k: &str| {
+        v["secret"][k].as_str().map(String::from).ok_or_else(|| {
+            format!("the Taskcluster secret {name} has no string {k} in its `secret` object (its keys are given with --taskcluster-secret-keys USER:PASSWORD)")
+        })
+    };
+    Ok(crate::registry::auth::Credentials {
+        user: field(user_key)?,
+        password: field(password_key)?,
+        identity_token: None,
+    })
+}
+
 /// Where the task's files live (`/workspace` in the task's container).
 #[derive(Clone, Debug)]
 pub struct Workspace(pub PathBuf);

@@ -25,6 +25,8 @@ use common::*;
 struct Queue {
     files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
     moved: Arc<Mutex<HashMap<String, String>>>,
+    /// Paths answered 403 (a scope the task lacks).
+    denied: Arc<Mutex<Vec<String>>>,
     addr: String,
 }
 
@@ -50,7 +52,18 @@ impl Queue {
                             .unwrap_or("")
                             .to_string();
                         let moved = served.moved.lock().unwrap().get(&path).cloned();
-                        let answer = if let Some(to) = moved {
+                        let denied = served.denied.lock().unwrap().contains(&path);
+                        let answer = if denied {
+                            let body =
+                                br#"{"code":"InsufficientScopes","message":"missing scopes"}"#;
+                            let mut a = format!(
+                                "HTTP/1.1 403 Forbidden\r\nContent-Length: {}\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes();
+                            a.extend_from_slice(body);
+                            a
+                        } else if let Some(to) = moved {
                             format!("HTTP/1.1 303 See Other\r\nLocation: {to}\r\nContent-Length: 0\r\n\r\n").into_bytes()
                         } else if let Some(b) = served.files.lock().unwrap().get(&path) {
                             let mut a =
@@ -379,4 +392,96 @@ fn the_image_builder_image_kiln_builds_for_itself_runs_the_image_tasks() {
     assert!(out.status.success(), "{err}");
     let ran = f.load_and_run("ChildTaskInImage", &ws.join("out/image.tar.zst"));
     assert_eq!(ran, f.expected_run());
+}
+
+#[test]
+fn balrog_s_pipeline_builds_tags_pushes_with_a_taskcluster_secret_and_writes_the_digest() {
+    require("skopeo");
+    let reg = Registry::start(Some(("balrog", "s3cret")));
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nRUN echo balrog > /app\nCMD [\"cat\", \"/app\"]\n",
+    );
+    // The task's proxy serves the secrets service.
+    let proxy = Queue::start();
+    proxy.files.lock().unwrap().insert(
+        "/api/secrets/v1/secret/project/releng/balrog/docker".into(),
+        br#"{"secret": {"docker_username": "balrog", "docker_password": "s3cret"}, "expires": "3000-01-01T00:00:00.000Z"}"#.to_vec(),
+    );
+    proxy
+        .denied
+        .lock()
+        .unwrap()
+        .push("/api/secrets/v1/secret/project/releng/other".into());
+    let repo = format!("{}/releng/balrog", reg.addr);
+    let build = |secret: &str| {
+        run(kiln()
+            .env("TASKCLUSTER_PROXY_URL", proxy.url())
+            .arg("build")
+            .arg(d.path().join("img"))
+            .arg("--store")
+            .arg(&store)
+            .args([
+                "--no-index",
+                "--insecure",
+                "--push",
+                "--taskcluster-secret",
+                secret,
+            ])
+            .args([
+                "--taskcluster-secret-keys",
+                "docker_username:docker_password",
+            ])
+            .args([
+                "-t",
+                &format!("{repo}:main"),
+                "-t",
+                &format!("{repo}:20261205"),
+            ])
+            .arg("--digest-file")
+            .arg(d.path().join("sha256.txt"))
+            .arg("-o")
+            .arg(d.path().join("o.tar")))
+    };
+    let out = build("project/releng/balrog/docker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}\n{}", reg.log());
+    let digest = fs::read_to_string(d.path().join("sha256.txt")).unwrap();
+    let digest = digest.trim();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    for tag in ["main", "20261205"] {
+        let v = json(&ok(Command::new("skopeo").args([
+            "inspect",
+            "--tls-verify=false",
+            "--creds",
+            "balrog:s3cret",
+            &format!("docker://{repo}:{tag}"),
+        ])));
+        assert_eq!(v["Digest"].as_str(), Some(digest), "{tag}: {v}");
+    }
+    // One upload of each blob, one manifest PUT per tag.
+    let layers = config(&d.path().join("o.tar")).rootfs.diff_ids.len();
+    assert_eq!(
+        reg.count("POST", "releng/balrog/blobs/uploads"),
+        layers + 1,
+        "{}",
+        reg.log()
+    );
+    assert_eq!(reg.count("PUT", "releng/balrog/manifests/main"), 1);
+    assert_eq!(reg.count("PUT", "releng/balrog/manifests/20261205"), 1);
+    // The secret refused: the error names it and the scope; no digest file.
+    fs::remove_file(d.path().join("sha256.txt")).unwrap();
+    let out = build("project/releng/other");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("project/releng/other")
+            && err.contains("HTTP 403")
+            && err.contains("secrets:get:project/releng/other"),
+        "{err}"
+    );
+    assert!(!d.path().join("sha256.txt").exists());
 }

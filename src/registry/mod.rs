@@ -113,6 +113,13 @@ pub struct Client {
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 impl Client {
+    /// The same client with these credentials instead of those Docker's
+    /// or podman's configuration holds (a Taskcluster secret's, say).
+    pub fn with_credentials(mut self, creds: auth::Credentials) -> Client {
+        self.creds = Some(creds);
+        self
+    }
+
     /// A client for `host`; `insecure` speaks plain HTTP.
     pub fn new(host: &str, insecure: bool) -> Client {
         let config = ureq::Agent::config_builder()
