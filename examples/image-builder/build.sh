@@ -21,7 +21,12 @@ trap 'rm -rf "$ctx"' EXIT
 mkdir -p "$ctx/image-builder/rootfs/kiln/bin" "$ctx/image-builder/rootfs/kiln/cache" \
   "$ctx/image-builder/rootfs/etc/ssl/certs" "$ctx/image-builder/rootfs/tmp" "$ctx/image-builder/rootfs/workspace"
 cp "$here/Dockerfile" "$ctx/image-builder/"
-cp "$KILN" "$ctx/image-builder/rootfs/kiln/bin/kiln"
+# Without debug information (strip's output depends only on its input).
+if command -v strip >/dev/null; then
+  strip --strip-debug -o "$ctx/image-builder/rootfs/kiln/bin/kiln" "$KILN"
+else
+  cp "$KILN" "$ctx/image-builder/rootfs/kiln/bin/kiln"
+fi
 cp "$certs" "$ctx/image-builder/rootfs/etc/ssl/certs/ca-certificates.crt"
 # The shared libraries the binary links (none for a static build).
 ldd "$KILN" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
