@@ -10,6 +10,8 @@ for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podma
   docker-registry:docker-registry htpasswd:apache2-utils newuidmap:uidmap; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
+# Debian's CA bundle, which the image_builder image packages.
+[ -s /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 # A static busybox for the base image the store interop test builds and runs.
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 # Static libc for the tiny test binary that `docker run` executes.

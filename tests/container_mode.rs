@@ -157,6 +157,33 @@ fn kiln_inside_docker_run_builds_run_steps_with_the_host_s_digests() {
     // (The shell makes /tmp/ls before ls lists.)
     assert_eq!(ls.data, b"id\nls\n");
 
+    // A base whose files lie where kiln keeps its own (/kiln/bin/kiln in
+    // this image): they stay in the layer, the container's kiln stays.
+    write(d.path(), "img/fake-kiln", b"not kiln\n");
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\nCOPY fake-kiln /kiln/bin/kiln\nRUN echo after > /after\n",
+    );
+    let out = in_docker(
+        &image.0,
+        d.path(),
+        "build /w/img --store /w/store --no-index --json -o /w/out/shadow.tar",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let l = layers(&d.path().join("out/shadow.tar"));
+    let fake = l
+        .iter()
+        .flatten()
+        .find(|i| i.path == "kiln/bin/kiln")
+        .unwrap();
+    assert_eq!(fake.data, b"not kiln\n");
+    assert!(l.iter().flatten().any(|i| i.path == "after"));
+
     // What needs a namespace is refused with the mode and the fix.
     write(
         d.path(),

@@ -392,6 +392,27 @@ fn the_image_builder_image_kiln_builds_for_itself_runs_the_image_tasks() {
     assert!(out.status.success(), "{err}");
     let ran = f.load_and_run("ChildTaskInImage", &ws.join("out/image.tar.zst"));
     assert_eq!(ran, f.expected_run());
+    // In the image too: a wrong HASH names both, a missing artifact its
+    // URL and status.
+    let bad = "0".repeat(64);
+    let ws = f.d.path().join("ib-bad");
+    let out = task(
+        &ws,
+        &f.child_env(&bad, "public/docker-contexts/child.tar.gz"),
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&f.child_hash) && err.contains(&bad), "{err}");
+    let out = task(
+        &ws,
+        &f.child_env(&f.child_hash, "public/docker-contexts/nothing.tar.gz"),
+        &[],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("nothing.tar.gz: HTTP 404"), "{err}");
+    assert!(!ws.join("out/image.tar.zst").exists());
 }
 
 #[test]
