@@ -229,30 +229,9 @@ fn the_taskcluster_style_debian_image_builds_inside_docker_run() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let cache = d.path().join("cache");
-    if debian_base(d.path(), &cache).is_none() {
+    let Some(_) = debian_tc_tree(d.path(), &d.path().join("cache")) else {
         return;
-    }
-    let store = d.path().join("store");
-    ok(kiln()
-        .args(["store", "add"])
-        .arg(d.path().join("base.tar"))
-        .arg("--store")
-        .arg(&store));
-    let tc = d.path().join("tc");
-    write(&tc, "kiln-test/hello.txt", b"hello from topsrcdir\n");
-    write(
-        &tc,
-        "taskcluster/docker/tcimage/Dockerfile",
-        b"FROM debian:bookworm-minbase
-# %include kiln-test/hello.txt
-RUN groupadd -g 1000 worker && useradd -u 1000 -g 1000 -d /builds/worker -s /bin/bash -m worker
-WORKDIR /builds/worker
-RUN apt-get update && apt-get install -y --no-install-recommends git python3-requests && rm -rf /var/lib/apt/lists/*
-ADD topsrcdir/kiln-test/hello.txt /builds/worker/hello.txt
-USER worker
-",
-    );
+    };
     let image = Image(kiln_image(d.path()));
     let out = in_docker(
         &image.0,
@@ -274,13 +253,10 @@ USER worker
         "kiln-tcimage-container:1",
         "sh",
         "-c",
-        "git --version | cut -d' ' -f1-2; id -u worker; id -u; cat /builds/worker/hello.txt; python3 -c 'import requests; print(\"requests\")'",
+        DEBIAN_TC_CHECK,
     ]));
     let _ = Command::new("docker")
         .args(["rmi", "-f", "kiln-tcimage-container:1"])
         .output();
-    assert_eq!(
-        said,
-        "git version\n1000\n1000\nhello from topsrcdir\nrequests\n"
-    );
+    assert_eq!(said, DEBIAN_TC_SAYS);
 }

@@ -260,12 +260,13 @@ fn from_resolves_digests_and_args_and_searches_stores_in_order() {
     let store2 = other.path().join("store2");
     store_add(&store2, &other.path().join("o.oci.tar"), Some("t/base:2"));
     let first_layer = |extra: &[&str], env: Option<&Path>| {
-        let mut c = build_cmd(d.path(), "pick.tar", extra);
+        // (An OCI archive: a docker-archive would recompress the zstd base.)
+        let mut c = build_cmd(d.path(), "pick.oci.tar", extra);
         if let Some(e) = env {
             c.env("KILN_STORE", e);
         }
         ok(&mut c);
-        manifest(&d.path().join("pick.tar")).layers[0]
+        manifest(&d.path().join("pick.oci.tar")).layers[0]
             .digest
             .clone()
     };

@@ -1080,7 +1080,8 @@ fn build_pull_fetches_missing_bases_and_accepts_only_the_pinned_bytes() {
             .arg("build")
             .arg(src.path().join("b"))
             .args(["--insecure", "--json", "-o"])
-            .arg(src.path().join("o.tar"))
+            // (An OCI archive: a docker-archive would recompress the zstd base.)
+            .arg(src.path().join("o.oci.tar"))
             .args(extra))
     };
     // Without --pull: the network is never touched.
@@ -1127,7 +1128,7 @@ fn build_pull_fetches_missing_bases_and_accepts_only_the_pinned_bytes() {
         }
     });
     let wrong = format!("sha256:{}", "1".repeat(64));
-    let _ = fs::remove_file(src.path().join("o.tar"));
+    let _ = fs::remove_file(src.path().join("o.oci.tar"));
     let out = build(&format!("{}/x/y@{wrong}", h.addr), &["--pull"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -1136,7 +1137,7 @@ fn build_pull_fetches_missing_bases_and_accepts_only_the_pinned_bytes() {
             && err.contains(&format!("sha256:{}", sha256_hex(&manifest_for(CONFIG)))),
         "{err}"
     );
-    assert!(!src.path().join("o.tar").exists());
+    assert!(!src.path().join("o.oci.tar").exists());
 }
 
 #[test]

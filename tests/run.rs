@@ -461,34 +461,14 @@ fn rootless_through_a_subuid_range_gives_the_digest_root_gives() {
 fn a_taskcluster_style_debian_image_with_useradd_and_apt_get_builds_and_runs() {
     let d = tempfile::tempdir().unwrap();
     let cache = d.path().join("cache");
-    // The base: FROM scratch, ADD the debootstrap tar (owners and setuid bits kept).
-    if debian_base(d.path(), &cache).is_none() {
+    // The base: FROM scratch, ADD the debootstrap tar (owners and setuid
+    // bits kept); a Taskcluster image directory with a `# %include`.
+    let Some((store, tc)) = debian_tc_tree(d.path(), &cache) else {
         return;
-    }
+    };
     let base = layers(&d.path().join("base.tar"));
     let passwd = base[0].iter().find(|i| i.path == "usr/bin/passwd").unwrap();
     assert_eq!(passwd.mode & 0o4000, 0o4000, "setuid kept");
-    let store = d.path().join("store");
-    ok(kiln()
-        .args(["store", "add"])
-        .arg(d.path().join("base.tar"))
-        .arg("--store")
-        .arg(&store));
-    // A Taskcluster image directory with a `# %include`.
-    let tc = d.path().join("tc");
-    write(&tc, "kiln-test/hello.txt", b"hello from topsrcdir\n");
-    write(
-        &tc,
-        "taskcluster/docker/tcimage/Dockerfile",
-        b"FROM debian:bookworm-minbase
-# %include kiln-test/hello.txt
-RUN groupadd -g 1000 worker && useradd -u 1000 -g 1000 -d /builds/worker -s /bin/bash -m worker
-WORKDIR /builds/worker
-RUN apt-get update && apt-get install -y --no-install-recommends git python3-requests && rm -rf /var/lib/apt/lists/*
-ADD topsrcdir/kiln-test/hello.txt /builds/worker/hello.txt
-USER worker
-",
-    );
     let v = json(&ok(kiln()
         .env("XDG_CACHE_HOME", &cache)
         .arg("build")
@@ -513,15 +493,12 @@ USER worker
         "kiln-tcimage-test:1",
         "sh",
         "-c",
-        "git --version | cut -d' ' -f1-2; id -u worker; id -u; cat /builds/worker/hello.txt; python3 -c 'import requests; print(\"requests\")'",
+        DEBIAN_TC_CHECK,
     ]));
     let _ = Command::new("docker")
         .args(["rmi", "-f", "kiln-tcimage-test:1"])
         .output();
-    assert_eq!(
-        out,
-        "git version\n1000\n1000\nhello from topsrcdir\nrequests\n"
-    );
+    assert_eq!(out, DEBIAN_TC_SAYS);
 }
 
 #[test]

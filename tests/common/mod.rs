@@ -517,3 +517,39 @@ pub fn evil_store(
     .unwrap();
     (store, ld)
 }
+
+/// The Taskcluster-style Debian image: useradd, apt-get install, and an
+/// ADD of a `# %include` (under `taskcluster/docker/tcimage` of a tree).
+pub const DEBIAN_TC_IMAGE: &[u8] = b"FROM debian:bookworm-minbase
+# %include kiln-test/hello.txt
+RUN groupadd -g 1000 worker && useradd -u 1000 -g 1000 -d /builds/worker -s /bin/bash -m worker
+WORKDIR /builds/worker
+RUN apt-get update && apt-get install -y --no-install-recommends git python3-requests && rm -rf /var/lib/apt/lists/*
+ADD topsrcdir/kiln-test/hello.txt /builds/worker/hello.txt
+USER worker
+";
+
+/// What `docker run IMAGE sh -c DEBIAN_TC_CHECK` prints for that image.
+pub const DEBIAN_TC_CHECK: &str = "git --version | cut -d' ' -f1-2; id -u worker; id -u; cat /builds/worker/hello.txt; python3 -c 'import requests; print(\"requests\")'";
+pub const DEBIAN_TC_SAYS: &str = "git version\n1000\n1000\nhello from topsrcdir\nrequests\n";
+
+/// The Debian base in the store `d/store` and the Taskcluster tree `d/tc`
+/// holding [`DEBIAN_TC_IMAGE`]; None (with `CI` set: a failure) without
+/// setup.sh's debootstrapped base.
+pub fn debian_tc_tree(d: &Path, cache: &Path) -> Option<(PathBuf, PathBuf)> {
+    debian_base(d, cache)?;
+    let store = d.join("store");
+    ok(kiln()
+        .args(["store", "add"])
+        .arg(d.join("base.tar"))
+        .arg("--store")
+        .arg(&store));
+    let tc = d.join("tc");
+    write(&tc, "kiln-test/hello.txt", b"hello from topsrcdir\n");
+    write(
+        &tc,
+        "taskcluster/docker/tcimage/Dockerfile",
+        DEBIAN_TC_IMAGE,
+    );
+    Some((store, tc))
+}
