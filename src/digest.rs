@@ -119,6 +119,27 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// `bytes` escaped for a line of hashed text: `\` as `\\`, a newline
+/// as `\n`, and with `tab` a tab as `\t` (where tabs separate fields).
+/// Bytes holding none of them come back as they are, so texts without
+/// them hash as before; with them the encoding stays injective.
+pub fn escape_line(bytes: &[u8], tab: bool) -> std::borrow::Cow<'_, [u8]> {
+    let special = |b: u8| b == b'\\' || b == b'\n' || (tab && b == b'\t');
+    if !bytes.iter().any(|&b| special(b)) {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() + 8);
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\t' if tab => out.extend_from_slice(b"\\t"),
+            b => out.push(b),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A reader that hashes and counts everything read through it.
 pub struct HashingReader<R> {
     inner: R,

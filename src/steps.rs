@@ -62,6 +62,13 @@ impl Key {
     }
 }
 
+/// A path or link target for a key's text, where tabs and newlines
+/// separate fields: `\`, tab and newline escaped, so no file name can
+/// forge another entry (names without them keep their keys).
+pub fn escaped(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    crate::digest::escape_line(bytes, true)
+}
+
 /// Lower-case hex of bytes.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

@@ -707,3 +707,20 @@ fn a_closed_pipe_ends_kiln_quietly() {
         "ended by SIGPIPE, like any filter"
     );
 }
+
+#[test]
+fn a_file_named_like_a_hash_line_never_collides_with_two_files() {
+    // {a, b} against one file named "a\n<sha256 of b> 100644 b" holding a's
+    // bytes: the kiln-v1 lines of the two trees were the same bytes.
+    let two = tree(&[
+        ("img/Dockerfile", b"FROM scratch\n"),
+        ("img/a", b"A"),
+        ("img/b", b"B"),
+    ]);
+    let forged = format!("img/a\n{} 100644 b", sha256_hex(b"B"));
+    let one = tree(&[("img/Dockerfile", b"FROM scratch\n"), (&forged, b"A")]);
+    let h = |t: &Path| ok(&mut hash_cmd(t, "kiln-v1")).trim().to_string();
+    assert_ne!(h(two.path()), h(one.path()));
+    // A tree without `\` or newline in its names keeps its hash: the
+    // bundled example's is pinned in README and tests/example.rs.
+}

@@ -409,3 +409,30 @@ fn a_builder_stages_steps_are_cached_too() {
     // The random artifact is the first build's: the builder RUN did not run again.
     assert_eq!(a["manifest_digest"], b["manifest_digest"]);
 }
+
+#[test]
+fn a_file_name_cannot_forge_another_tree_s_step_key() {
+    // COPY of {a: "A", b: "B"} against COPY of one file named
+    // "a\t644\t0\t0\tfile:<sha256 of A>:1\nb" holding "B": the step key
+    // listed paths raw, so both described themselves in the same bytes
+    // and the second build took the first one's layer.
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let store = busybox_store(d.path());
+    // (At the root: a name cannot hold the `/` of a parent directory.)
+    let df = b"FROM t/busybox:1\nCOPY src/ /\n";
+    write(d.path(), "img/Dockerfile", df);
+    write(d.path(), "img/src/a", b"A");
+    write(d.path(), "img/src/b", b"B");
+    let first = build_in(d.path(), &store, &cache, "a.tar", &[]);
+    assert_eq!(cached(&first), [false]);
+    let forged = format!("a\t644\t0\t0\tfile:{}:1\nb", sha256_hex(b"A"));
+    fs::remove_dir_all(d.path().join("img/src")).unwrap();
+    write(d.path(), &format!("img/src/{forged}"), b"B");
+    let second = build_in(d.path(), &store, &cache, "b.tar", &[]);
+    assert_eq!(cached(&second), [false], "{second}");
+    let l = layers(&d.path().join("b.tar"));
+    let names: Vec<&str> = l.last().unwrap().iter().map(|i| i.path.as_str()).collect();
+    assert!(names.contains(&forged.as_str()), "{names:?}");
+    assert!(!names.contains(&"b"), "{names:?}");
+}

@@ -56,7 +56,10 @@ impl State<'_> {
         for (path, e) in entries {
             let content = match &e.content {
                 Content::Dir => "dir".to_string(),
-                Content::Symlink(t) => format!("link:{}", String::from_utf8_lossy(t)),
+                Content::Symlink(t) => format!(
+                    "link:{}",
+                    String::from_utf8_lossy(&crate::steps::escaped(t))
+                ),
                 Content::File {
                     source: FileSource::Bytes(b),
                     ..
@@ -75,7 +78,7 @@ impl State<'_> {
                     }
                 },
             };
-            h.update(path);
+            h.update(crate::steps::escaped(path));
             h.update(format!("\t{:o}\t{}\t{}\t{content}\n", e.mode, e.uid, e.gid).as_bytes());
         }
         Ok(crate::steps::hex(&h.finalize()))
@@ -109,7 +112,7 @@ impl State<'_> {
                 root.join(&rel)
             };
             let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-            h.update(rel.as_os_str().as_encoded_bytes());
+            h.update(crate::steps::escaped(rel.as_os_str().as_encoded_bytes()));
             h.update(format!("\t{:o}\n", std::os::unix::fs::MetadataExt::mode(&md)).as_bytes());
             if md.is_dir() {
                 let mut names: Vec<_> = std::fs::read_dir(&p)
@@ -124,12 +127,14 @@ impl State<'_> {
                 let d = crate::context::hash_file(f, &p, md.len()).map_err(|e| e.to_string())?;
                 h.update(d);
             } else if md.file_type().is_symlink() {
-                h.update(
+                h.update(b"link:");
+                h.update(crate::steps::escaped(
                     std::fs::read_link(&p)
                         .unwrap_or_default()
                         .as_os_str()
                         .as_encoded_bytes(),
-                );
+                ));
+                h.update(b"\n");
             }
         }
         Ok(crate::steps::hex(&h.finalize()))
