@@ -548,3 +548,47 @@ fn interrupting_kiln_kills_the_whole_sandbox() {
     }
     assert!(!d.path().join("o.tar").exists());
 }
+
+#[test]
+fn a_stage_or_image_used_only_by_a_mount_is_built_and_in_the_index_digest() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    let cache = d.path().join("cache");
+    let other = |content: &[u8]| {
+        write(d.path(), "other/Dockerfile", b"FROM scratch\nCOPY f /f\n");
+        write(d.path(), "other/f", content);
+        ok(kiln()
+            .arg("build")
+            .arg(d.path().join("other"))
+            .args(["--no-index", "-t", "t/other:1", "-o"])
+            .arg(d.path().join("other.oci.tar")));
+        ok(kiln()
+            .args(["store", "add"])
+            .arg(d.path().join("other.oci.tar"))
+            .arg("--store")
+            .arg(&store));
+    };
+    other(b"one\n");
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1 AS made\nRUN echo made > /made\nFROM t/busybox:1\nRUN --mount=type=bind,from=made,source=/made,target=/made --mount=type=bind,from=t/other:1,target=/m cat /made /m/f > /seen\n",
+    );
+    let v = json(&ok(&mut run_build(d.path(), &store, &cache, "a.tar", &["--json"])));
+    assert_eq!(v["status"], "built");
+    let seen = |out: &str| {
+        layers(&d.path().join(out))
+            .into_iter()
+            .flatten()
+            .find(|i| i.path == "seen")
+            .unwrap()
+            .data
+    };
+    assert_eq!(seen("a.tar"), b"made\none\n");
+    // The image behind the mount changed: the index digest changes with it.
+    other(b"two\n");
+    let w = json(&ok(&mut run_build(d.path(), &store, &cache, "b.tar", &["--json"])));
+    assert_ne!(w["index_digest"], v["index_digest"]);
+    assert_eq!(w["status"], "built");
+    assert_eq!(seen("b.tar"), b"made\ntwo\n");
+}

@@ -175,15 +175,9 @@ pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageEr
             from_stage[n] = stage_ref(&defs, n, &expand_global(image), false);
         }
         for ins in &df.instructions[d.start + 1..d.end] {
-            if let Kind::Copy(spec) | Kind::Add(spec) = &ins.kind {
-                for (flag, v) in &spec.flags {
-                    if flag == "from" {
-                        if let Some(j) =
-                            stage_ref(&defs, n, &expand_global(v.as_deref().unwrap_or("")), true)
-                        {
-                            copies[n].push(j);
-                        }
-                    }
+            for from in sources_from(&ins.kind) {
+                if let Some(j) = stage_ref(&defs, n, &expand_global(&from), true) {
+                    copies[n].push(j);
                 }
             }
         }
@@ -217,6 +211,39 @@ pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageEr
     })
 }
 
+/// The stages or images an instruction reads files from (unexpanded):
+/// `COPY --from=X`, `ADD --from=X`, and `RUN --mount=type=bind,from=X`.
+fn sources_from(kind: &Kind) -> Vec<String> {
+    match kind {
+        Kind::Copy(spec) | Kind::Add(spec) => spec
+            .flags
+            .iter()
+            .filter(|(f, _)| f == "from")
+            .map(|(_, v)| v.clone().unwrap_or_default())
+            .collect(),
+        Kind::Run(spec) => spec
+            .flags
+            .iter()
+            .filter(|(f, _)| f == "mount")
+            .filter_map(|(_, v)| {
+                let kv: Vec<(&str, &str)> = v
+                    .as_deref()?
+                    .split(',')
+                    .filter_map(|p| p.split_once('='))
+                    .collect();
+                let bind = kv.iter().all(|(k, t)| *k != "type" || *t == "bind");
+                bind.then(|| {
+                    kv.iter()
+                        .find(|(k, _)| *k == "from")
+                        .map(|(_, f)| f.to_string())
+                })
+                .flatten()
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The image references (expanded with the global ARGs) that the stages the
 /// target needs take from outside the Dockerfile: `FROM IMAGE` and
 /// `COPY --from=IMAGE`; not scratch, not stages.
@@ -238,13 +265,10 @@ pub fn external_refs(df: &Dockerfile, a: &Analysis) -> Vec<(usize, String, Strin
             }
         }
         for ins in &df.instructions[d.start + 1..d.end] {
-            if let Kind::Copy(spec) | Kind::Add(spec) = &ins.kind {
-                for (flag, v) in &spec.flags {
-                    let v = ex(v.as_deref().unwrap_or(""));
-                    if flag == "from" && !v.is_empty() && stage_ref(&a.defs, n, &v, true).is_none()
-                    {
-                        out.push((ins.line, ins.text.clone(), v));
-                    }
+            for from in sources_from(&ins.kind) {
+                let v = ex(&from);
+                if !v.is_empty() && stage_ref(&a.defs, n, &v, true).is_none() {
+                    out.push((ins.line, ins.text.clone(), v));
                 }
             }
         }
