@@ -156,6 +156,16 @@ impl<R: io::Read> HashingReader<R> {
         }
     }
 
+    /// The digest of what was read so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_raw(self.hash.clone().finalize().into())
+    }
+
+    /// How many bytes were read so far.
+    pub fn count(&self) -> u64 {
+        self.read
+    }
+
     /// Reads the rest (what follows a tar's end counts too), then gives
     /// the digest of everything and its size.
     pub fn finish(mut self) -> io::Result<(Digest, u64)> {

@@ -46,6 +46,7 @@ pub mod steps;
 pub mod store;
 pub mod taskcluster;
 pub mod tree;
+pub mod userdb;
 pub mod verify;
 
 pub use assemble::{build, default_tag, BuildOptions, BuildResult};

@@ -53,7 +53,7 @@ impl Key {
 
     /// The key: sha256 of the fields, hex.
     pub fn finish(&self) -> String {
-        hex(&Sha256::digest(self.text.as_bytes()))
+        hex::encode(Sha256::digest(self.text.as_bytes()))
     }
 
     /// The fields, for `kiln build --json` and debugging.
@@ -67,11 +67,6 @@ impl Key {
 /// forge another entry (names without them keep their keys).
 pub fn escaped(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     crate::digest::escape_line(bytes, true)
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// One cached step.
@@ -100,12 +95,6 @@ pub struct StepReport {
 #[derive(Clone, Debug)]
 pub struct StepCache {
     pub dir: PathBuf,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 impl StepCache {
@@ -207,7 +196,7 @@ impl StepCache {
         keep_bytes: Option<u64>,
     ) -> io::Result<(usize, u64)> {
         let entries = self.list()?;
-        let cutoff = older_than.map(|d| now().saturating_sub(d.as_secs()));
+        let cutoff = older_than.map(|d| timestamp().saturating_sub(d.as_secs()));
         let mut total: u64 = entries.iter().map(|(e, _)| e.layer.size).sum();
         let (mut n, mut bytes) = (0, 0);
         for (e, used) in &entries {
@@ -247,7 +236,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// Seconds since 1970, now.
 pub fn timestamp() -> u64 {
-    now()
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether a path is inside `dir` (for messages).
@@ -386,7 +377,7 @@ mod tests {
         };
         for (i, size) in [(1u8, 100u64), (2, 200), (3, 300)] {
             let e = Entry {
-                key: hex(&Sha256::digest([i])),
+                key: hex::encode(Sha256::digest([i])),
                 instruction: format!("RUN {i}"),
                 layer: layer(i, size),
                 diff_id: Digest::of(&[i, i]),

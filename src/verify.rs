@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use serde::Serialize;
-use sha2::{Digest as _, Sha256};
 
 use crate::image::{Descriptor, DockerManifestEntry, ImageConfig, Index, Manifest};
 use crate::source::{self, Source};
@@ -31,28 +30,8 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
-/// Reads through a stream, hashing and counting it.
-struct Hashing<R> {
-    inner: R,
-    hash: Sha256,
-    n: u64,
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
-        self.n += n as u64;
-        Ok(n)
-    }
-}
-
-fn hashing<R: Read>(inner: R) -> Hashing<R> {
-    Hashing {
-        inner,
-        hash: Sha256::new(),
-        n: 0,
-    }
+fn hashing<R: Read>(inner: R) -> crate::digest::HashingReader<R> {
+    crate::digest::HashingReader::new(inner)
 }
 
 struct Checker<'a> {
@@ -97,7 +76,7 @@ impl Checker<'_> {
             self.problem(&d.digest, format!("{what}: reading: {e}"));
             return None;
         }
-        let got = format!("sha256:{}", hex::encode(s.hash.finalize()));
+        let got = s.digest().to_string();
         let mut ok = true;
         if got != d.digest.as_str() {
             self.problem(
@@ -231,14 +210,11 @@ impl Checker<'_> {
                 }
             }
             io::copy(&mut plain, &mut io::sink())?;
-            Ok((
-                format!("sha256:{}", hex::encode(plain.hash.clone().finalize())),
-                plain.n,
-            ))
+            Ok((plain.digest().to_string(), plain.count()))
         })();
         // Whatever the decompressor did not read still counts for the blob digest.
         let _ = io::copy(&mut compressed, &mut io::sink());
-        let got = format!("sha256:{}", hex::encode(compressed.hash.finalize()));
+        let got = compressed.digest().to_string();
         if got != d.digest.as_str() {
             self.problem(
                 &d.digest,
@@ -248,12 +224,13 @@ impl Checker<'_> {
                 ),
             );
         }
-        if compressed.n != d.size {
+        if compressed.count() != d.size {
             self.problem(
                 &d.digest,
                 format!(
                     "layer is {} bytes, but its descriptor says {}",
-                    compressed.n, d.size
+                    compressed.count(),
+                    d.size
                 ),
             );
         }

@@ -574,7 +574,13 @@ fn a_stage_or_image_used_only_by_a_mount_is_built_and_in_the_index_digest() {
         "img/Dockerfile",
         b"FROM t/busybox:1 AS made\nRUN echo made > /made\nFROM t/busybox:1\nRUN --mount=type=bind,from=made,source=/made,target=/made --mount=type=bind,from=t/other:1,target=/m cat /made /m/f > /seen\n",
     );
-    let v = json(&ok(&mut run_build(d.path(), &store, &cache, "a.tar", &["--json"])));
+    let v = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "a.tar",
+        &["--json"],
+    )));
     assert_eq!(v["status"], "built");
     let seen = |out: &str| {
         layers(&d.path().join(out))
@@ -587,7 +593,13 @@ fn a_stage_or_image_used_only_by_a_mount_is_built_and_in_the_index_digest() {
     assert_eq!(seen("a.tar"), b"made\none\n");
     // The image behind the mount changed: the index digest changes with it.
     other(b"two\n");
-    let w = json(&ok(&mut run_build(d.path(), &store, &cache, "b.tar", &["--json"])));
+    let w = json(&ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "b.tar",
+        &["--json"],
+    )));
     assert_ne!(w["index_digest"], v["index_digest"]);
     assert_eq!(w["status"], "built");
     assert_eq!(seen("b.tar"), b"made\ntwo\n");

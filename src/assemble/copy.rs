@@ -568,16 +568,13 @@ pub fn detect_archive(path: &Path) -> io::Result<Option<ArchiveKind>> {
     let mut head = [0u8; 6];
     let n = File::open(path)?.read(&mut head)?;
     let head = &head[..n];
-    let kind = if head.starts_with(&[0x1f, 0x8b]) {
-        ArchiveKind::Gzip
-    } else if head.starts_with(b"BZh") {
-        ArchiveKind::Bzip2
-    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
-        ArchiveKind::Xz
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        ArchiveKind::Zstd
-    } else {
-        ArchiveKind::Tar
+    // The layer codecs by the one sniffer; ADD also takes bzip2 and xz.
+    let kind = match crate::source::sniff(head) {
+        crate::image::Codec::Gzip => ArchiveKind::Gzip,
+        crate::image::Codec::Zstd => ArchiveKind::Zstd,
+        _ if head.starts_with(b"BZh") => ArchiveKind::Bzip2,
+        _ if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) => ArchiveKind::Xz,
+        _ => ArchiveKind::Tar,
     };
     let mut block = [0u8; 512];
     let mut r = match open_decoder(path, kind) {

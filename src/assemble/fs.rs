@@ -295,34 +295,21 @@ impl ImageFs {
     /// Looks up a user name in the image's `/etc/passwd`: (uid, primary gid).
     pub fn lookup_user(&self, name: &str) -> Option<(u64, u64)> {
         let text = self.read_small(b"etc/passwd")?;
-        lookup(&text, name, 2).and_then(|f| Some((f.0, f.1?)))
+        let text = String::from_utf8_lossy(&text);
+        let u = crate::userdb::user_by_name(&text, name)?;
+        Some((u.uid, u.gid?))
     }
 
     /// Looks up a group name in the image's `/etc/group`.
     pub fn lookup_group(&self, name: &str) -> Option<u64> {
         let text = self.read_small(b"etc/group")?;
-        lookup(&text, name, 2).map(|f| f.0)
+        crate::userdb::group_by_name(&String::from_utf8_lossy(&text), name)
     }
 }
 
 /// A file whose bytes are still in a base layer (see [`ImageFs::origins`]).
 fn placeholder(size: u64, mode: u32, uid: u64, gid: u64) -> LayerEntry {
     LayerEntry::file(FileSource::Bytes(Arc::from(&[][..])), size, mode, uid, gid)
-}
-
-/// Finds `name` in a colon-separated database; returns the numeric field at
-/// `idx` and the one after it, if numeric.
-fn lookup(text: &[u8], name: &str, idx: usize) -> Option<(u64, Option<u64>)> {
-    let text = String::from_utf8_lossy(text);
-    for line in text.lines() {
-        let fields: Vec<&str> = line.split(':').collect();
-        if fields.first() == Some(&name) && fields.len() > idx {
-            let id = fields[idx].parse().ok()?;
-            let next = fields.get(idx + 1).and_then(|s| s.parse().ok());
-            return Some((id, next));
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -355,31 +355,13 @@ pub fn etc_files(
 /// name as a member. A user without a name (a numeric USER with no passwd
 /// entry, or root without one) is a member of nothing more; an empty
 /// member list names no one.
-pub fn supplementary_groups(group: &[u8], user: &str, primary: u32) -> Vec<u32> {
+pub fn supplementary_groups(group: &str, user: &str, primary: u32) -> Vec<u32> {
     let mut out = vec![primary];
-    if user.is_empty() {
-        return out;
-    }
-    for line in String::from_utf8_lossy(group).lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() < 4 {
-            continue;
-        }
-        if f[3].split(',').any(|m| !m.is_empty() && m.trim() == user) {
-            if let Ok(g) = f[2].parse::<u32>() {
-                if !out.contains(&g) {
-                    out.push(g);
-                }
-            }
+    for g in crate::userdb::memberships(group, user) {
+        let g = g as u32;
+        if !out.contains(&g) {
+            out.push(g);
         }
     }
     out
-}
-
-/// A user's home directory from an `/etc/passwd` text.
-pub fn home_of(passwd: &[u8], uid: u64) -> Option<String> {
-    String::from_utf8_lossy(passwd).lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 5 && f[2] == uid.to_string()).then(|| f[5].to_string())
-    })
 }

@@ -67,12 +67,6 @@ pub struct Cached {
     pub route: String,
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Builds `image_dir` unless the index already has it; either way writes
 /// `opts.output`. `collected` is the context and hash if the caller has them.
 pub fn build_cached(
@@ -119,7 +113,7 @@ pub fn build_cached(
                 index_digest: digest.clone(),
                 context_hash: context_hash.clone(),
                 manifest_digest: desc.digest.clone(),
-                filed: now(),
+                filed: crate::steps::timestamp(),
             };
             io.index.put(&entry)?;
             if let Some(hit) = export(opts, io, &entry, &context_hash, &digest)? {
@@ -162,7 +156,9 @@ fn miss(
             name: store_name,
         },
     )?;
-    let routes = io.routes.write(&io.name, &digest, now());
+    let routes = io
+        .routes
+        .write(&io.name, &digest, crate::steps::timestamp());
     for route in &routes {
         io.index.put(&Entry {
             route: route.clone(),
@@ -170,7 +166,7 @@ fn miss(
             index_digest: digest.clone(),
             context_hash: result.context_hash.clone(),
             manifest_digest: result.manifest_digest.clone(),
-            filed: now(),
+            filed: crate::steps::timestamp(),
         })?;
     }
     if let Some(reg) = &io.registry {
@@ -275,7 +271,9 @@ pub fn routes(
     Ok(RoutesReport {
         context_hash: plan.context_hash.clone(),
         hits: lookup.iter().map(|r| io.index.get(r)).collect(),
-        write: io.routes.write(&io.name, &digest, now()),
+        write: io
+            .routes
+            .write(&io.name, &digest, crate::steps::timestamp()),
         index_digest: digest,
         builder,
         parents,

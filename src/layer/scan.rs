@@ -15,8 +15,6 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 const MAGIC: &[u8; 8] = b"KILNSC02";
 /// Records larger than this are not trusted (a scan of a huge layer with
 /// many files is still far below it).
@@ -159,10 +157,7 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     let mut head = [0u8; 4];
     let n = (&file).read(&mut head)?;
     io::Seek::seek(&mut (&file), io::SeekFrom::Start(0))?;
-    let hashing = Hashing {
-        inner: io::BufReader::with_capacity(1 << 20, file),
-        hash: Sha256::new(),
-    };
+    let hashing = crate::digest::HashingReader::new(io::BufReader::with_capacity(1 << 20, file));
     let shared = std::sync::Arc::new(std::sync::Mutex::new(Some(hashing)));
     let reader = Shared(shared.clone());
     let decoder = crate::source::decoder(
@@ -173,23 +168,17 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     let mut uncompressed = crate::digest::HashingReader::new(decoder);
     let scanned = scan_reader(&mut uncompressed);
     let diff_id = uncompressed.finish().map(|(d, _)| d);
-    let Some(mut h) = shared.lock().map_err(|_| io::Error::other("scan"))?.take() else {
+    let Some(h) = shared.lock().map_err(|_| io::Error::other("scan"))?.take() else {
         return scanned;
     };
-    // Whatever follows the tar's end (padding, the compressor's trailer).
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = h.inner.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.hash.update(&buf[..n]);
-    }
+    // Whatever follows the tar's end (padding, the compressor's trailer)
+    // counts too.
+    let (whole, _) = h.finish()?;
     let Some(hex) = named_digest(blob) else {
         return scanned;
     };
     // A damaged blob is reported as such, whatever the tar reader made of it.
-    let got = hex::encode(h.hash.finalize());
+    let got = whole.hex().to_string();
     if got != hex {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -210,24 +199,19 @@ pub fn scan(blob: &Path) -> io::Result<Scan> {
     Ok(s)
 }
 
-struct Hashing {
-    inner: io::BufReader<fs::File>,
-    hash: Sha256,
-}
-
 /// The hashing reader, shared so its digest can be taken after the
 /// decoder (which owns its reader) is done.
-struct Shared(std::sync::Arc<std::sync::Mutex<Option<Hashing>>>);
+struct Shared(
+    std::sync::Arc<std::sync::Mutex<Option<crate::digest::HashingReader<io::BufReader<fs::File>>>>>,
+);
 
 impl Read for Shared {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut g = self.0.lock().map_err(|_| io::Error::other("scan"))?;
-        let Some(h) = g.as_mut() else {
-            return Ok(0);
-        };
-        let n = h.inner.read(buf)?;
-        h.hash.update(&buf[..n]);
-        Ok(n)
+        match g.as_mut() {
+            Some(h) => h.read(buf),
+            None => Ok(0),
+        }
     }
 }
 

@@ -212,12 +212,7 @@ pub fn subid_range(file: &str, user: &str, id: u32) -> Option<(u32, u32)> {
 fn user_name(uid: u32) -> String {
     std::fs::read_to_string("/etc/passwd")
         .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-            })
-        })
+        .and_then(|t| crate::userdb::user_by_uid(&t, uid.into()).map(|u| u.name.to_string()))
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_default()
 }

@@ -68,20 +68,20 @@ impl State<'_> {
                     source: FileSource::Path(p),
                     size,
                 } => match known.get(&**p) {
-                    Some(d) => format!("file:{}:{size}", crate::steps::hex(d)),
+                    Some(d) => format!("file:{}:{size}", hex::encode(d)),
                     None => {
                         let f = crate::fsx::open_deep(p)
                             .map_err(|e| format!("reading {}: {e}", p.display()))?;
                         let d =
                             crate::context::hash_file(f, p, *size).map_err(|e| e.to_string())?;
-                        format!("file:{}:{size}", crate::steps::hex(&d))
+                        format!("file:{}:{size}", hex::encode(d))
                     }
                 },
             };
             h.update(crate::steps::escaped(path));
             h.update(format!("\t{:o}\t{}\t{}\t{content}\n", e.mode, e.uid, e.gid).as_bytes());
         }
-        Ok(crate::steps::hex(&h.finalize()))
+        Ok(hex::encode(h.finalize()))
     }
 
     /// What names another stage's or image's filesystem in a step key:
@@ -137,7 +137,7 @@ impl State<'_> {
                 h.update(b"\n");
             }
         }
-        Ok(crate::steps::hex(&h.finalize()))
+        Ok(hex::encode(h.finalize()))
     }
 
     /// Looks a step up; on a hit (its layer verified in the store: its

@@ -166,21 +166,15 @@ impl State<'_> {
             self.resolve_ids(&self.user, "USER")?
         };
         let passwd = self.fs.read_small(b"etc/passwd").unwrap_or_default();
+        let passwd = String::from_utf8_lossy(&passwd);
         let group = self.fs.read_small(b"etc/group").unwrap_or_default();
+        let entry = crate::userdb::user_by_uid(&passwd, uid);
         // A numeric USER without a group runs with its passwd entry's
         // group, else gid 0, as Docker runs it (COPY --chown=N differs:
         // there the gid is N).
         let gid = match self.user.split_once(':') {
             None if !self.user.is_empty() && self.user.parse::<u64>().is_ok() => {
-                String::from_utf8_lossy(&passwd)
-                    .lines()
-                    .find_map(|l| {
-                        let f: Vec<&str> = l.split(':').collect();
-                        (f.len() > 3 && f[2] == uid.to_string())
-                            .then(|| f[3].parse::<u64>().ok())
-                            .flatten()
-                    })
-                    .unwrap_or(0)
+                entry.as_ref().and_then(|e| e.gid).unwrap_or(0)
             }
             _ => gid,
         };
@@ -188,25 +182,24 @@ impl State<'_> {
         // (root without USER is "root" where the image says so).
         let user_name = match self.user.split(':').next() {
             Some(u) if !u.is_empty() && u.parse::<u64>().is_err() => u.to_string(),
-            _ => String::from_utf8_lossy(&passwd)
-                .lines()
-                .find_map(|l| {
-                    let f: Vec<&str> = l.split(':').collect();
-                    (f.len() > 2 && f[2] == uid.to_string()).then(|| f[0].to_string())
-                })
+            _ => entry
+                .as_ref()
+                .map(|e| e.name.to_string())
                 .unwrap_or_default(),
         };
-        let groups = crate::assemble::run::supplementary_groups(&group, &user_name, gid as u32);
+        let groups = crate::assemble::run::supplementary_groups(
+            &String::from_utf8_lossy(&group),
+            &user_name,
+            gid as u32,
+        );
         for (k, v) in [
             (
                 "HOME",
-                crate::assemble::run::home_of(&passwd, uid).unwrap_or_else(|| {
-                    if uid == 0 {
-                        "/root".into()
-                    } else {
-                        "/".into()
-                    }
-                }),
+                entry
+                    .as_ref()
+                    .and_then(|e| e.home)
+                    .map(String::from)
+                    .unwrap_or_else(|| if uid == 0 { "/root".into() } else { "/".into() }),
             ),
             ("SOURCE_DATE_EPOCH", self.opts.timestamp.to_string()),
         ] {
