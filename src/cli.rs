@@ -503,6 +503,7 @@ impl IndexArgs {
                 level: self.level,
             },
             store: Store::user(),
+            step_cache: true,
             lookup: !self.no_cache,
             name: name.to_string(),
             cache_registry: match &self.cache_registry {

@@ -704,6 +704,9 @@ fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
     if b.index.no_index {
         io.index = kiln::index::LocalIndex::new(scratch.path().join("index"));
         io.store = Store::new(scratch.path().join("store"), "this run");
+        // Nothing kept, nothing looked up: the user's step cache names
+        // blobs of the user store, not of this scratch one.
+        io.step_cache = false;
     }
     let lines = kiln::tree::build_all(&images, &opts, &io, &out_dir, &|l| {
         if !json {

@@ -604,3 +604,30 @@ fn a_stage_or_image_used_only_by_a_mount_is_built_and_in_the_index_digest() {
     assert_eq!(w["status"], "built");
     assert_eq!(seen("b.tar"), b"made\ntwo\n");
 }
+
+#[test]
+fn a_base_with_an_empty_working_dir_runs_in_the_root() {
+    // `docker import` and the classic builder write "WorkingDir": "".
+    let d = tempfile::tempdir().unwrap();
+    busybox_store(d.path());
+    let tar = fs::read(d.path().join("bb/rootfs.tar")).unwrap();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"WorkingDir":"","Env":["PATH=/bin"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{}"]}}}}"#,
+        sha256_hex(&tar)
+    );
+    let (store, _) = evil_store(d.path(), &tar, Some(config.as_bytes()));
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/evil:1\nRUN pwd > /pwd\n",
+    );
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &["--no-index"],
+    ));
+    let l = layers(&d.path().join("o.tar"));
+    assert_eq!(find(l.last().unwrap(), "pwd").unwrap().data, b"/\n");
+}

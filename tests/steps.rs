@@ -436,3 +436,46 @@ fn a_file_name_cannot_forge_another_tree_s_step_key() {
     assert!(names.contains(&forged.as_str()), "{names:?}");
     assert!(!names.contains(&"b"), "{names:?}");
 }
+
+#[test]
+fn all_with_no_index_neither_looks_up_nor_records_steps() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "t/taskcluster/docker/a/Dockerfile",
+        b"FROM t/busybox:1\nRUN echo a > /a\n",
+    );
+    let all = |extra: &[&str]| {
+        run(kiln()
+            .env("XDG_CACHE_HOME", &cache)
+            .arg("build")
+            .arg(d.path().join("t/taskcluster/docker"))
+            .arg("--all")
+            .arg("--topsrcdir")
+            .arg(d.path().join("t"))
+            .arg("--store")
+            .arg(&store)
+            .arg("--out-dir")
+            .arg(d.path().join("out"))
+            .args(extra))
+    };
+    let o = all(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let entries = || fs::read_dir(cache.join("kiln/steps")).unwrap().count();
+    let before = entries();
+    assert!(before > 0);
+    // --no-index: a scratch store, so the user's step cache (whose layers
+    // are in the user store) is neither asked nor written.
+    write(
+        d.path(),
+        "t/taskcluster/docker/a/Dockerfile",
+        b"FROM t/busybox:1\nRUN echo a > /a\nRUN echo b > /b\n",
+    );
+    let o = all(&["--no-index"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(!err.contains("step cache entry"), "{err}");
+    assert_eq!(entries(), before);
+}

@@ -252,7 +252,13 @@ impl<'a> State<'a> {
             self.env.push(("PATH".into(), DEFAULT_PATH.into()));
         }
         run.on_build = None;
-        self.workdir = run.working_dir.clone().unwrap_or_else(|| "/".into());
+        // An empty WorkingDir (images `docker import`ed, or made by the
+        // classic builder) is `/`, as Docker takes it.
+        self.workdir = run
+            .working_dir
+            .clone()
+            .filter(|w| !w.is_empty())
+            .unwrap_or_else(|| "/".into());
         self.user = run.user.clone().unwrap_or_default();
         if let Some(sh) = &run.shell {
             self.shell = sh.clone();

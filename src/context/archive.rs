@@ -131,7 +131,9 @@ pub fn unpack(r: impl Read + Send, what: &str, name: &str) -> io::Result<Unpacke
 /// sha256 of the uncompressed bytes of a context tar (taskgraph's context
 /// hash, from the gzip tar `create_context_tar` wrote).
 pub fn tar_sha256(path: &Path) -> io::Result<String> {
-    let (d, _) = crate::digest::HashingReader::new(crate::source::layer_file(path)?).finish()?;
+    let f = std::fs::File::open(path)?;
+    let r = crate::source::sniffed(f, &path.display().to_string())?;
+    let (d, _) = crate::digest::HashingReader::new(r).finish()?;
     Ok(d.hex().to_string())
 }
 

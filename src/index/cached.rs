@@ -30,6 +30,9 @@ pub struct IndexOptions {
     pub registry: Option<RegistryIndex>,
     /// Step entries shared through a registry, if any.
     pub cache_registry: Option<Arc<crate::steps::Remote>>,
+    /// Whether steps are looked up in and recorded to the user's step
+    /// cache (off for `--all --no-index`, whose store is a scratch one).
+    pub step_cache: bool,
 }
 
 /// An index kept in a registry: a route is a tag (`hash-<digest>`,
@@ -141,7 +144,7 @@ fn miss(
 ) -> Result<Cached, Error> {
     // Steps are looked up (and recorded) in the store the image goes to.
     let mut with_steps = opts.clone();
-    with_steps.steps = Some(assemble::Steps {
+    with_steps.steps = io.step_cache.then(|| assemble::Steps {
         cache: crate::steps::StepCache::new(crate::steps::StepCache::default_dir()),
         store: io.store.clone(),
         lookup: io.lookup,

@@ -175,13 +175,25 @@ pub fn decoder<'a, R: Read + Send + 'a>(
     })
 }
 
-/// Opens a layer blob file decompressed by its magic bytes (base layers in
-/// stores whose media type was checked when the image was loaded).
+/// Opens a layer blob file of kiln's own (a store's, a build's) decompressed
+/// by its magic bytes: once, never through a link, only a regular file.
 pub fn layer_file(path: &std::path::Path) -> io::Result<Box<dyn Read + Send>> {
+    sniffed(
+        crate::fsx::open_own_file(path)?,
+        &path.display().to_string(),
+    )
+}
+
+/// `f` from its start, decompressed by its magic bytes.
+pub fn sniffed(mut f: File, what: &str) -> io::Result<Box<dyn Read + Send>> {
     let mut head = [0u8; 4];
-    let n = File::open(path)?.read(&mut head)?;
-    let f = BufReader::with_capacity(1 << 20, File::open(path)?);
-    decoder(sniff(&head[..n]), f, &path.display().to_string())
+    let n = f.read(&mut head)?;
+    io::Seek::seek(&mut f, io::SeekFrom::Start(0))?;
+    decoder(
+        sniff(&head[..n]),
+        BufReader::with_capacity(1 << 20, f),
+        what,
+    )
 }
 
 /// Opens a blob kept as a whole file at `path`; a missing file is
