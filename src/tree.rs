@@ -392,6 +392,9 @@ fn build_one(
     let start = Instant::now();
     let mut opts = template.clone();
     opts.context.args.extend(img.args.clone());
+    // As taskgraph's image builder (kaniko's rule): build arguments, the
+    // parent among them, reach FROM with no ARG (`FROM $DOCKER_IMAGE_PARENT`).
+    opts.args_in_from = true;
     if let Some(p) = &img.parent {
         let v = format!("{p}:{}", hashes[p.as_str()]);
         opts.context.args.insert("DOCKER_IMAGE_PARENT".into(), v);

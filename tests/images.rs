@@ -706,3 +706,37 @@ fn a_base_layer_is_scanned_and_verified_once_and_a_later_change_is_still_caught(
     );
     assert!(!d.path().join("bad.tar").exists());
 }
+
+#[test]
+fn a_child_saying_from_docker_image_parent_with_no_arg_builds_under_all() {
+    // taskgraph's decision and python images: no `# %ARG`, no `ARG`.
+    let d = taskcluster_tree();
+    let t = d.path();
+    write(
+        t,
+        "taskcluster/docker/child/Dockerfile",
+        b"FROM $DOCKER_IMAGE_PARENT\nCOPY c.txt /c.txt\n",
+    );
+    let lines = build_all(t);
+    let child = &lines["child"];
+    let l = layers(Path::new(&s(&child["output"])));
+    let paths: Vec<String> = l.into_iter().flatten().map(|i| i.path).collect();
+    for p in ["b.txt", "p.txt", "c.txt"] {
+        assert!(paths.iter().any(|x| x == p), "{p} in {paths:?}");
+    }
+    // Alone, with nothing giving the variable: the error names it.
+    let err = fails(
+        kiln()
+            .arg("build")
+            .arg(t.join("taskcluster/docker/child"))
+            .arg("--topsrcdir")
+            .arg(t)
+            .args(["--no-index", "-o"])
+            .arg(t.join("alone.tar")),
+    );
+    assert!(
+        err.contains("FROM names no image: $DOCKER_IMAGE_PARENT is empty or not set")
+            && err.contains("--build-arg DOCKER_IMAGE_PARENT="),
+        "{err}"
+    );
+}

@@ -257,7 +257,9 @@ pub fn external_refs(df: &Dockerfile, a: &Analysis) -> Vec<(usize, String, Strin
         }
         if let Kind::From { image, .. } = &df.instructions[d.start].kind {
             let image = ex(image);
-            if !image.eq_ignore_ascii_case("scratch")
+            // (An empty name is the stage's own error, naming the variable.)
+            if !image.is_empty()
+                && !image.eq_ignore_ascii_case("scratch")
                 && stage_ref(&a.defs, n, &image, false).is_none()
             {
                 let ins = &df.instructions[d.start];

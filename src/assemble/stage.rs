@@ -103,6 +103,28 @@ struct State<'a> {
     spool: &'a Path,
 }
 
+/// The variable names a word refers to (`$NAME`, `${NAME…}`), in order.
+fn variables_in(word: &str) -> Vec<String> {
+    let b = word.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$' {
+            let start = i + 1 + usize::from(b.get(i + 1) == Some(&b'{'));
+            let end = (start..b.len())
+                .find(|&j| !(b[j].is_ascii_alphanumeric() || b[j] == b'_'))
+                .unwrap_or(b.len());
+            if end > start {
+                out.push(word[start..end].to_string());
+            }
+            i = end.max(i + 1);
+        } else {
+            i += 1;
+        }
+    }
+    out
+}
+
 /// Runs the target stage of `df` and the stages it needs.
 pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, StageError> {
     let df = &plan.dockerfile;
@@ -288,9 +310,17 @@ impl<'a> State<'a> {
         let Kind::From { image, flags, .. } = &ins.kind else {
             unreachable!()
         };
-        let image = expand_word(image, global, self.escape).map_err(|e| at(ins, e.0))?;
+        let word = image;
+        let image = expand_word(word, global, self.escape).map_err(|e| at(ins, e.0))?;
         if image.is_empty() {
-            return Err(at(ins, "FROM names no image (an empty ARG?)".into()));
+            let vars = variables_in(word);
+            let what = match vars.first() {
+                Some(v) => format!(
+                    "${v} is empty or not set: give it with --build-arg {v}=IMAGE, and declare ARG {v} before the first FROM (or build with --build-args-in-from, as kaniko lets build arguments reach FROM)"
+                ),
+                None => "an empty image name".into(),
+            };
+            return Err(at(ins, format!("FROM names no image: {what}")));
         }
         let mut platform = None;
         for (name, value) in flags {
