@@ -740,3 +740,28 @@ fn a_child_saying_from_docker_image_parent_with_no_arg_builds_under_all() {
         "{err}"
     );
 }
+
+#[test]
+fn tags_follow_the_registry_file_of_taskcluster_docker() {
+    // taskgraph's docker_image(): an image's REGISTRY, else
+    // taskcluster/docker/REGISTRY; VERSION, else latest.
+    let d = taskcluster_tree();
+    let t = d.path();
+    write(t, "taskcluster/docker/REGISTRY", b"registry.example/tc\n");
+    write(
+        t,
+        "taskcluster/docker/base/REGISTRY",
+        b"other.example/own\n",
+    );
+    write(t, "taskcluster/docker/parent/VERSION", b"5.0.1\n");
+    let lines = build_all(t);
+    assert_eq!(s(&lines["base"]["tag"]), "other.example/own/base:latest");
+    assert_eq!(
+        s(&lines["parent"]["tag"]),
+        "registry.example/tc/parent:5.0.1"
+    );
+    assert_eq!(
+        s(&lines["child"]["tag"]),
+        "registry.example/tc/child:latest"
+    );
+}

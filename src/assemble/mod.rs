@@ -187,7 +187,18 @@ pub fn default_tag(image_dir: &Path) -> String {
             .filter(|s| !s.is_empty())
     };
     let version = read("VERSION").unwrap_or_else(|| "latest".to_string());
-    match read("REGISTRY") {
+    // taskgraph's docker_image(): the image's REGISTRY, else the one of
+    // taskcluster/docker/ beside it.
+    let shared = || {
+        let parent = abs.parent()?;
+        parent
+            .ends_with("taskcluster/docker")
+            .then(|| std::fs::read_to_string(parent.join("REGISTRY")).ok())
+            .flatten()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    match read("REGISTRY").or_else(shared) {
         Some(reg) => format!("{}/{name}:{version}", reg.trim_end_matches('/')),
         None => format!("{name}:{version}"),
     }
