@@ -176,8 +176,14 @@ fn entries(r: &dyn Source, d: &Descriptor) -> Result<BTreeMap<String, Info>, Err
         out.insert(
             path,
             Info {
-                kind: h.entry_type().as_byte() as char,
-                mode: h.mode().unwrap_or(0),
+                // An old-style regular file ('\0') is a regular file ('0').
+                kind: match h.entry_type().as_byte() {
+                    0 => '0',
+                    b => b as char,
+                },
+                // The permission bits: some writers (Docker's) keep the
+                // file type in the mode field too (040755 for 0755).
+                mode: h.mode().unwrap_or(0) & 0o7777,
                 uid: h.uid().unwrap_or(0),
                 gid: h.gid().unwrap_or(0),
                 mtime: h.mtime().unwrap_or(0),

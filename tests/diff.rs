@@ -190,3 +190,42 @@ fn check_reproducible_with_all_is_refused_naming_the_flag() {
     );
     assert!(!d.path().join("out").exists());
 }
+
+/// A one-layer tar of a directory `d/` (0755) and a file `d/f` (0644)
+/// whose header mode fields hold `dir_mode` and `file_mode` as written.
+fn typed_tar(dir_mode: u32, file_mode: u32, kind: u8) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(dir_mode);
+    h.set_size(0);
+    b.append_data(&mut h, "d/", std::io::empty()).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_mode(file_mode);
+    h.set_size(2);
+    b.append_data(&mut h, "d/f", &b"hi"[..]).unwrap();
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn mode_fields_with_file_type_bits_are_not_differences() {
+    // Docker's writer keeps the type in the mode field (040755, 0100644)
+    // and some writers mark regular files '\0'; kiln writes 0755 and '0'.
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (sa, _) = evil_store(a.path(), &typed_tar(0o040755, 0o100644, b'\0'), None);
+    let (sb, _) = evil_store(b.path(), &typed_tar(0o755, 0o644, b'0'), None);
+    let (code, out) = diff(&sa, &sb);
+    assert!(!out.contains("mode"), "{out}");
+    assert!(!out.contains("type"), "{out}");
+    assert!(!out.contains("changed"), "{out}");
+    assert_eq!(code, 1, "the layer digests still differ: {out}");
+    // A real permission difference is still one.
+    let (c, _) = (tempfile::tempdir().unwrap(), ());
+    let (sc, _) = evil_store(c.path(), &typed_tar(0o755, 0o600, b'0'), None);
+    let (_, out) = diff(&sb, &sc);
+    assert!(
+        out.contains("mode 0644 vs 0600") || out.contains("0644") && out.contains("0600"),
+        "{out}"
+    );
+}
