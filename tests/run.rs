@@ -631,3 +631,36 @@ fn a_base_with_an_empty_working_dir_runs_in_the_root() {
     let l = layers(&d.path().join("o.tar"));
     assert_eq!(find(l.last().unwrap(), "pwd").unwrap().data, b"/\n");
 }
+
+#[test]
+fn progress_and_reports_name_the_original_dockerfile_lines() {
+    // `# %ARG` lines leave the rewritten Dockerfile: its line numbers are
+    // not the file's, which errors always used.
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"# %ARG X\n# %ARG Y\nFROM t/busybox:1\nRUN echo $X $Y > /xy\n",
+    );
+    let out = run(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &[
+            "--arg",
+            "X=1",
+            "--arg",
+            "Y=2",
+            "--progress",
+            "plain",
+            "--json",
+        ],
+    ));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("RUN (line 4)"), "{err}");
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(v["steps"][0]["line"], 4, "{v}");
+}

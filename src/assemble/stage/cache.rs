@@ -215,11 +215,13 @@ impl State<'_> {
         self.dirs.push(None);
         self.keys.push(None);
         self.chain = key.to_string();
-        self.opts
-            .progress
-            .say(&format!("#{} CACHED {}", ins.line, ins.text));
+        self.opts.progress.say(&format!(
+            "#{} CACHED {}",
+            self.view.ctx.original_line(ins.line),
+            ins.text
+        ));
         self.reports.push(crate::steps::StepReport {
-            line: ins.line,
+            line: self.view.ctx.original_line(ins.line),
             instruction: ins.text.clone(),
             key: key.to_string(),
             cached: true,
@@ -231,7 +233,7 @@ impl State<'_> {
     pub(super) fn fresh(&mut self, ins: &Instr, key: String) {
         self.keys.push(Some((key.clone(), ins.text.clone())));
         self.reports.push(crate::steps::StepReport {
-            line: ins.line,
+            line: self.view.ctx.original_line(ins.line),
             instruction: ins.text.clone(),
             key: key.clone(),
             cached: false,

@@ -241,7 +241,7 @@ impl State<'_> {
         if first {
             self.opts.progress.say(&format!(
                 "#{} RUN isolation: {} ({why})",
-                ins.line,
+                self.view.ctx.original_line(ins.line),
                 isolation.name()
             ));
         }
@@ -305,10 +305,11 @@ impl State<'_> {
             capture: capture.clone(),
             timestamp: self.opts.timestamp,
         };
-        let step = self
-            .opts
-            .progress
-            .step(&format!("RUN (line {})", ins.line), 0, 0);
+        let step = self.opts.progress.step(
+            &format!("RUN (line {})", self.view.ctx.original_line(ins.line)),
+            0,
+            0,
+        );
         let shown = argv.join(" ");
         if container {
             let keep = self.container_keep();
