@@ -306,6 +306,10 @@ pub struct BuildArgs {
     /// (`parent:`, used as FROM $DOCKER_IMAGE_PARENT) or a FROM naming another image of the tree.
     #[arg(long)]
     pub all: bool,
+    /// With --all: when an image fails, go on with the images that do not depend on it (its
+    /// children are reported blocked), then fail listing them.
+    #[arg(long)]
+    pub keep_going: bool,
     /// The network RUN steps get: host (the default: Dockerfiles install packages) or none (only
     /// loopback). `RUN --network=…` overrides it for one step.
     #[arg(long, value_name = "host|none", default_value = "host", value_parser = ["host", "none", "default"])]

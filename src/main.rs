@@ -708,16 +708,37 @@ fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
         // blobs of the user store, not of this scratch one.
         io.step_cache = false;
     }
-    let lines = kiln::tree::build_all(&images, &opts, &io, &out_dir, &|l| {
-        if !json {
-            println!(
-                "{}\t{}\t{}\t{}\t{:.2}s",
-                l.name, l.context_hash, l.manifest_digest, l.status, l.seconds
-            );
-        }
-    })?;
+    let lines = kiln::tree::build_all(
+        &images,
+        &opts,
+        &io,
+        &out_dir,
+        &|l| {
+            if json {
+                return;
+            }
+            match (&l.manifest_digest, &l.error) {
+                (Some(d), _) => println!(
+                    "{}\t{}\t{}\t{}\t{:.2}s",
+                    l.name, l.context_hash, d, l.status, l.seconds
+                ),
+                (None, e) => println!("{}\t{}\t{}", l.name, l.status, e.as_deref().unwrap_or("")),
+            }
+        },
+        b.keep_going,
+    )?;
     if json {
         print_json(&lines)?;
+    }
+    let count = |s: &str| lines.iter().filter(|l| l.status == s).count();
+    let (failed, blocked) = (count("failed"), count("blocked"));
+    if failed + blocked > 0 {
+        eprintln!(
+            "kiln: error: {failed} image(s) failed and {blocked} blocked; {} built, {} up to date",
+            count("built"),
+            count("up to date")
+        );
+        return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
 }

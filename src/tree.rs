@@ -42,13 +42,41 @@ pub struct TreeLine {
     pub name: String,
     pub tag: String,
     pub context_hash: String,
-    pub manifest_digest: crate::Digest,
+    /// None for an image that failed or was blocked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<crate::Digest>,
     /// The index digest (see the module docs).
     pub digest: String,
-    /// `built` or `up to date`.
+    /// `built`, `up to date`, or with `--keep-going` `failed` or `blocked`.
     pub status: String,
     pub seconds: f64,
     pub output: PathBuf,
+    /// Why it failed, or which image's failure blocked it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl TreeLine {
+    /// An image that was not built: `failed` (with its error) or
+    /// `blocked` (by a parent that was not built).
+    fn not_built(img: &TreeImage, status: &str, error: String) -> TreeLine {
+        TreeLine {
+            name: img.name.clone(),
+            tag: tree_tag(img),
+            context_hash: String::new(),
+            manifest_digest: None,
+            digest: String::new(),
+            status: status.into(),
+            seconds: 0.0,
+            output: PathBuf::new(),
+            error: Some(error),
+        }
+    }
+
+    /// Whether the image is there (built or up to date).
+    pub fn ok(&self) -> bool {
+        self.error.is_none()
+    }
 }
 
 /// Errors of a tree build.
@@ -337,6 +365,7 @@ pub fn build_all(
     index: &IndexOptions,
     out_dir: &Path,
     report: &(dyn Fn(&TreeLine) + Sync),
+    keep_going: bool,
 ) -> Result<Vec<TreeLine>, Error> {
     let order = levels(images)?;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::Input {
@@ -350,7 +379,7 @@ pub fn build_all(
         // Children find a parent as `$DOCKER_IMAGE_PARENT` (name:context-hash),
         // by its tag, or by its bare name.
         let mut parents = BTreeMap::new();
-        for line in &lines {
+        for line in lines.iter().filter(|l| l.ok()) {
             let img = &done[&line.name];
             for r in [
                 format!("{}:{}", line.name, line.context_hash),
@@ -365,18 +394,52 @@ pub fn build_all(
         let parents = Arc::new(parents);
         let hashes: BTreeMap<&str, &str> = lines
             .iter()
+            .filter(|l| l.ok())
             .map(|l| (l.name.as_str(), l.context_hash.as_str()))
             .collect();
+        // With --keep-going, an image whose parent was not built is blocked.
+        let not_built: BTreeMap<&str, &str> = lines
+            .iter()
+            .filter(|l| !l.ok())
+            .map(|l| (l.name.as_str(), l.status.as_str()))
+            .collect();
+        let blocked_by = |img: &TreeImage| {
+            img.parent
+                .as_deref()
+                .filter(|p| not_built.contains_key(p))
+                .map(str::to_string)
+        };
         let results: Vec<Result<(TreeLine, Parent), Error>> = level
             .par_iter()
+            .filter(|&&i| blocked_by(&images[i]).is_none())
             .map(|&i| build_one(&images[i], template, index, out_dir, &hashes, &parents))
             .collect();
-        for (r, &i) in results.into_iter().zip(&level) {
-            let (line, img) = r?;
-            report(&line);
-            done.insert(images[i].name.clone(), img);
-            lines.push(line);
+        let mut results = results.into_iter();
+        let mut new_lines = Vec::new();
+        for &i in &level {
+            let img = &images[i];
+            if let Some(p) = blocked_by(img) {
+                let line =
+                    TreeLine::not_built(img, "blocked", format!("its parent {p} was not built"));
+                report(&line);
+                new_lines.push(line);
+                continue;
+            }
+            match results.next().expect("one result per image built") {
+                Ok((line, built)) => {
+                    report(&line);
+                    done.insert(img.name.clone(), built);
+                    new_lines.push(line);
+                }
+                Err(e) if keep_going => {
+                    let line = TreeLine::not_built(img, "failed", e.to_string());
+                    report(&line);
+                    new_lines.push(line);
+                }
+                Err(e) => return Err(e),
+            }
         }
+        lines.extend(new_lines);
     }
     Ok(lines)
 }
@@ -416,11 +479,12 @@ fn build_one(
         name: img.name.clone(),
         tag: opts.tags[0].clone(),
         context_hash: c.result.context_hash,
-        manifest_digest: c.result.manifest_digest,
+        manifest_digest: Some(c.result.manifest_digest),
         digest: c.index_digest,
         status: c.result.status,
         seconds: start.elapsed().as_secs_f64(),
         output: opts.output.clone(),
+        error: None,
     };
     Ok((line, c.parent))
 }

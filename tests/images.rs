@@ -765,3 +765,54 @@ fn tags_follow_the_registry_file_of_taskcluster_docker() {
         "registry.example/tc/child:latest"
     );
 }
+
+#[test]
+fn keep_going_builds_what_does_not_depend_on_a_failed_image() {
+    let d = taskcluster_tree();
+    let t = d.path();
+    write(
+        t,
+        "taskcluster/kinds/docker-image/kind.yml",
+        b"tasks:\n  base: {}\n  parent:\n    parent: base\n    args:\n      FLAVOR: sweet\n  child:\n    parent: parent\n  broken: {}\n  brokenkid:\n    parent: broken\n",
+    );
+    write(
+        t,
+        "taskcluster/docker/broken/Dockerfile",
+        b"FROM nowhere/missing:1\nRUN true\n",
+    );
+    write(
+        t,
+        "taskcluster/docker/brokenkid/Dockerfile",
+        b"FROM $DOCKER_IMAGE_PARENT\nCOPY k.txt /k.txt\n",
+    );
+    write(t, "taskcluster/docker/brokenkid/k.txt", b"k");
+    let out = run(build_all_cmd(t).args(["--keep-going", "--json"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("1 image(s) failed and 1 blocked; 3 built"),
+        "{err}"
+    );
+    let lines = json(&String::from_utf8_lossy(&out.stdout));
+    let status = |name: &str| {
+        let l = lines
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {lines}"));
+        (s(&l["status"]), s(&l["error"]))
+    };
+    for ok in ["base", "parent", "child"] {
+        assert_eq!(status(ok).0, "built", "{lines}");
+        assert!(t.join("out").join(format!("{ok}.tar")).exists());
+    }
+    let (st, e) = status("broken");
+    assert_eq!(st, "failed");
+    assert!(e.contains("nowhere/missing:1"), "{e}");
+    assert_eq!(
+        status("brokenkid"),
+        ("blocked".into(), "its parent broken was not built".into())
+    );
+    assert!(!t.join("out/brokenkid.tar").exists());
+}
