@@ -280,7 +280,7 @@ pub struct ContextArgs {
     /// Root of the source tree for `# %include` (default: the enclosing git/hg checkout, else the working directory).
     #[arg(long)]
     pub topsrcdir: Option<PathBuf>,
-    /// NAME=VALUE for `# %ARG NAME` and Dockerfile ARG (repeatable).
+    /// NAME=VALUE for `# %ARG NAME` and Dockerfile ARG (repeatable); NAME alone takes $NAME.
     #[arg(long = "arg", alias = "build-arg", value_name = "NAME=VALUE")]
     pub args: Vec<String>,
     /// taskgraph's run-task/ directory, for `# %include-run-task`.
@@ -330,7 +330,8 @@ pub struct BuildArgs {
     /// Pull a FROM or COPY --from image no store has into the user store (--pull or
     /// --pull=missing), or every tag reference again (--pull=always). Off by default: kiln then
     /// never touches the network for a base. A pinned digest accepts only those bytes.
-    #[arg(long, value_name = "missing|always", num_args = 0..=1, default_missing_value = "missing")]
+    /// (A value needs `=`: `kiln build --pull .` builds `.`, as `docker build --pull .` does.)
+    #[arg(long, value_name = "missing|always", num_args = 0..=1, require_equals = true, default_missing_value = "missing")]
     pub pull: Option<String>,
     /// A Docker Hub mirror tried first by --pull (repeatable; also $KILN_REGISTRY_MIRRORS).
     #[arg(long = "registry-mirror", value_name = "HOST[:PORT]")]

@@ -89,13 +89,18 @@ fn error_text(e: &anyhow::Error) -> String {
 fn context_options(a: &ContextArgs) -> Result<ContextOptions> {
     let mut args = BTreeMap::new();
     for kv in &a.args {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| anyhow!("--arg {kv}: expected NAME=VALUE"))?;
+        // NAME alone takes its value from the environment, as with
+        // `docker build --build-arg NAME` (unset: the argument is not given).
+        let (k, v) = match kv.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (kv.as_str(), std::env::var(kv).ok()),
+        };
         if k.is_empty() {
-            bail!("--arg {kv}: empty NAME");
+            bail!("--build-arg {kv}: empty NAME (expected NAME=VALUE, or NAME to take $NAME)");
         }
-        args.insert(k.to_string(), v.to_string());
+        if let Some(v) = v {
+            args.insert(k.to_string(), v);
+        }
     }
     if !a.image_dir.is_dir() {
         bail!(

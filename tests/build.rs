@@ -858,3 +858,34 @@ fn completions_are_printed_for_each_shell() {
     assert_eq!(o.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("tcsh"));
 }
+
+#[test]
+fn docker_s_flag_habits_pull_before_the_context_and_build_arg_from_the_environment() {
+    let d = tree(&[(
+        "img/Dockerfile",
+        b"FROM scratch\nARG GREETING\nARG UNSET\nLABEL greeting=$GREETING unset=x$UNSET\n",
+    )]);
+    // `--pull .` builds `.`; `--build-arg NAME` takes $NAME.
+    let v = json(&ok(kiln()
+        .current_dir(d.path().join("img"))
+        .env("GREETING", "from-env")
+        .env_remove("UNSET")
+        .args([
+            "build",
+            "--pull",
+            ".",
+            "--build-arg",
+            "GREETING",
+            "--build-arg",
+            "UNSET",
+        ])
+        .args(["--no-index", "--json", "-o"])
+        .arg(d.path().join("o.tar"))));
+    assert_eq!(v["status"], "built");
+    let labels = config(&d.path().join("o.tar"))
+        .config
+        .labels
+        .unwrap_or_default();
+    assert_eq!(labels.get("greeting").map(String::as_str), Some("from-env"));
+    assert_eq!(labels.get("unset").map(String::as_str), Some("x"));
+}
