@@ -15,7 +15,8 @@ use kiln::{Algorithm, ModePolicy};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Progress display: bars on a terminal (auto), one line per step (plain, for CI logs), or none.
+    /// Progress display: auto (bars on a terminal, else plain), plain (one line per step and a
+    /// RUN's output, for CI logs), or never.
     #[arg(long, global = true, value_enum, default_value_t = ProgressArg::Auto)]
     pub progress: ProgressArg,
     /// Threads to use (default: all cores). Outputs do not depend on it.

@@ -12,7 +12,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// `--progress auto|plain|never`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
-    /// Bars when stderr is a terminal, else nothing.
+    /// Bars when stderr is a terminal, else plain (a CI log), as Docker
+    /// falls back to plain output there.
     #[default]
     Auto,
     /// One line per finished step on stderr.
@@ -31,7 +32,7 @@ impl Progress {
     pub fn new(mode: Mode) -> Progress {
         let mode = match mode {
             Mode::Auto if std::io::stderr().is_terminal() => Mode::Auto,
-            Mode::Auto => Mode::Never,
+            Mode::Auto => Mode::Plain,
             m => m,
         };
         Progress { mode }
