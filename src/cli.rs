@@ -428,7 +428,7 @@ pub struct IndexArgs {
 
 #[derive(Args, Clone)]
 pub struct NetArgs {
-    /// Speak plain HTTP to the registry (loopback test registries).
+    /// Speak plain HTTP to the registry (localhost and 127.0.0.0/8 do by default, as in Docker).
     #[arg(long)]
     pub insecure: bool,
     /// Upload blobs larger than this in chunks of this many bytes (0: always one request).

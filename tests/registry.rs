@@ -1653,3 +1653,20 @@ fn an_identity_token_is_exchanged_for_access_tokens() {
         "the identity token was exchanged"
     );
 }
+
+#[test]
+fn a_loopback_registry_speaks_plain_http_without_insecure() {
+    // As Docker treats localhost and 127.0.0.0/8.
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    for host in [reg.addr.clone(), reg.addr.replace("127.0.0.1", "localhost")] {
+        let v = json(&ok(kiln()
+            .arg("push")
+            .arg(d.path().join("img.oci.tar"))
+            .arg("--to")
+            .arg(format!("{host}/kiln/plain:1"))
+            .arg("--json")));
+        assert_eq!(v["manifest_digest"], built["manifest_digest"], "{host}");
+    }
+}

@@ -112,6 +112,26 @@ pub struct Client {
 
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// Whether a registry host (with or without its port) is this machine:
+/// `localhost`, 127.0.0.0/8 or `[::1]` (Docker's insecure-by-default set).
+pub fn is_loopback(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Client {
     /// The same client with these credentials instead of those Docker's
     /// or podman's configuration holds (a Taskcluster secret's, say).
@@ -135,7 +155,12 @@ impl Client {
         Client {
             agent: config.into(),
             host: host.to_string(),
-            scheme: if insecure { "http" } else { "https" },
+            // As Docker: loopback registries speak plain HTTP by default.
+            scheme: if insecure || is_loopback(host) {
+                "http"
+            } else {
+                "https"
+            },
             creds: auth::credentials(host),
             tokens: Mutex::new(HashMap::new()),
             authorizing: Mutex::new(()),
@@ -569,6 +594,27 @@ fn error_body(resp: &mut http::Response<ureq::Body>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_registries_are_plain_http_as_in_docker() {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1:5000",
+            "127.3.4.5",
+            "[::1]:5000",
+        ] {
+            assert!(is_loopback(h), "{h}");
+        }
+        for h in [
+            "registry.example:5000",
+            "10.0.0.1:5000",
+            "localhost.example",
+            "docker.io",
+        ] {
+            assert!(!is_loopback(h), "{h}");
+        }
+    }
 
     #[test]
     fn a_token_is_found_again_under_its_scope() {
