@@ -328,6 +328,12 @@ impl DirFd {
     }
 }
 
+/// Whether a process `pid` is running here (one that left temporary
+/// files is gone once it is not).
+pub fn process_alive(pid: u32) -> bool {
+    pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Creates `path` (and its parents) and makes it private (0700): a
 /// directory holding a build's or a RUN's files, which no other local user
 /// may enter (a RUN may leave a setuid binary there).

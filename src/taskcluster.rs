@@ -122,18 +122,23 @@ impl Task {
     }
 }
 
-/// Downloads `url` (following redirects) into `dest`, atomically; the
-/// error names the URL and the HTTP status.
-pub fn fetch(url: &str, dest: &Path) -> Result<u64, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+/// The HTTP client for the queue and the secrets service: statuses are
+/// answers, not errors; redirects followed; stalls end.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(300)))
         .timeout_per_read(Some(Duration::from_secs(120)))
         .max_redirects(10)
         .build()
-        .into();
-    let resp = agent
+        .into()
+}
+
+/// Downloads `url` (following redirects) into `dest`, atomically; the
+/// error names the URL and the HTTP status.
+pub fn fetch(url: &str, dest: &Path) -> Result<u64, String> {
+    let resp = agent()
         .get(url)
         .call()
         .map_err(|e| format!("fetching {url}: {e}"))?;
@@ -207,12 +212,7 @@ pub fn secret_credentials(
         "{}/api/secrets/v1/secret/{name}",
         proxy.trim_end_matches('/')
     );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let resp = agent
+    let resp = agent()
         .get(&url)
         .call()
         .map_err(|e| format!("reading the Taskcluster secret {name} ({url}): {e}"))?;

@@ -59,14 +59,11 @@ pub fn remove_stale_unpacks(dir: &Path) -> usize {
         let Some(pid) = name
             .strip_prefix('.')
             .and_then(|r| r.rsplit_once(sandbox::extract::TMP_INFIX))
-            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
         else {
             continue;
         };
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-        if !alive {
+        if !crate::fsx::process_alive(pid) {
             sandbox::remove_tree(&e.path());
             n += 1;
         }

@@ -137,7 +137,8 @@ pub fn tar_sha256(path: &Path) -> io::Result<String> {
     Ok(d.hex().to_string())
 }
 
-/// Where a context given on standard input or as a file is unpacked.
+/// Whether a build context named on the command line is an archive:
+/// `-` (standard input) or a file rather than a directory.
 pub fn is_archive(p: &Path) -> bool {
     p == Path::new("-") || p.is_file()
 }

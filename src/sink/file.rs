@@ -351,7 +351,7 @@ pub fn clean_stale(dir: &Path) {
         let Some(pid) = temp_pid(&name).filter(|_| kind_ok) else {
             continue;
         };
-        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+        if crate::fsx::process_alive(pid) {
             continue;
         }
         let p = e.path();

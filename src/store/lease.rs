@@ -306,9 +306,7 @@ impl Store {
             }
             // Temporary files of kiln before 0.2 lay beside the blobs.
             if let Some(pid) = crate::sink::file::temp_pid(&name) {
-                if live_pids.contains(&pid)
-                    || std::path::Path::new(&format!("/proc/{pid}")).exists()
-                {
+                if live_pids.contains(&pid) || crate::fsx::process_alive(pid) {
                     continue;
                 }
             }
