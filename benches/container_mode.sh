@@ -24,7 +24,7 @@ py="$repo/.tools/taskgraph-venv/bin/python"
 [ -s "$deb" ] || { echo "container_mode: $deb is missing: run bash setup.sh as root" >&2; exit 1; }
 command -v docker >/dev/null || { echo "container_mode: no docker" >&2; exit 1; }
 work=$(mktemp -d /tmp/kiln-container-bench.XXXXXX)
-trap 'rm -rf "$work"; docker rmi -f kiln-bench/kiln-only:1 kiln-bench/image-builder:1 >/dev/null 2>&1 || true' EXIT
+trap 'rm -rf "$work"; docker rmi -f kiln-bench/image-builder:1 >/dev/null 2>&1 || true' EXIT
 say() { printf '%s\t%s\n' "$1" "$2" | tee -a "$results"; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
 now() { date +%s.%N; }
@@ -56,14 +56,13 @@ host() {
 host
 t0=$(now); host; say "debian-image kiln sandbox (host, warm)" "$(secs "$t0" "$(now)")"
 
-# 1b. kiln inside docker run with Docker's defaults (container mode).
-mkdir -p "$work/kiln-only/kiln/bin"
-cp "$kiln" "$work/kiln-only/kiln/bin/kiln"
-ldd "$kiln" | grep -o '/[^ ]*' | while read -r lib; do
-  mkdir -p "$work/kiln-only$(dirname "$lib")"; cp -L "$lib" "$work/kiln-only$lib"; done
-tar -C "$work/kiln-only" -c . | docker import - kiln-bench/kiln-only:1 >/dev/null
+# 1b. kiln inside docker run with Docker's defaults (container mode), from
+# the image_builder image (examples/image-builder, this release binary).
+KILN="$kiln" bash "$repo/examples/image-builder/build.sh" "$work/ib.tar" >/dev/null 2>&1
+docker load -i "$work/ib.tar" | sed -n 's/^Loaded image: //p' > "$work/ib.name"
+docker tag "$(cat "$work/ib.name")" kiln-bench/image-builder:1
 t0=$(now)
-docker run --rm -e XDG_CACHE_HOME=/w/ccache -v "$work:/w" kiln-bench/kiln-only:1 /kiln/bin/kiln build \
+docker run --rm --entrypoint /kiln/bin/kiln -e XDG_CACHE_HOME=/w/ccache -v "$work:/w" kiln-bench/image-builder:1 build \
   /w/tree/taskcluster/docker/tcimage --topsrcdir /w/tree --store /w/store --no-index -o /w/out/cont.tar >/dev/null 2>&1
 say "debian-image kiln container mode (docker run, cold cache)" "$(secs "$t0" "$(now)")"
 
@@ -80,10 +79,7 @@ if command -v buildah >/dev/null; then
 fi
 
 # 2. The image_builder image: size, and docker run to image.tar.zst.
-KILN="$kiln" bash "$repo/examples/image-builder/build.sh" "$work/ib.tar" >/dev/null 2>&1
 say "image-builder archive bytes" "$(stat -c %s "$work/ib.tar")"
-docker load -i "$work/ib.tar" | sed -n 's/^Loaded image: //p' > "$work/ib.name"
-docker tag "$(cat "$work/ib.name")" kiln-bench/image-builder:1
 say "image-builder image size (docker)" "$(docker image inspect -f '{{.Size}}' kiln-bench/image-builder:1)"
 mkdir -p "$work/ws-parent" "$work/ws-child"
 "$py" -c "from taskgraph.util.docker import create_context_tar as c; print(c('$work/tree', 'taskcluster/docker/tcimage', '$work/ws-parent/context.tar.gz', None))" > "$work/parent.hash"

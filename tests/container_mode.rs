@@ -7,34 +7,23 @@
 
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
 
-/// A Docker image holding only kiln (at /kiln/bin/kiln) and the shared
-/// libraries it links, as `ldd` lists them; its tag.
+/// The image_builder image (kiln at /kiln/bin/kiln, the libraries it
+/// links), loaded under a tag of this test's own; the tag.
 fn kiln_image(d: &Path) -> String {
-    let root = d.join("kiln-image");
-    let exe = env!("CARGO_BIN_EXE_kiln");
-    fs::create_dir_all(root.join("kiln/bin")).unwrap();
-    fs::copy(exe, root.join("kiln/bin/kiln")).unwrap();
-    let ldd = ok(Command::new("ldd").arg(exe));
-    for lib in ldd
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-        .map(PathBuf::from)
-    {
-        let at = root.join(lib.strip_prefix("/").unwrap());
-        fs::create_dir_all(at.parent().unwrap()).unwrap();
-        fs::copy(&lib, &at).unwrap();
-    }
-    let tag = format!("kilntest/kiln-in-container:{}", std::process::id());
-    ok(Command::new("sh").arg("-c").arg(format!(
-        "tar -C {} -c . | docker import - {tag}",
-        root.display()
-    )));
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let tag = format!(
+        "kilntest/kiln-in-container:{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let archive = d.join("kiln-image.tar");
+    image_builder_archive(&archive, &["-t", &tag]);
+    ok(Command::new("docker").arg("load").arg("-i").arg(&archive));
     tag
 }
 
@@ -49,9 +38,10 @@ impl Drop for Image {
 /// `docker run` of kiln with Docker's defaults, `d` mounted at /w.
 fn in_docker(image: &str, d: &Path, args: &str) -> std::process::Output {
     run(Command::new("docker")
-        .args(["run", "--rm", "-e", "XDG_CACHE_HOME=/w/cache", "-v"])
+        .args(["run", "--rm", "--entrypoint", "/kiln/bin/kiln"])
+        .args(["-e", "XDG_CACHE_HOME=/w/cache", "-v"])
         .arg(format!("{}:/w", d.display()))
-        .args([image, "/kiln/bin/kiln"])
+        .arg(image)
         .args(args.split_whitespace()))
 }
 

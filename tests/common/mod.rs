@@ -553,3 +553,21 @@ pub fn debian_tc_tree(d: &Path, cache: &Path) -> Option<(PathBuf, PathBuf)> {
     );
     Some((store, tc))
 }
+
+/// Builds the image_builder image with examples/image-builder/build.sh,
+/// packaging this kiln binary, into the docker-archive `out` (`extra`:
+/// more `kiln build` flags); its manifest digest.
+pub fn image_builder_archive(out: &Path, extra: &[&str]) -> String {
+    let o = run(Command::new("bash")
+        .arg(repo().join("examples/image-builder/build.sh"))
+        .arg(out)
+        .args(["--", "--json"])
+        .args(extra)
+        .env("KILN", env!("CARGO_BIN_EXE_kiln"))
+        .env("XDG_CACHE_HOME", out.with_extension("cache")));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    json(&String::from_utf8_lossy(&o.stdout))["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
