@@ -664,3 +664,91 @@ fn progress_and_reports_name_the_original_dockerfile_lines() {
     let v = json(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(v["steps"][0]["line"], 4, "{v}");
 }
+
+/// Two stages whose own first layers are both laid out for a RUN: each
+/// RUN sees its own stage's files, never the other stage's layer that
+/// happens to have the same position (they once shared `lower-0`).
+#[test]
+fn each_stage_s_run_sees_its_own_layers_never_another_stage_s() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(d.path(), "img/a.txt", b"from a\n");
+    write(d.path(), "img/b.txt", b"from b\n");
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1 AS a\nCOPY a.txt /x\nRUN cat /x > /y\n\nFROM t/busybox:1\nCOPY --from=a /y /from-a\nCOPY b.txt /x\nRUN cat /from-a /x > /z\n",
+    );
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &d.path().join("cache"),
+        "o.tar",
+        &["--no-index", "--no-cache"],
+    ));
+    let l = layers(&d.path().join("o.tar"));
+    assert_eq!(find(&l[3], "z").unwrap().data, b"from a\nfrom b\n");
+}
+
+/// Builder stages that do not depend on each other run at the same time
+/// (bounded by --jobs): stage `listen` waits for stage `send` to connect
+/// to it, which can only happen if both run at once. With `-j 1` they run
+/// one after another, and the listener gives up. Independent stages give
+/// the same image whatever the number of jobs.
+#[test]
+fn independent_stages_run_side_by_side_and_the_image_does_not_depend_on_jobs() {
+    require("busybox");
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    let port = common::registry::free_port();
+    write(
+        d.path(),
+        "img/Dockerfile",
+        format!(
+            "FROM t/busybox:1 AS listen\nRUN (nc -l -p {port} > /got &) ; for i in $(seq 100); do [ -s /got ] && exit 0; sleep 0.1; done; exit 1\n\n\
+             FROM t/busybox:1 AS send\nRUN for i in $(seq 300); do echo hi | nc 127.0.0.1 {port} && exit 0; sleep 0.1; done; exit 1\n\n\
+             FROM t/busybox:1\nCOPY --from=listen /got /got\nCOPY --from=send /etc/base-file /sent\n"
+        )
+        .as_bytes(),
+    );
+    let cache = d.path().join("cache");
+    ok(&mut run_build(
+        d.path(),
+        &store,
+        &cache,
+        "par.tar",
+        &["--no-index", "--no-cache", "-j", "2"],
+    ));
+    let l = layers(&d.path().join("par.tar"));
+    assert_eq!(find(&l[1], "got").unwrap().data, b"hi\n");
+    let mut one = run_build(
+        d.path(),
+        &store,
+        &cache,
+        "seq.tar",
+        &["--no-index", "--no-cache", "-j", "1"],
+    );
+    let err = fails(&mut one);
+    assert!(err.contains("Dockerfile:2: RUN (nc -l"), "{err}");
+    assert!(!d.path().join("seq.tar").exists());
+
+    // Independent stages without a rendezvous: -j 1 and -j 2 agree.
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1 AS a\nRUN echo a > /a && sleep 1\n\nFROM t/busybox:1 AS b\nRUN echo b > /b\n\nFROM t/busybox:1 AS c\nRUN echo c > /c\n\nFROM t/busybox:1\nCOPY --from=a /a /a\nCOPY --from=b /b /b\nCOPY --from=c /c /c\n",
+    );
+    let mut digests = Vec::new();
+    for jobs in ["1", "2"] {
+        let o = format!("j{jobs}.tar");
+        let out = ok(&mut run_build(
+            d.path(),
+            &store,
+            &cache,
+            &o,
+            &["--no-index", "--no-cache", "--json", "-j", jobs],
+        ));
+        digests.push(json(&out)["manifest_digest"].clone());
+    }
+    assert_eq!(digests[0], digests[1]);
+}

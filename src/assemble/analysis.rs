@@ -18,10 +18,14 @@ pub struct StageDef {
     pub name: Option<String>,
 }
 
-/// Earlier stages' results, for `FROM stage` and `COPY --from`.
+/// Earlier stages' results, for `FROM stage`, `COPY --from` and
+/// `RUN --mount from=`: the stages a stage depends on are there, built
+/// (the executor starts a stage only then); the others are `None`, so a
+/// stage never sees one it does not depend on, whatever the order in
+/// which independent stages finished.
 pub struct Earlier<'a> {
     pub defs: &'a [StageDef],
-    pub done: &'a [Option<Planned>],
+    pub done: Vec<Option<std::sync::Arc<Planned>>>,
 }
 
 impl Earlier<'_> {
@@ -99,7 +103,7 @@ pub fn declare_args(
 fn stage_ref(defs: &[StageDef], before: usize, value: &str, by_index: bool) -> Option<usize> {
     Earlier {
         defs,
-        done: &vec![None; before],
+        done: vec![None; before],
     }
     .find(value, by_index)
 }
@@ -112,6 +116,10 @@ pub struct Analysis {
     pub target: usize,
     pub needed: Vec<bool>,
     pub keep_all: Vec<bool>,
+    /// The earlier stages each stage needs built first: its `FROM` stage
+    /// and every stage it copies or binds from (the step graph's edges
+    /// between stages).
+    pub deps: Vec<Vec<usize>>,
 }
 
 pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageError> {
@@ -202,12 +210,24 @@ pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageEr
             }
         }
     }
+    let deps = (0..defs.len())
+        .map(|n| {
+            let mut d: Vec<usize> = from_stage[n]
+                .into_iter()
+                .chain(copies[n].iter().copied())
+                .collect();
+            d.sort_unstable();
+            d.dedup();
+            d
+        })
+        .collect();
     Ok(Analysis {
         global,
         defs,
         target,
         needed,
         keep_all,
+        deps,
     })
 }
 

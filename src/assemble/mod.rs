@@ -86,6 +86,17 @@ pub struct BuildOptions {
     pub sources: crate::registry::Sources,
 }
 
+impl BuildOptions {
+    /// What the layers' bytes depend on besides their content.
+    pub fn layer_format(&self) -> crate::steps::LayerFormat {
+        crate::steps::LayerFormat {
+            compression: self.compression,
+            timestamp: self.timestamp,
+            mode_policy: self.mode_policy,
+        }
+    }
+}
+
 /// `kiln build --pull[=missing|always]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PullPolicy {

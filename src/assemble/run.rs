@@ -47,7 +47,7 @@ fn unpack(tar: &Path, dir: &Path, diff_id: Option<&Digest>, spool: &Path) -> Res
     sandbox::run(&spec, spool, |_| {}).map_err(|e| format!("unpacking {}: {e}", tar.display()))
 }
 
-/// Removes the unpacks in progress (`.<name>.tmp-<pid>`) under `dir`
+/// Removes the unpacks in progress (`.<name>.tmp-<pid>-<n>`) under `dir`
 /// whose process is gone (killed mid-unpack); returns how many.
 pub fn remove_stale_unpacks(dir: &Path) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else {
@@ -59,7 +59,7 @@ pub fn remove_stale_unpacks(dir: &Path) -> usize {
         let Some(pid) = name
             .strip_prefix('.')
             .and_then(|r| r.rsplit_once(sandbox::extract::TMP_INFIX))
-            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+            .and_then(|(_, rest)| rest.split('-').next()?.parse::<u32>().ok())
         else {
             continue;
         };

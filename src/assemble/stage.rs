@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::analysis::{declare_args, Analysis, Earlier};
+use super::analysis::{declare_args, Earlier};
 use super::config::{expose_ports, healthcheck};
 use super::copy::{self, ContextView, CopyOptions, Src, Tree};
 use super::fs::ImageFs;
@@ -99,52 +99,72 @@ struct State<'a> {
     digests: Option<HashMap<PathBuf, [u8; 32]>>,
     history: Vec<History>,
     created: String,
+    /// The build's spool (every stage's spool is under it).
+    work: &'a Path,
+    /// This stage's own spool directory.
     spool: &'a Path,
 }
 
-/// Runs the target stage of `df` and the stages it needs.
+/// Runs the target stage of the plan and the stages it needs: each stage
+/// once the stages it depends on are built (the analysis's `deps`), up to
+/// `--jobs` stages at a time, so independent builder stages run side by
+/// side. Each stage has its own spool directory; what a stage sees of
+/// others is only what it depends on, so the result never depends on the
+/// order in which stages finish. On a failure no further stage starts,
+/// the running ones finish, and the error of the earliest failed stage is
+/// returned.
 pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, StageError> {
-    let df = &plan.dockerfile;
-    let Analysis {
-        global,
-        defs,
-        target,
-        needed,
-        keep_all,
-    } = &plan.analysis;
-    let (target, global) = (*target, global);
-    let escape = df.escape;
+    let a = &plan.analysis;
     let view = ContextView::new(&plan.context);
-    let mut done: Vec<Option<Planned>> = Vec::new();
-    for n in 0..=target {
-        if !needed[n] {
-            done.push(None);
-            continue;
+    let jobs = rayon::current_num_threads().max(1);
+    let mut pending: Vec<usize> = (0..=a.target).filter(|&n| a.needed[n]).collect();
+    let mut done: Vec<Option<std::sync::Arc<Planned>>> = vec![None; a.target + 1];
+    let mut failed: Vec<(usize, StageError)> = Vec::new();
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut running = 0;
+        loop {
+            while failed.is_empty() && running < jobs {
+                let Some(i) = pending
+                    .iter()
+                    .position(|&n| a.deps[n].iter().all(|&d| done[d].is_some()))
+                else {
+                    break;
+                };
+                let n = pending.remove(i);
+                let earlier = Earlier {
+                    defs: &a.defs,
+                    done: (0..n)
+                        .map(|j| done[j].clone().filter(|_| a.deps[n].contains(&j)))
+                        .collect(),
+                };
+                let (tx, view) = (tx.clone(), &view);
+                let stage_spool = spool.join(format!("stage-{n}"));
+                running += 1;
+                scope.spawn(move || {
+                    let r = run_stage(plan, opts, view, earlier, n, spool, &stage_spool);
+                    let _ = tx.send((n, r));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let (n, r) = rx.recv().expect("a stage thread reports");
+            running -= 1;
+            match r {
+                Ok(p) => done[n] = Some(std::sync::Arc::new(p)),
+                Err(e) => failed.push((n, e)),
+            }
         }
-        let d = &defs[n];
-        let mut st = State::new(
-            &view,
-            Earlier { defs, done: &done },
-            opts,
-            &plan.bases,
-            escape,
-            spool,
-        );
-        st.fs.keep_all = keep_all[n];
-        let from = &df.instructions[d.start];
-        let makes_layers = df.instructions[d.start + 1..d.end].iter().any(|i| {
-            matches!(
-                i.kind,
-                Kind::Copy(_) | Kind::Add(_) | Kind::Workdir(_) | Kind::Run(_)
-            )
-        });
-        st.from(from, global, makes_layers || keep_all[n])?;
-        for ins in &df.instructions[d.start + 1..d.end] {
-            st.instruction(ins, global).map_err(|m| at(ins, m))?;
-        }
-        let planned = st.finish();
-        done.push(Some(planned));
+    });
+    if let Some(i) = (0..failed.len()).min_by_key(|&i| failed[i].0) {
+        return Err(failed.swap_remove(i).1);
     }
+    assert!(pending.is_empty(), "every needed stage ran");
+    let mut done: Vec<Option<Planned>> = done
+        .into_iter()
+        .map(|p| p.map(|p| std::sync::Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone())))
+        .collect();
     let mut target = done.pop().flatten().expect("the target stage was built");
     // Steps of the other stages (a builder stage COPY --from reads) are
     // recorded too, and reported first; the target's own come after.
@@ -165,6 +185,35 @@ pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, St
     reports.append(&mut target.reports);
     target.reports = reports;
     Ok(target)
+}
+
+/// Runs stage `n`, whose dependencies `earlier` holds.
+fn run_stage(
+    plan: &Plan,
+    opts: &BuildOptions,
+    view: &ContextView<'_>,
+    earlier: Earlier<'_>,
+    n: usize,
+    work: &Path,
+    spool: &Path,
+) -> Result<Planned, StageError> {
+    let df = &plan.dockerfile;
+    let a = &plan.analysis;
+    let d = &a.defs[n];
+    let mut st = State::new(view, earlier, opts, &plan.bases, df.escape, work, spool);
+    st.fs.keep_all = a.keep_all[n];
+    let from = &df.instructions[d.start];
+    let makes_layers = df.instructions[d.start + 1..d.end].iter().any(|i| {
+        matches!(
+            i.kind,
+            Kind::Copy(_) | Kind::Add(_) | Kind::Workdir(_) | Kind::Run(_)
+        )
+    });
+    st.from(from, &a.global, makes_layers || a.keep_all[n])?;
+    for ins in &df.instructions[d.start + 1..d.end] {
+        st.instruction(ins, &a.global).map_err(|m| at(ins, m))?;
+    }
+    Ok(st.finish())
 }
 
 pub(super) fn at(ins: &Instr, message: String) -> StageError {
@@ -194,6 +243,7 @@ impl<'a> State<'a> {
         opts: &'a BuildOptions,
         bases: &'a Bases,
         escape: char,
+        work: &'a Path,
         spool: &'a Path,
     ) -> State<'a> {
         let p = host_platform();
@@ -228,6 +278,7 @@ impl<'a> State<'a> {
             digests: None,
             history: Vec::new(),
             created: rfc3339(opts.timestamp),
+            work,
             spool,
         }
     }
@@ -467,7 +518,8 @@ impl<'a> State<'a> {
     fn push_layer(&mut self, ins: &Instr, layer: Entries) -> Result<(), String> {
         let described = self.describe(&layer)?;
         let mut key = self.key("layer");
-        key.add("instruction", &ins.text).add("entries", &described);
+        key.text("instruction", &ins.text)
+            .text("entries", &described);
         let key = key.finish();
         if !self.try_cached(ins, &key)? {
             self.fs.apply(&layer);

@@ -28,10 +28,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// The version of kiln's layer format: bumped whenever the same inputs
-/// would give other layer bytes, so older index entries stop matching.
-pub const LAYER_FORMAT_VERSION: u32 = 1;
-
 /// The default route prefix.
 pub const DEFAULT_PREFIX: &str = "kiln";
 
@@ -40,15 +36,7 @@ pub const DEFAULT_PREFIX: &str = "kiln";
 /// bytes for the same context (layer compression, timestamp, mode policy,
 /// target stage, platform).
 pub fn builder_line(opts: &crate::assemble::BuildOptions) -> String {
-    let compression = match opts.compression {
-        crate::layer::Compression::Zstd(l) => format!("zstd-{l}"),
-        crate::layer::Compression::Gzip(l) => format!("gzip-{l}"),
-        crate::layer::Compression::None => "none".to_string(),
-    };
-    let modes = match opts.mode_policy {
-        crate::context::ModePolicy::Git => "git",
-        crate::context::ModePolicy::Preserve => "preserve",
-    };
+    let format = opts.layer_format();
     let p = crate::image::host_platform();
     // The RUN network, where it is not the default (host): existing index
     // digests stay as they were.
@@ -56,9 +44,15 @@ pub fn builder_line(opts: &crate::assemble::BuildOptions) -> String {
         crate::sandbox::Network::Host => String::new(),
         n => format!(" network={}", n.name()),
     };
+    let fields: Vec<String> = format
+        .fields()
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     format!(
-        "kiln-builder:{LAYER_FORMAT_VERSION} layers={compression} mtime={} modes={modes} target={} platform={}/{}{network}",
-        opts.timestamp,
+        "kiln-builder:{} {} target={} platform={}/{}{network}",
+        crate::steps::LayerFormat::VERSION,
+        fields.join(" "),
         opts.target.as_deref().unwrap_or(""),
         p.os,
         p.architecture

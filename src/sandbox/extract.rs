@@ -57,7 +57,8 @@ fn set_xattr(dir: &DirFd, name: &OsStr, key: &str, value: &[u8]) -> io::Result<(
     Ok(())
 }
 
-/// The prefix of an unpack in progress (`.<name>.tmp-<pid>`), so a later
+/// The prefix of an unpack in progress (`.<name>.tmp-<pid>-<n>`, `n`
+/// unique in the process: stages unpack on several threads), so a later
 /// run can remove one that a killed process left.
 pub const TMP_INFIX: &str = ".tmp-";
 
@@ -70,11 +71,13 @@ pub fn extract(
     diff_id: Option<&crate::image::Digest>,
     rootless: bool,
 ) -> Result<(), String> {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let tmp = dir.with_file_name(format!(
-        ".{}{TMP_INFIX}{}",
+        ".{}{TMP_INFIX}{}-{}",
         dir.file_name()
             .map_or("layer".into(), |n| n.to_string_lossy()),
-        std::process::id()
+        std::process::id(),
+        SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;

@@ -134,7 +134,7 @@ impl State<'_> {
             return Ok(());
         }
         if let Some(n) = self.earlier.find(&image, false) {
-            let Some(prev) = self.earlier.done[n].clone() else {
+            let Some(prev) = self.earlier.done[n].as_deref().cloned() else {
                 return Err(at(ins, format!("stage {image} was not built")));
             };
             let keep_all = self.fs.keep_all;

@@ -8,38 +8,30 @@ use std::path::{Path, PathBuf};
 use super::{Layer, State};
 use crate::dockerfile::Instr;
 use crate::layer::{Content, Entries, FileSource};
+use crate::steps::StepKey;
 
 impl State<'_> {
     /// The fields every step key has: the parent, the layer format, the
     /// environment, ARGs, USER, WORKDIR and SHELL.
-    pub(super) fn key(&self, kind: &str) -> crate::steps::Key {
-        let mut k = crate::steps::Key::new(&self.chain);
-        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let args: Vec<String> = self.args.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let args_text = args.join("\n");
-        k.add("kind", kind)
-            .add(
-                "format",
-                &format!(
-                    "{} compression={:?} mtime={} modes={:?}",
-                    crate::index::LAYER_FORMAT_VERSION,
-                    self.opts.compression,
-                    self.opts.timestamp,
-                    self.opts.mode_policy
-                ),
-            )
-            .add("env", &env.join("\n"))
-            // ARGs reach a RUN's environment; COPY, ADD and WORKDIR only
-            // through expansion, which their other fields already show.
-            .add("args", if kind == "run" { &args_text } else { "" })
-            .add("user", &self.user)
-            .add("workdir", &self.workdir)
-            .add("shell", &self.shell.join("\u{0}"));
+    pub(super) fn key(&self, kind: &str) -> StepKey {
+        let mut k = StepKey::new(kind, &self.chain);
+        self.opts.layer_format().add_to(&mut k);
+        k.pairs(
+            "env",
+            self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        );
+        // ARGs reach a RUN's environment; COPY, ADD and WORKDIR only
+        // through expansion, which their entries already show.
+        let args = self.args.iter().filter(|_| kind == "run");
+        k.pairs("args", args.map(|(k, v)| (k.as_str(), v.as_str())))
+            .text("user", &self.user)
+            .text("workdir", &self.workdir)
+            .list("shell", &self.shell);
         k
     }
 
     /// A layer's entries by content (kiln-v1 digests of context files,
-    /// reused from the context hash; other files hashed), as one sha256.
+    /// reused from the context hash; other files hashed), as one key.
     pub(super) fn describe(&mut self, entries: &Entries) -> Result<String, String> {
         use sha2::Digest as _;
         if self.digests.is_none() {
@@ -52,36 +44,36 @@ impl State<'_> {
             self.digests = Some(m);
         }
         let known = self.digests.as_ref().expect("built above");
-        let mut h = sha2::Sha256::new();
+        let mut k = StepKey::new("entries", "");
         for (path, e) in entries {
-            let content = match &e.content {
-                Content::Dir => "dir".to_string(),
-                Content::Symlink(t) => format!(
-                    "link:{}",
-                    String::from_utf8_lossy(&crate::steps::escaped(t))
-                ),
+            k.bytes("path", path)
+                .number("mode", e.mode.into())
+                .number("uid", e.uid)
+                .number("gid", e.gid);
+            match &e.content {
+                Content::Dir => k.text("dir", ""),
+                Content::Symlink(t) => k.bytes("link", t),
                 Content::File {
                     source: FileSource::Bytes(b),
                     ..
-                } => format!("bytes:{:x}", sha2::Sha256::digest(b)),
+                } => k.bytes("bytes-sha256", &sha2::Sha256::digest(b)),
                 Content::File {
                     source: FileSource::Path(p),
                     size,
-                } => match known.get(&**p) {
-                    Some(d) => format!("file:{}:{size}", hex::encode(d)),
-                    None => {
-                        let f = crate::fsx::open_deep(p)
-                            .map_err(|e| format!("reading {}: {e}", p.display()))?;
-                        let d =
-                            crate::context::hash_file(f, p, *size).map_err(|e| e.to_string())?;
-                        format!("file:{}:{size}", hex::encode(d))
-                    }
-                },
+                } => {
+                    let d = match known.get(&**p) {
+                        Some(d) => *d,
+                        None => {
+                            let f = crate::fsx::open_deep(p)
+                                .map_err(|e| format!("reading {}: {e}", p.display()))?;
+                            crate::context::hash_file(f, p, *size).map_err(|e| e.to_string())?
+                        }
+                    };
+                    k.bytes("file-kiln-v1", &d).number("size", *size)
+                }
             };
-            h.update(crate::steps::escaped(path));
-            h.update(format!("\t{:o}\t{}\t{}\t{content}\n", e.mode, e.uid, e.gid).as_bytes());
         }
-        Ok(hex::encode(h.finalize()))
+        Ok(k.finish())
     }
 
     /// What names another stage's or image's filesystem in a step key:
@@ -100,10 +92,9 @@ impl State<'_> {
     }
 
     /// The content of a file or directory tree a RUN binds (read-only):
-    /// paths, modes and sha256 digests, as one sha256.
+    /// paths, modes and content digests, as one key.
     pub(super) fn tree_digest(&self, root: &Path) -> Result<String, String> {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
+        let mut k = StepKey::new("tree", "");
         let mut stack = vec![PathBuf::new()];
         while let Some(rel) = stack.pop() {
             let p = if rel.as_os_str().is_empty() {
@@ -112,8 +103,8 @@ impl State<'_> {
                 root.join(&rel)
             };
             let md = std::fs::symlink_metadata(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-            h.update(crate::steps::escaped(rel.as_os_str().as_encoded_bytes()));
-            h.update(format!("\t{:o}\n", std::os::unix::fs::MetadataExt::mode(&md)).as_bytes());
+            k.bytes("path", rel.as_os_str().as_encoded_bytes())
+                .number("mode", std::os::unix::fs::MetadataExt::mode(&md).into());
             if md.is_dir() {
                 let mut names: Vec<_> = std::fs::read_dir(&p)
                     .map_err(|e| format!("{}: {e}", p.display()))?
@@ -125,19 +116,13 @@ impl State<'_> {
             } else if md.is_file() {
                 let f = std::fs::File::open(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                 let d = crate::context::hash_file(f, &p, md.len()).map_err(|e| e.to_string())?;
-                h.update(d);
+                k.bytes("file-kiln-v1", &d);
             } else if md.file_type().is_symlink() {
-                h.update(b"link:");
-                h.update(crate::steps::escaped(
-                    std::fs::read_link(&p)
-                        .unwrap_or_default()
-                        .as_os_str()
-                        .as_encoded_bytes(),
-                ));
-                h.update(b"\n");
+                let t = std::fs::read_link(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+                k.bytes("link", t.as_os_str().as_encoded_bytes());
             }
         }
-        Ok(hex::encode(h.finalize()))
+        Ok(k.finish())
     }
 
     /// Looks a step up; on a hit (its layer verified in the store: its

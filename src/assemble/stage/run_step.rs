@@ -26,7 +26,8 @@ impl State<'_> {
         keep.extend(self.opts.output.parent().map(|p| p.to_path_buf()));
         keep.extend(self.opts.hash_cache.clone());
         keep.extend(std::env::current_exe().ok());
-        keep.extend(self.spool.parent().map(|p| p.to_path_buf()));
+        // The build's work directory (the spool and its blobs).
+        keep.extend(self.work.parent().map(|p| p.to_path_buf()));
         keep.extend(self.opts.stores.list.iter().map(|s| s.dir.clone()));
         keep.extend(self.opts.secrets.values().cloned());
         keep.retain(|p| std::path::absolute(p).is_ok_and(|a| a != std::path::Path::new("/")));
@@ -210,9 +211,13 @@ impl State<'_> {
         // The step's key: the common fields, the command, its mounts (ids
         // and targets; a bind's sources by content) and its network.
         let mut key = self.key("run");
-        key.add("argv", &argv.join("\u{0}"))
-            .add("network", network.name())
-            .add("uid", &format!("{uid}:{gid}:{groups:?}"));
+        key.text("instruction", &ins.text)
+            .list("argv", &argv)
+            .text("network", network.name())
+            .number("uid", uid)
+            .number("gid", gid)
+            .list("groups", groups.iter().map(|g| g.to_be_bytes()));
+        let mut mount_values = Vec::new();
         for (name, value) in &spec.flags {
             if name == "mount" {
                 let v = value
@@ -220,17 +225,22 @@ impl State<'_> {
                     .map(|v| expand_word(v, &vars, self.escape).map_err(|e| e.0))
                     .transpose()?
                     .unwrap_or_default();
-                key.add("mount", &v);
+                mount_values.push(v);
             }
         }
+        key.list("mounts", &mount_values);
         // What the binds bring in: context files by content, another
         // stage by its key, an image by its digest (never a secret).
+        let mut bind_from = Vec::new();
         for (from, _, _) in &stack_sources {
-            key.add("bind-from", &self.source_key(from)?);
+            bind_from.push(self.source_key(from)?);
         }
+        key.list("bind-from", &bind_from);
+        let mut binds = Vec::new();
         for src in &context_binds {
-            key.add("bind", &self.tree_digest(src)?);
+            binds.push(self.tree_digest(src)?);
         }
+        key.list("binds", &binds);
         let key = key.finish();
         if self.try_cached(ins, &key)? {
             drop(locks);

@@ -2,11 +2,13 @@
 //!
 //! Every layer-producing step (RUN, COPY, ADD, a WORKDIR that creates a
 //! directory) has a key, the sha256 of everything its layer depends on
-//! ([`Key`]): the parent (the previous step's key, or the base image's
-//! manifest digest), the instruction after expansion, the environment, ARGs,
-//! USER, WORKDIR and SHELL, RUN's mounts (ids and targets, never a secret's
-//! contents) and network, COPY's and ADD's sources by content digest, the
-//! layer format (version, compression, timestamp). An entry maps a key to
+//! ([`StepKey`], one injective encoding): the parent (the previous step's
+//! key, or the base image's manifest digest), the instruction as written,
+//! the environment, ARGs, USER, WORKDIR and SHELL; for RUN its argv, user
+//! and groups, mounts (ids and targets, never a secret's contents), what
+//! its binds bring in by content, and network; for COPY, ADD and WORKDIR
+//! the layer's entries (paths, modes, owners, content digests); the layer
+//! format ([`LayerFormat`]: version, compression, timestamp, modes). An entry maps a key to
 //! the layer it made, a blob in the user store; a hit reuses the blob
 //! without running or re-tarring anything. Entries live in
 //! `$XDG_CACHE_HOME/kiln/steps/<key>`, written atomically like the index;
@@ -17,57 +19,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::image::{Descriptor, Digest};
 
-/// Changes whenever what a key means, or what a layer holds, changes.
-pub const VERSION: &str = "kiln-steps-1";
+mod key;
 
-/// A step key under construction: named fields, one per line, hashed.
-pub struct Key {
-    text: String,
-}
-
-impl Key {
-    /// A key whose parent is `parent` (a key, or `image@sha256:…`, or
-    /// `scratch`).
-    pub fn new(parent: &str) -> Key {
-        let mut k = Key {
-            text: String::new(),
-        };
-        k.add("version", VERSION);
-        k.add("parent", parent);
-        k
-    }
-
-    /// Adds a field (newlines in values are escaped, so fields never run together).
-    pub fn add(&mut self, name: &str, value: &str) -> &mut Key {
-        self.text.push_str(name);
-        self.text.push('=');
-        self.text
-            .push_str(&value.replace('\\', "\\\\").replace('\n', "\\n"));
-        self.text.push('\n');
-        self
-    }
-
-    /// The key: sha256 of the fields, hex.
-    pub fn finish(&self) -> String {
-        hex::encode(Sha256::digest(self.text.as_bytes()))
-    }
-
-    /// The fields, for `kiln build --json` and debugging.
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-}
-
-/// A path or link target for a key's text, where tabs and newlines
-/// separate fields: `\`, tab and newline escaped, so no file name can
-/// forge another entry (names without them keep their keys).
-pub fn escaped(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-    crate::digest::escape_line(bytes, true)
-}
+pub use key::{LayerFormat, StepKey, VERSION};
 
 /// One cached step.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -353,16 +310,7 @@ impl Remote {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_change_with_every_field_and_never_run_fields_together() {
-        let a = Key::new("scratch").add("run", "a\nb").finish();
-        let b = Key::new("scratch").add("run", "a").add("b", "").finish();
-        assert_ne!(a, b);
-        assert_eq!(a, Key::new("scratch").add("run", "a\nb").finish());
-        assert_ne!(a, Key::new("other").add("run", "a\nb").finish());
-        assert_eq!(a.len(), 64);
-    }
+    use sha2::Digest as _;
 
     #[test]
     fn entries_round_trip_and_prune_by_age_and_size() {
@@ -377,7 +325,7 @@ mod tests {
         };
         for (i, size) in [(1u8, 100u64), (2, 200), (3, 300)] {
             let e = Entry {
-                key: hex::encode(Sha256::digest([i])),
+                key: hex::encode(sha2::Sha256::digest([i])),
                 instruction: format!("RUN {i}"),
                 layer: layer(i, size),
                 diff_id: Digest::of(&[i, i]),
