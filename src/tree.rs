@@ -358,7 +358,74 @@ fn tree_tag(img: &TreeImage) -> String {
     format!("{repo}:{tag}")
 }
 
+/// The images whose Dockerfile takes a base from outside the tree that no
+/// store has (and that nothing will fetch: no `--pull`), with why: every
+/// image is planned before the first is built, from its Dockerfile alone.
+fn unresolved(images: &[TreeImage], template: &BuildOptions) -> BTreeMap<usize, String> {
+    // Images of the tree, by repository (children name them as
+    // `name:context-hash`, by tag, or by bare name).
+    let tree: BTreeSet<String> = images
+        .iter()
+        .flat_map(|img| [img.name.clone(), tree_tag(img)])
+        .filter_map(|r| Reference::parse(&r).ok().map(|r| r.repository))
+        .collect();
+    let found: Vec<Option<String>> = images
+        .par_iter()
+        .map(|img| {
+            let path = img.dir.join("Dockerfile");
+            let text = std::fs::read_to_string(&path).ok()?;
+            let mut opts = template.clone();
+            opts.context.args.extend(img.args.clone());
+            opts.args_in_from = true;
+            if let Some(p) = &img.parent {
+                opts.context
+                    .args
+                    .insert("DOCKER_IMAGE_PARENT".into(), format!("{p}:planned"));
+            }
+            let missing: Vec<String> = build::unresolved_bases(&text, &opts)
+                .into_iter()
+                .filter(|(_, r)| {
+                    Reference::parse(r).map_or(true, |r| !tree.contains(&r.repository))
+                })
+                .map(|(line, r)| format!("{}:{line}: {r} is in no store", path.display()))
+                .collect();
+            (!missing.is_empty()).then(|| missing.join("; "))
+        })
+        .collect();
+    found
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, m)| Some((i, m?)))
+        .collect()
+}
+
+/// The images that descend from `roots` (their children, theirs, …), by name.
+fn descendants(images: &[TreeImage], roots: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    loop {
+        let more: Vec<String> = images
+            .iter()
+            .filter(|img| !out.contains(&img.name) && !roots.contains(&img.name))
+            .filter(|img| {
+                img.parent
+                    .as_ref()
+                    .is_some_and(|p| roots.contains(p) || out.contains(p))
+            })
+            .map(|img| img.name.clone())
+            .collect();
+        if more.is_empty() {
+            return out;
+        }
+        out.extend(more);
+    }
+}
+
 /// Builds every image, parents first, printing a line per image through `report`.
+///
+/// Every image is planned first: a base that no store has fails the run
+/// before anything is built, naming every image it would block; with
+/// `keep_going` the image is `failed` from the start, its descendants are
+/// `blocked`, and the others are built.
 pub fn build_all(
     images: &[TreeImage],
     template: &BuildOptions,
@@ -368,6 +435,24 @@ pub fn build_all(
     keep_going: bool,
 ) -> Result<Vec<TreeLine>, Error> {
     let order = levels(images)?;
+    let unresolved = unresolved(images, template);
+    let roots: BTreeSet<String> = unresolved.keys().map(|&i| images[i].name.clone()).collect();
+    let blocked = descendants(images, &roots);
+    if !unresolved.is_empty() && !keep_going {
+        let why: Vec<String> = unresolved
+            .iter()
+            .map(|(&i, m)| format!("image {}: {m}", images[i].name))
+            .collect();
+        let mut stopped: Vec<&str> = roots.iter().map(String::as_str).collect();
+        stopped.extend(blocked.iter().map(String::as_str));
+        return Err(Error::Graph {
+            message: format!(
+                "nothing was built: {}. These images cannot be built: {}. Put the missing bases into a store (kiln store add FILE, kiln pull REFERENCE), build with --pull, or give --keep-going to build the others",
+                why.join("; "),
+                stopped.join(", ")
+            ),
+        });
+    }
     std::fs::create_dir_all(out_dir).map_err(|e| Error::Input {
         path: out_dir.to_path_buf(),
         message: format!("creating the output directory: {e}"),
@@ -375,7 +460,16 @@ pub fn build_all(
     // name → the image, for its children
     let mut done: BTreeMap<String, Parent> = BTreeMap::new();
     let mut lines: Vec<TreeLine> = Vec::new();
+    for (&i, m) in &unresolved {
+        let line = TreeLine::not_built(&images[i], "failed", m.clone());
+        report(&line);
+        lines.push(line);
+    }
     for level in order {
+        let level: Vec<usize> = level
+            .into_iter()
+            .filter(|i| !unresolved.contains_key(i))
+            .collect();
         // Children find a parent as `$DOCKER_IMAGE_PARENT` (name:context-hash),
         // by its tag, or by its bare name.
         let mut parents = BTreeMap::new();

@@ -816,3 +816,43 @@ fn keep_going_builds_what_does_not_depend_on_a_failed_image() {
     );
     assert!(!t.join("out/brokenkid.tar").exists());
 }
+
+/// `--all` plans every image before it builds one: a base that no store
+/// has fails the run before anything is built, and the error names the
+/// image, its Dockerfile line and every image it blocks.
+#[test]
+fn a_missing_base_fails_all_before_anything_is_built_naming_what_it_blocks() {
+    let d = taskcluster_tree();
+    let t = d.path();
+    write(
+        t,
+        "taskcluster/kinds/docker-image/kind.yml",
+        b"tasks:\n  base: {}\n  parent:\n    parent: base\n    args:\n      FLAVOR: sweet\n  child:\n    parent: parent\n  broken: {}\n  brokenkid:\n    parent: broken\n",
+    );
+    write(
+        t,
+        "taskcluster/docker/broken/Dockerfile",
+        b"# a comment\nFROM nowhere/missing:1\nRUN true\n",
+    );
+    write(
+        t,
+        "taskcluster/docker/brokenkid/Dockerfile",
+        b"FROM $DOCKER_IMAGE_PARENT\nCOPY k.txt /k.txt\n",
+    );
+    write(t, "taskcluster/docker/brokenkid/k.txt", b"k");
+    let err = fails(&mut build_all_cmd(t));
+    assert!(
+        err.contains("nothing was built: image broken: ")
+            && err.contains(
+                "taskcluster/docker/broken/Dockerfile:2: nowhere/missing:1 is in no store"
+            )
+            && err.contains("These images cannot be built: broken, brokenkid")
+            && err.contains("--keep-going"),
+        "{err}"
+    );
+    let out = t.join("out");
+    let written: Vec<_> = fs::read_dir(&out)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(written.is_empty(), "{written:?}");
+}

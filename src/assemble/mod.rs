@@ -41,7 +41,7 @@ use crate::source::{self, BuildBlobs};
 use crate::store::{Store, Stores};
 
 pub use copy::{detect_archive, ArchiveKind};
-pub use plan::{collect, Base, Bases, Parent, Plan};
+pub use plan::{collect, unresolved_bases, Base, Bases, Parent, Plan};
 pub use reproduce::{check_reproducible, Reproduced, PERTURB_ENV};
 pub use stage::{StageError, DEFAULT_PATH};
 

@@ -147,6 +147,33 @@ fn parse_dockerfile(ctx: &Context) -> Result<Dockerfile, Error> {
     })
 }
 
+/// The images a Dockerfile's target takes from outside that no store has
+/// and that nothing will fetch (without `--pull`): `(line, reference)`,
+/// found from the Dockerfile's text alone, before any context is hashed.
+/// Parents of the run (`opts.parents`) count as found; a Dockerfile that
+/// does not parse has none here (its build reports the error).
+pub fn unresolved_bases(dockerfile: &str, opts: &BuildOptions) -> Vec<(usize, String)> {
+    if opts.pull != super::PullPolicy::Never {
+        return Vec::new();
+    }
+    let Ok(df) = dockerfile::parse(dockerfile) else {
+        return Vec::new();
+    };
+    let Ok(a) = analysis::analyze(&df, opts) else {
+        return Vec::new();
+    };
+    analysis::external_refs(&df, &a)
+        .into_iter()
+        .filter(|(_, _, r)| {
+            let parent = Reference::parse(r)
+                .ok()
+                .is_some_and(|r| opts.parents.contains_key(&r.name()));
+            !parent && opts.stores.find(r).is_err()
+        })
+        .map(|(line, _, r)| (line, r))
+        .collect()
+}
+
 /// Collects and hashes the context of `image_dir` as `opts` say (with the
 /// hash cache, if any).
 pub fn collect(image_dir: &Path, opts: &BuildOptions) -> Result<(Context, String), Error> {
