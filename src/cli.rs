@@ -345,6 +345,11 @@ pub struct BuildArgs {
     /// order, and another temporary directory) and fail with a `kiln diff` report if anything differs.
     #[arg(long)]
     pub check_reproducible: bool,
+    /// Remove or empty what dpkg, apt, debconf, ldconfig and update-alternatives leave with the
+    /// build's clock in each RUN's layer (caches they rebuild, logs), so two builds of an
+    /// `apt-get install` step are identical; the image's history lists what was done.
+    #[arg(long)]
+    pub reproducible: bool,
     /// With --all: where outputs go, as <name>.tar (or the extension --format implies).
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,

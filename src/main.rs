@@ -326,6 +326,14 @@ fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCod
             ),
             Some(report) => {
                 eprint!("{}", kiln::diff::render(report));
+                let paths = report
+                    .layers
+                    .iter()
+                    .flat_map(|l| &l.entries)
+                    .map(|e| e.path.as_str());
+                if !b.reproducible && kiln::sandbox::reproducible::handles_all(paths) {
+                    eprintln!("kiln: every file that differs is a log or cache that dpkg, apt, ldconfig or update-alternatives writes with the build's clock: build with --reproducible to remove or empty them (docs/run.md says which and how)");
+                }
                 bail!(
                     "not reproducible: the second build ({}) gave {} instead of {} (the report above compares them)",
                     again.conditions,
@@ -636,6 +644,7 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
             Some(other) => bail!("--pull={other}: expected missing, always or never"),
         },
         sources: kiln::registry::Sources::new(&b.mirrors, b.index.net.insecure),
+        reproducible: b.reproducible,
     };
     Ok(opts)
 }

@@ -63,6 +63,7 @@ FROM t/busybox:1
 RUN echo hi > /hello && rm -rf /opt/olddir && mkdir -p /opt/olddir && echo new > /opt/olddir/b && echo 'worker:x:1234:1234::/home/worker:/bin/sh' >> /etc/passwd && echo 'worker:x:1234:' >> /etc/group
 COPY --from=builder /out/artifact /artifact
 RUN cat /artifact /etc/base-file > /both && chown worker /both && chmod 1777 /tmp
+RUN chown -R 0:0 /opt /etc/group && echo x > /x
 USER worker
 RUN id > /tmp/id
 ";

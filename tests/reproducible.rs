@@ -144,3 +144,73 @@ fn thread_count_does_not_change_the_bytes() {
     }
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "{digests:?}");
 }
+
+/// An `apt-get install` step that keeps apt's lists and caches: two
+/// builds differ only in the logs and caches dpkg, apt and ldconfig write
+/// with the build's clock, and `--check-reproducible` says so and
+/// suggests `--reproducible`; with it the two builds are identical, the
+/// logs are kept empty, the caches are gone, and the layer's annotation
+/// lists what was done.
+#[test]
+fn reproducible_makes_two_apt_get_builds_identical_and_says_what_it_did() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let Some((store, tc)) = debian_tc_tree(d.path(), &cache) else {
+        return;
+    };
+    write(
+        &tc,
+        "taskcluster/docker/apt/Dockerfile",
+        b"FROM debian:bookworm-minbase\nRUN apt-get update && apt-get install -y --no-install-recommends python3-minimal\n",
+    );
+    let build = |extra: &[&str], out: &str| {
+        let mut c = kiln();
+        c.env("XDG_CACHE_HOME", &cache)
+            .arg("build")
+            .arg(tc.join("taskcluster/docker/apt"))
+            .arg("--topsrcdir")
+            .arg(&tc)
+            .arg("--store")
+            .arg(&store)
+            .args(["--no-index", "--check-reproducible", "--json", "-o"])
+            .arg(d.path().join(out))
+            .args(extra);
+        c
+    };
+    let err = fails(&mut build(&[], "plain.tar"));
+    for f in [
+        "var/cache/apt/pkgcache.bin",
+        "var/cache/ldconfig/aux-cache",
+        "var/log/apt/history.log",
+        "var/log/dpkg.log",
+    ] {
+        assert!(err.contains(&format!("changed  {f}")), "{f}: {err}");
+    }
+    assert!(err.contains("build with --reproducible"), "{err}");
+
+    let v = json(&ok(&mut build(&["--reproducible"], "repro.tar")));
+    let l = layers(&d.path().join("repro.tar"));
+    let apt = &l[1];
+    let get = |p: &str| apt.iter().find(|i| i.path == p);
+    assert!(get("var/cache/apt/pkgcache.bin").is_none());
+    assert!(get("var/cache/ldconfig/aux-cache").is_none());
+    assert_eq!(get("var/log/dpkg.log").unwrap().data, b"");
+    assert!(get("usr/bin/python3.11").is_some_and(|i| !i.data.is_empty()));
+    assert!(get("var/lib/dpkg/status").is_some_and(|i| !i.data.is_empty()));
+    let manifest = kiln::source::ImageFile::open(&d.path().join("repro.tar"))
+        .unwrap()
+        .summary()
+        .unwrap()
+        .manifest;
+    let note = manifest.layers[1]
+        .annotations
+        .get("dev.kiln.layer.reproducible")
+        .unwrap_or_else(|| panic!("{:?}", manifest.layers[1]))
+        .clone();
+    assert!(note.contains("emptied var/log/dpkg.log"), "{note}");
+    assert!(
+        note.contains("removed var/cache/apt/pkgcache.bin"),
+        "{note}"
+    );
+    assert!(v["manifest_digest"].is_string());
+}

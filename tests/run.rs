@@ -752,3 +752,49 @@ fn independent_stages_run_side_by_side_and_the_image_does_not_depend_on_jobs() {
     }
     assert_eq!(digests[0], digests[1]);
 }
+
+/// A RUN that leaves files as they were (`chown -R` to the owner a tree
+/// already has copies every file up) adds only what it changed; one that
+/// changes nothing gives an empty layer. The same with and without
+/// overlayfs.
+#[test]
+fn a_run_that_changes_nothing_adds_no_copied_up_files() {
+    let d = tempfile::tempdir().unwrap();
+    let store = busybox_store(d.path());
+    write(
+        d.path(),
+        "img/Dockerfile",
+        b"FROM t/busybox:1\n\
+          RUN mkdir -p /data/sub && echo a > /data/a && echo b > /data/sub/b && ln -s a /data/l && chown -R 1000:1000 /data\n\
+          RUN chown -R 1000:1000 /data && echo new > /data/new && echo changed > /data/sub/b\n\
+          RUN chown -R 0:0 /etc && chmod 0644 /etc/passwd && chown 1000:1000 /data/a /data/sub\n",
+    );
+    let cache = d.path().join("cache");
+    let mut digests = Vec::new();
+    for (out, overlay) in [("o.tar", true), ("no-overlay.tar", false)] {
+        let mut c = run_build(
+            d.path(),
+            &store,
+            &cache,
+            out,
+            &["--no-index", "--no-cache", "--json"],
+        );
+        if !overlay {
+            c.env("KILN_NO_OVERLAY", "1");
+        }
+        digests.push(json(&ok(&mut c))["manifest_digest"].clone());
+        let l = layers(&d.path().join(out));
+        assert_eq!(
+            paths(&l[2]),
+            ["data/", "data/new", "data/sub/", "data/sub/b"],
+            "overlay: {overlay}"
+        );
+        assert_eq!(find(&l[2], "data/sub/b").unwrap().data, b"changed\n");
+        assert!(
+            paths(&l[3]).is_empty(),
+            "overlay {overlay}: {:?}",
+            paths(&l[3])
+        );
+    }
+    assert_eq!(digests[0], digests[1]);
+}

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use super::{stage, BuildOptions, Error};
-use crate::image::{Codec, Descriptor};
+use crate::image::Codec;
 use crate::layer::{self, Compression};
 use crate::sink::{file, Format};
 
@@ -66,6 +66,7 @@ pub fn recompress_bases(
                 path: tar.clone(),
                 size,
                 files: 0,
+                note: None,
             },
             opts.timestamp,
             opts.compression,
@@ -73,10 +74,10 @@ pub fn recompress_bases(
             &crate::progress::Step::none(),
         )?;
         let _ = std::fs::remove_file(&tar);
-        let mut d = Descriptor::new(info.media_type.clone(), info.digest.clone(), info.size);
-        if let Some(c) = &info.compressor {
-            d.annotations
-                .insert(crate::image::ANNOTATION_COMPRESSOR.into(), c.clone());
+        let mut d = info.descriptor();
+        // Other annotations (what --reproducible did) stay.
+        for (k, v) in &desc.annotations {
+            d.annotations.entry(k.clone()).or_insert_with(|| v.clone());
         }
         *path = blob_dir.path().join(info.digest.hex());
         *desc = d;

@@ -30,10 +30,7 @@ use serde::Serialize;
 use crate::context::{self, Algorithm, ContextOptions, ModePolicy};
 use crate::copy::{copy, Selection};
 use crate::dockerfile;
-use crate::image::{
-    canonical_json, Descriptor, Digest, ImageConfig, Manifest, MediaType, RootFs,
-    ANNOTATION_COMPRESSOR,
-};
+use crate::image::{canonical_json, Descriptor, Digest, ImageConfig, Manifest, MediaType, RootFs};
 use crate::layer::{self, Compression, LayerInfo};
 use crate::progress::Progress;
 use crate::sink::{file, Format, Output};
@@ -84,6 +81,10 @@ pub struct BuildOptions {
     pub pull: PullPolicy,
     /// Where pulled bases come from (mirrors, plain HTTP).
     pub sources: crate::registry::Sources,
+    /// `--reproducible`: what dpkg, apt, debconf, ldconfig and
+    /// update-alternatives leave with the build's clock in a RUN's layer is
+    /// removed or emptied (`sandbox::reproducible`), and the history says so.
+    pub reproducible: bool,
 }
 
 impl BuildOptions {
@@ -93,6 +94,7 @@ impl BuildOptions {
             compression: self.compression,
             timestamp: self.timestamp,
             mode_policy: self.mode_policy,
+            reproducible: self.reproducible,
         }
     }
 }
@@ -415,14 +417,7 @@ pub fn execute(
         extra.insert(d.digest.clone(), path.clone());
         layers.push(d.clone());
     }
-    layers.extend(infos.iter().map(|l| {
-        let mut d = Descriptor::new(l.media_type.clone(), l.digest.clone(), l.size);
-        if let Some(c) = &l.compressor {
-            d.annotations
-                .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
-        }
-        d
-    }));
+    layers.extend(infos.iter().map(layer::LayerInfo::descriptor));
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(MediaType::OciManifest),
@@ -486,12 +481,7 @@ pub fn execute(
                         &blob_dir,
                         &crate::progress::Step::none(),
                     )?;
-                    let mut d =
-                        Descriptor::new(info.media_type.clone(), info.digest.clone(), info.size);
-                    if let Some(c) = &info.compressor {
-                        d.annotations
-                            .insert(ANNOTATION_COMPRESSOR.into(), c.clone());
-                    }
+                    let d = info.descriptor();
                     let entry = crate::steps::Entry {
                         key: key.clone(),
                         instruction: instruction.clone(),

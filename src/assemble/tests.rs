@@ -16,6 +16,7 @@ use crate::source::{read_json, resolve, ImageFile, Source};
 /// uncompressed OCI archive, timestamp 0, no stores.
 fn options(root: &Path, output: &Path) -> BuildOptions {
     BuildOptions {
+        reproducible: false,
         context: ContextOptions {
             topsrcdir: root.to_path_buf(),
             ..Default::default()

@@ -17,6 +17,9 @@ mod reference;
 
 /// Annotation naming the compressor of a layer, so digest differences can be explained.
 pub const ANNOTATION_COMPRESSOR: &str = "dev.kiln.layer.compressor";
+/// Annotation on a RUN layer built with `--reproducible`: what was removed
+/// or emptied (`removed PATH`, `emptied PATH`, one per line).
+pub const ANNOTATION_REPRODUCIBLE: &str = "dev.kiln.layer.reproducible";
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 

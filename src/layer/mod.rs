@@ -77,8 +77,28 @@ pub struct LayerInfo {
     pub media_type: crate::image::MediaType,
     /// The compressor annotation, if compressed.
     pub compressor: Option<String>,
+    /// What `--reproducible` did to a RUN layer, if anything.
+    pub note: Option<String>,
     /// The files on disk the layer read, as they were once read.
     pub read: Vec<Observed>,
+}
+
+impl LayerInfo {
+    /// The layer's descriptor, with its annotations (the compressor, and
+    /// what `--reproducible` did).
+    pub fn descriptor(&self) -> crate::image::Descriptor {
+        let mut d =
+            crate::image::Descriptor::new(self.media_type.clone(), self.digest.clone(), self.size);
+        if let Some(c) = &self.compressor {
+            d.annotations
+                .insert(crate::image::ANNOTATION_COMPRESSOR.into(), c.clone());
+        }
+        if let Some(n) = &self.note {
+            d.annotations
+                .insert(crate::image::ANNOTATION_REPRODUCIBLE.into(), n.clone());
+        }
+        d
+    }
 }
 
 /// A file a layer read: its path (shared with the context entry it came
@@ -110,6 +130,8 @@ pub enum Planned {
         /// Its size, and the files in it, for progress.
         size: u64,
         files: u64,
+        /// What `--reproducible` removed or emptied, for the annotation.
+        note: Option<String>,
     },
     /// A step cache hit: a blob already in the destination store, used as
     /// it is (nothing is run, tarred or compressed).
@@ -144,6 +166,10 @@ impl Planned {
                 compressor: desc
                     .annotations
                     .get(crate::image::ANNOTATION_COMPRESSOR)
+                    .cloned(),
+                note: desc
+                    .annotations
+                    .get(crate::image::ANNOTATION_REPRODUCIBLE)
                     .cloned(),
                 read: Vec::new(),
             }),
@@ -423,6 +449,10 @@ pub fn write_layer_to<W: Write + Send>(
         size,
         media_type: compression.media_type(),
         compressor: compression.describe(),
+        note: match entries {
+            Planned::Tar { note, .. } => note.clone(),
+            _ => None,
+        },
     };
     Ok((info, file))
 }

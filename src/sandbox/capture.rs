@@ -24,10 +24,14 @@ pub type Changes = BTreeMap<Vec<u8>, (Found, Option<fs::Metadata>)>;
 /// One thing found in the upper directory (or, without overlayfs, changed
 /// since the snapshot).
 pub enum Found {
-    Dir { opaque: bool },
+    Dir {
+        opaque: bool,
+    },
     File,
     Symlink(Vec<u8>),
     Whiteout,
+    /// A file kept with no bytes (`--reproducible` empties logs).
+    Empty,
 }
 
 fn xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
@@ -58,17 +62,267 @@ fn is_opaque(path: &Path) -> bool {
         .any(|k| rustix::fs::lgetxattr(path, *k, &mut v).is_ok_and(|n| &v[..n] == b"y"))
 }
 
-/// What the topmost lower layer that has `rel` holds there, if it is a
-/// directory: (mode, uid, gid).
-fn lower_dir(lowers: &[PathBuf], rel: &Path) -> Option<(u32, u32, u32)> {
-    for l in lowers {
-        match fs::symlink_metadata(l.join(rel)) {
-            Ok(m) if m.is_dir() => return Some((m.mode(), m.uid(), m.gid())),
-            Ok(_) => return None,
-            Err(_) => continue,
+/// One layer below a step: an unpacked directory (overlay's lower), or a
+/// RUN's layer tar applied in place (container mode), read by its index.
+pub enum Lower {
+    Dir(PathBuf),
+    Tar(TarLower),
+}
+
+/// A layer tar's entries by path, for comparing without unpacking.
+pub struct TarLower {
+    path: PathBuf,
+    entries: HashMap<Vec<u8>, TarEntry>,
+    /// Paths a `.wh.` entry deletes, and directories marked opaque.
+    whiteouts: std::collections::HashSet<Vec<u8>>,
+    opaque: std::collections::HashSet<Vec<u8>>,
+}
+
+struct TarEntry {
+    /// The file type and permission bits, as `st_mode`.
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    offset: u64,
+    link: Vec<u8>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl TarLower {
+    /// Reads the index of a layer tar kiln captured (uncompressed).
+    pub fn open(path: &Path) -> io::Result<TarLower> {
+        let mut ar = ::tar::Archive::new(File::open(path)?);
+        let mut t = TarLower {
+            path: path.to_path_buf(),
+            entries: HashMap::new(),
+            whiteouts: Default::default(),
+            opaque: Default::default(),
+        };
+        for e in ar.entries_with_seek()? {
+            let mut e = e?;
+            let name = e.path_bytes().trim_ascii_end().to_vec();
+            let name = name.strip_suffix(b"/").unwrap_or(&name).to_vec();
+            let (dir, base) = match name.iter().rposition(|&c| c == b'/') {
+                Some(i) => (name[..i].to_vec(), name[i + 1..].to_vec()),
+                None => (Vec::new(), name.clone()),
+            };
+            if base == b".wh..wh..opq" {
+                t.opaque.insert(dir);
+                continue;
+            }
+            if let Some(gone) = base.strip_prefix(b".wh.") {
+                let mut p = dir.clone();
+                if !p.is_empty() {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(gone);
+                t.whiteouts.insert(p);
+                continue;
+            }
+            let h = e.header().clone();
+            let kind = match h.entry_type() {
+                ::tar::EntryType::Directory => libc::S_IFDIR,
+                ::tar::EntryType::Symlink => libc::S_IFLNK,
+                ::tar::EntryType::Regular => libc::S_IFREG,
+                // Hard links and others: never taken as unchanged.
+                _ => 0,
+            };
+            let xattrs = e
+                .pax_extensions()
+                .ok()
+                .flatten()
+                .map(|x| {
+                    let mut v: Vec<(String, Vec<u8>)> = x
+                        .filter_map(Result::ok)
+                        .filter_map(|x| {
+                            let k = x.key().ok()?;
+                            k.starts_with("SCHILY.xattr.")
+                                .then(|| (k.to_string(), x.value_bytes().to_vec()))
+                        })
+                        .collect();
+                    v.sort();
+                    v
+                })
+                .unwrap_or_default();
+            let entry = TarEntry {
+                mode: kind | (h.mode()? & 0o7777),
+                uid: h.uid()? as u32,
+                gid: h.gid()? as u32,
+                size: e.size(),
+                offset: e.raw_file_position(),
+                link: e.link_name_bytes().map(|l| l.to_vec()).unwrap_or_default(),
+                xattrs,
+            };
+            t.entries.insert(name, entry);
+        }
+        Ok(t)
+    }
+}
+
+/// What the step's root held below it, to tell what a step left as it was.
+pub enum Below<'a> {
+    /// The lowers, topmost first (overlay's order): whiteouts and opaque
+    /// directories in them hide what lies deeper, as overlay does.
+    Stack(&'a [Lower]),
+    /// The lower directories, topmost first.
+    Dirs(&'a [PathBuf]),
+}
+
+/// What a lower holds at a path.
+enum Held<'a> {
+    Dir(PathBuf),
+    Tar(&'a TarLower, &'a TarEntry),
+}
+
+impl Below<'_> {
+    /// The lower entry the step's root showed at `rel`, if any.
+    fn find(&self, rel: &[u8]) -> Option<Held<'_>> {
+        let relp = Path::new(OsStr::from_bytes(rel));
+        let ancestors: Vec<&Path> = relp
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .collect();
+        let dir_lower = |l: &Path| -> Result<Option<Held<'_>>, bool> {
+            // An ancestor that is no directory here (a whiteout, a file)
+            // or is opaque hides the deeper layers.
+            let mut hidden = false;
+            for a in &ancestors {
+                match fs::symlink_metadata(l.join(a)) {
+                    Ok(m) if m.is_dir() => hidden |= is_opaque(&l.join(a)),
+                    Ok(_) => return Ok(None),
+                    Err(_) => {}
+                }
+            }
+            let p = l.join(relp);
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => Ok(None),
+                Ok(_) => Ok(Some(Held::Dir(p))),
+                Err(_) => Err(hidden),
+            }
+        };
+        let stack: Vec<Result<&Path, &TarLower>> = match self {
+            Below::Dirs(d) => d.iter().map(|p| Ok(p.as_path())).collect(),
+            Below::Stack(s) => s
+                .iter()
+                .map(|l| match l {
+                    Lower::Dir(p) => Ok(p.as_path()),
+                    Lower::Tar(t) => Err(t),
+                })
+                .collect(),
+        };
+        for l in stack {
+            match l {
+                Ok(dir) => match dir_lower(dir) {
+                    Ok(found) => return found,
+                    Err(true) => return None,
+                    Err(false) => continue,
+                },
+                Err(t) => {
+                    let bytes = |p: &Path| p.as_os_str().as_bytes().to_vec();
+                    if t.whiteouts.contains(rel)
+                        || ancestors.iter().any(|a| {
+                            t.whiteouts.contains(&bytes(a))
+                                || t.entries
+                                    .get(&bytes(a))
+                                    .is_some_and(|e| e.mode & libc::S_IFMT != libc::S_IFDIR)
+                        })
+                    {
+                        return None;
+                    }
+                    if let Some(e) = t.entries.get(rel) {
+                        return Some(Held::Tar(t, e));
+                    }
+                    if ancestors.iter().any(|a| t.opaque.contains(&bytes(a))) {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// What the directory at `rel` was below the step: (mode, uid, gid).
+    fn dir(&self, rel: &[u8]) -> Option<(u32, u32, u32)> {
+        match self.find(rel)? {
+            Held::Dir(p) => {
+                let m = fs::symlink_metadata(p).ok()?;
+                m.is_dir().then(|| (m.mode(), m.uid(), m.gid()))
+            }
+            Held::Tar(_, e) => {
+                (e.mode & libc::S_IFMT == libc::S_IFDIR).then_some((e.mode, e.uid, e.gid))
+            }
         }
     }
-    None
+
+    /// Whether the entry at `upper` is exactly what was below it at
+    /// `rel`: type, mode, owner, extended attributes, and for a file its
+    /// bytes, for a symlink its target (a `chown -R` to the owner a tree
+    /// already has copies every file up, unchanged). Directories compare
+    /// without their content.
+    fn unchanged(&self, rel: &[u8], upper: &Path, md: &fs::Metadata) -> bool {
+        let (mode, uid, gid) = (md.mode(), md.uid(), md.gid());
+        match self.find(rel) {
+            None => false,
+            Some(Held::Dir(low)) => {
+                let Ok(lm) = fs::symlink_metadata(&low) else {
+                    return false;
+                };
+                if lm.mode() != mode || lm.uid() != uid || lm.gid() != gid {
+                    return false;
+                }
+                if xattrs(&low) != xattrs(upper) {
+                    return false;
+                }
+                if md.is_dir() {
+                    true
+                } else if md.file_type().is_symlink() {
+                    fs::read_link(&low).ok() == fs::read_link(upper).ok()
+                } else {
+                    md.is_file()
+                        && lm.len() == md.len()
+                        && File::open(&low)
+                            .and_then(|f| same_bytes(f, upper))
+                            .unwrap_or(false)
+                }
+            }
+            Some(Held::Tar(t, e)) => {
+                if e.mode != mode || e.uid != uid || e.gid != gid || e.xattrs != xattrs(upper) {
+                    return false;
+                }
+                if md.is_dir() {
+                    true
+                } else if md.file_type().is_symlink() {
+                    fs::read_link(upper).is_ok_and(|l| l.as_os_str().as_bytes() == e.link)
+                } else {
+                    md.is_file()
+                        && e.size == md.len()
+                        && File::open(&t.path)
+                            .and_then(|mut f| {
+                                io::Seek::seek(&mut f, io::SeekFrom::Start(e.offset))?;
+                                same_bytes(f.take(e.size), upper)
+                            })
+                            .unwrap_or(false)
+                }
+            }
+        }
+    }
+}
+
+fn same_bytes(mut fa: impl Read, b: &Path) -> io::Result<bool> {
+    let mut fb = File::open(b)?;
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let n = fa.read(&mut ba)?;
+        if n == 0 {
+            return Ok(fb.read(&mut bb[..1])? == 0);
+        }
+        fb.read_exact(&mut bb[..n])?;
+        if ba[..n] != bb[..n] {
+            return Ok(false);
+        }
+    }
 }
 
 /// Writes `upper` as a layer tar at `out`.
@@ -78,8 +332,10 @@ pub fn capture(
     mountpoints: &[String],
     out: &Path,
     timestamp: u64,
+    reproducible: bool,
 ) -> io::Result<()> {
     // Walk iteratively; collect (archive path, what, metadata).
+    let below = Below::Dirs(lowers);
     let mut found = Changes::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -94,7 +350,7 @@ pub fn capture(
             let what = if ft.is_dir() {
                 stack.push(r.clone());
                 Found::Dir {
-                    opaque: is_opaque(&p) && lower_dir(lowers, &r).is_some(),
+                    opaque: is_opaque(&p) && below.dir(&key).is_some(),
                 }
             } else if ft.is_file() {
                 Found::File
@@ -109,22 +365,28 @@ pub fn capture(
             found.insert(key, (what, Some(md)));
         }
     }
-    let lower = |path: &[u8]| lower_dir(lowers, Path::new(OsStr::from_bytes(path)));
-    write(upper, found, mountpoints, &lower, out, timestamp)
+    write(
+        upper,
+        found,
+        mountpoints,
+        &below,
+        out,
+        timestamp,
+        reproducible,
+    )
 }
 
-/// What a directory was below the step (mode, uid, gid), if it was one.
-pub type LowerDir<'a> = &'a dyn Fn(&[u8]) -> Option<(u32, u32, u32)>;
-
 /// Writes what was found under `root` as a layer tar at `out`, leaving out
-/// the mount points the sandbox made where nothing is left in them.
+/// the mount points the sandbox made where nothing is left in them, and
+/// what the step left exactly as it was below (copied up, unchanged).
 pub fn write(
     root: &Path,
     mut found: Changes,
     mountpoints: &[String],
-    lower: LowerDir<'_>,
+    below: &Below<'_>,
     out: &Path,
     timestamp: u64,
+    reproducible: bool,
 ) -> io::Result<()> {
     let upper = root;
     // Mount-point files the sandbox made, still empty: dropped.
@@ -153,9 +415,34 @@ pub fn write(
             found.remove(m.as_bytes());
         }
     }
+    // Files and symlinks the step left as they were below (outside any
+    // directory it replaced): dropped.
+    let replaced: Vec<Vec<u8>> = found
+        .iter()
+        .filter(|(_, (w, _))| matches!(w, Found::Dir { opaque: true }))
+        .map(|(k, _)| {
+            let mut p = k.clone();
+            p.push(b'/');
+            p
+        })
+        .collect();
+    let same: Vec<Vec<u8>> = found
+        .iter()
+        .filter(|(k, (w, md))| {
+            matches!(w, Found::File | Found::Symlink(_))
+                && !replaced.iter().any(|r| k.starts_with(r))
+                && md
+                    .as_ref()
+                    .is_some_and(|md| below.unchanged(k, &upper.join(OsStr::from_bytes(k)), md))
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in same {
+        found.remove(&k);
+    }
     // Directories that are there only because something under them was
-    // made and then left out (a mount point), unchanged from below:
-    // dropped, deepest first.
+    // made and then left out (a mount point, an unchanged copy-up),
+    // unchanged from below: dropped, deepest first.
     let dirs: Vec<Vec<u8>> = found
         .iter()
         .filter(|(_, (w, _))| matches!(w, Found::Dir { opaque: false }))
@@ -169,15 +456,21 @@ pub fn write(
             .range(prefix.clone()..)
             .next()
             .is_some_and(|(k, _)| k.starts_with(&prefix));
-        let same = match (found.get(&d), lower(&d)) {
-            (Some((_, Some(md))), Some((mode, uid, gid))) => {
-                md.mode() == mode && md.uid() == uid && md.gid() == gid
-            }
+        let same = match found.get(&d) {
+            Some((_, Some(md))) => below.unchanged(&d, &upper.join(OsStr::from_bytes(&d)), md),
             _ => false,
         };
         if !busy && same {
             found.remove(&d);
         }
+    }
+    if reproducible {
+        let done = super::reproducible::apply(&mut found, &|p| below.find(p).is_some());
+        let mut text = done.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        fs::write(out.with_extension("normalized"), text)?;
     }
     // Whiteouts and opaque markers under their archive names, sorted.
     // Archive name → (what, metadata, path under the root).
@@ -254,6 +547,13 @@ pub fn write(
                 let mut n = name.clone();
                 n.push(b'/');
                 tar::write_ustar_pax(&mut w, &h(&n, Kind::Dir, mode, 0, b"", ids), &xattrs(&src))?;
+            }
+            Found::Empty => {
+                tar::write_ustar_pax(
+                    &mut w,
+                    &h(name, Kind::File, mode, 0, b"", ids),
+                    &xattrs(&src),
+                )?;
             }
             Found::Symlink(target) => {
                 tar::write_ustar_pax(

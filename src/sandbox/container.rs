@@ -400,15 +400,53 @@ pub fn run(spec: &RunSpec, keep: &Keep, output: &mut dyn FnMut(&str)) -> Result<
     }
     let found = snapshot::changes(root, &before, &skip)
         .map_err(|e| Error::Setup(format!("comparing the container's root filesystem: {e}")))?;
-    let lower = |p: &[u8]| before.get(p).and_then(snapshot::Snap::dir);
-    super::capture::write(root, found, &[], &lower, &spec.capture, spec.timestamp).map_err(
-        |e| {
-            Error::Setup(format!(
-                "writing the step's layer {}: {e}",
-                spec.capture.display()
-            ))
-        },
-    )?;
+    // The lowers as they are: directories, or a RUN's tar applied in
+    // place (read by its index), to leave out what a step left unchanged.
+    let lowers: Vec<super::capture::Lower> = spec
+        .lowers
+        .iter()
+        .map(|l| {
+            let d = l.with_extension("dir");
+            if !l.is_file() {
+                Ok(super::capture::Lower::Dir(l.clone()))
+            } else if d.is_dir() {
+                Ok(super::capture::Lower::Dir(d))
+            } else {
+                super::capture::TarLower::open(l).map(super::capture::Lower::Tar)
+            }
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| Error::Setup(format!("reading an earlier step's layer: {e}")))?;
+    let below = super::capture::Below::Stack(&lowers);
+    super::capture::write(
+        root,
+        found,
+        &[],
+        &below,
+        &spec.capture,
+        spec.timestamp,
+        spec.reproducible,
+    )
+    .map_err(|e| {
+        Error::Setup(format!(
+            "writing the step's layer {}: {e}",
+            spec.capture.display()
+        ))
+    })?;
+    // --reproducible: the root holds what the layer does (a removed
+    // cache gone, an emptied log empty), as the sandbox's next step sees.
+    if let Ok(done) = std::fs::read_to_string(spec.capture.with_extension("normalized")) {
+        for line in done.lines() {
+            if let Some(p) = line.strip_prefix("removed ") {
+                let _ = std::fs::remove_file(root.join(p));
+            } else if let Some(p) = line.strip_prefix("emptied ") {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(root.join(p));
+            }
+        }
+    }
     APPLIED
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -186,14 +186,14 @@ fn run_command(spec: &RunSpec, rootless: bool) -> ! {
                 let before: std::collections::BTreeMap<_, _> = before.into_iter().collect();
                 let found =
                     super::snapshot::changes(&spec.upper, &before, &super::snapshot::nothing)?;
-                let lower = |p: &[u8]| before.get(p).and_then(super::snapshot::Snap::dir);
                 super::capture::write(
                     &spec.upper,
                     found,
                     &mountpoints,
-                    &lower,
+                    &super::capture::Below::Dirs(&spec.lowers),
                     &spec.capture,
                     spec.timestamp,
+                    spec.reproducible,
                 )
             }),
         Err(_) => super::capture::capture(
@@ -202,6 +202,7 @@ fn run_command(spec: &RunSpec, rootless: bool) -> ! {
             &mountpoints,
             &spec.capture,
             spec.timestamp,
+            spec.reproducible,
         ),
     };
     if let Err(e) = written {

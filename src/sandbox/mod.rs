@@ -27,6 +27,7 @@ mod exec;
 pub mod extract;
 mod helper;
 mod masks;
+pub mod reproducible;
 mod seccomp;
 pub mod snapshot;
 
@@ -141,6 +142,11 @@ pub struct RunSpec {
     /// The layer tar to write, and the build timestamp mtimes are clamped to.
     pub capture: PathBuf,
     pub timestamp: u64,
+    /// `kiln build --reproducible`: the layer goes through
+    /// [`reproducible::apply`]; what was done is written beside `capture`
+    /// (extension `normalized`, one line per file).
+    #[serde(default)]
+    pub reproducible: bool,
 }
 
 /// Everything the helper needs.

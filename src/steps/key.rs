@@ -107,6 +107,8 @@ pub struct LayerFormat {
     pub compression: crate::layer::Compression,
     pub timestamp: u64,
     pub mode_policy: crate::context::ModePolicy,
+    /// `--reproducible`: RUN layers go through `sandbox::reproducible`.
+    pub reproducible: bool,
 }
 
 impl LayerFormat {
@@ -116,8 +118,9 @@ impl LayerFormat {
     pub const VERSION: u32 = 1;
 
     /// The format's fields, by name: `layers` (`zstd-3`, `gzip-6`, `none`),
-    /// `mtime`, `modes` (`git`, `preserve`).
-    pub fn fields(&self) -> [(&'static str, String); 3] {
+    /// `mtime`, `modes` (`git`, `preserve`), and `runs=reproducible` only
+    /// with `--reproducible` (so every other build keeps its digests).
+    pub fn fields(&self) -> Vec<(&'static str, String)> {
         let compression = match self.compression {
             crate::layer::Compression::Zstd(l) => format!("zstd-{l}"),
             crate::layer::Compression::Gzip(l) => format!("gzip-{l}"),
@@ -127,11 +130,15 @@ impl LayerFormat {
             crate::context::ModePolicy::Git => "git",
             crate::context::ModePolicy::Preserve => "preserve",
         };
-        [
+        let mut f = vec![
             ("layers", compression),
             ("mtime", self.timestamp.to_string()),
             ("modes", modes.to_string()),
-        ]
+        ];
+        if self.reproducible {
+            f.push(("runs", "reproducible".to_string()));
+        }
+        f
     }
 
     /// Adds the format to a key.
@@ -246,9 +253,14 @@ mod tests {
             compression: crate::layer::Compression::Gzip(6),
             timestamp: 7,
             mode_policy: crate::context::ModePolicy::Git,
+            reproducible: false,
         };
         assert_eq!(
-            f.fields().map(|(k, v)| format!("{k}={v}")).join(" "),
+            f.fields()
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
             "layers=gzip-6 mtime=7 modes=git"
         );
     }

@@ -314,6 +314,7 @@ impl State<'_> {
             mounts,
             capture: capture.clone(),
             timestamp: self.opts.timestamp,
+            reproducible: self.opts.reproducible,
         };
         let step = self.opts.progress.step(
             &format!("RUN (line {})", self.view.ctx.original_line(ins.line)),
@@ -347,15 +348,22 @@ impl State<'_> {
         // layer: later steps unpack the layer tar instead. In container
         // mode the root holds the step already: the tar names it.
         let snapshot = capture.with_extension("before").exists();
+        // --reproducible: what was removed or emptied, for the history;
+        // the upper directory still holds the originals, so later steps
+        // unpack the layer instead.
+        let normalized =
+            std::fs::read_to_string(capture.with_extension("normalized")).unwrap_or_default();
+        let normalized: Vec<&str> = normalized.lines().collect();
         self.dirs.push(if container {
             Some(capture.clone())
         } else {
-            (!snapshot).then_some(upper)
+            (!snapshot && normalized.is_empty()).then_some(upper)
         });
         self.layers.push(Layer::Tar {
             path: capture,
             size,
             files: 0,
+            note: (!normalized.is_empty()).then(|| normalized.join("\n")),
         });
         self.fresh(ins, key);
         // History as Docker records it: the command, never a secret's value.
