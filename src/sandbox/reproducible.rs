@@ -23,7 +23,7 @@ pub enum Action {
     Empty,
 }
 
-/// One rule: a path pattern (a trailing `*` matches the rest of a name),
+/// One rule: a path pattern (a `*` matches any part of one name),
 /// the action, and why.
 pub struct Rule {
     pub pattern: &'static str,
@@ -81,9 +81,12 @@ pub const RULES: &[Rule] = &[
 ];
 
 fn matches(pattern: &str, path: &[u8]) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => {
-            path.starts_with(prefix.as_bytes()) && !path[prefix.len()..].contains(&b'/')
+    match pattern.split_once('*') {
+        Some((prefix, suffix)) => {
+            path.len() >= prefix.len() + suffix.len()
+                && path.starts_with(prefix.as_bytes())
+                && path.ends_with(suffix.as_bytes())
+                && !path[prefix.len()..path.len() - suffix.len()].contains(&b'/')
         }
         None => path == pattern.as_bytes(),
     }
