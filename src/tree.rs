@@ -374,14 +374,7 @@ fn unresolved(images: &[TreeImage], template: &BuildOptions) -> BTreeMap<usize, 
         .map(|img| {
             let path = img.dir.join("Dockerfile");
             let text = std::fs::read_to_string(&path).ok()?;
-            let mut opts = template.clone();
-            opts.context.args.extend(img.args.clone());
-            opts.args_in_from = true;
-            if let Some(p) = &img.parent {
-                opts.context
-                    .args
-                    .insert("DOCKER_IMAGE_PARENT".into(), format!("{p}:planned"));
-            }
+            let opts = image_options(img, template, |_| "planned");
             let missing: Vec<String> = build::unresolved_bases(&text, &opts)
                 .into_iter()
                 .filter(|(_, r)| {
@@ -538,6 +531,25 @@ pub fn build_all(
     Ok(lines)
 }
 
+/// An image's build options: the command line's, its kind.yml args over
+/// them, and `DOCKER_IMAGE_PARENT` as `<parent>:<parent_hash(parent)>`. As
+/// taskgraph's image builder (kaniko's rule): build arguments, the parent
+/// among them, reach FROM with no ARG (`FROM $DOCKER_IMAGE_PARENT`).
+fn image_options<'a>(
+    img: &'a TreeImage,
+    template: &BuildOptions,
+    parent_hash: impl FnOnce(&'a str) -> &'a str,
+) -> BuildOptions {
+    let mut opts = template.clone();
+    opts.context.args.extend(img.args.clone());
+    opts.args_in_from = true;
+    if let Some(p) = &img.parent {
+        let v = format!("{p}:{}", parent_hash(p));
+        opts.context.args.insert("DOCKER_IMAGE_PARENT".into(), v);
+    }
+    opts
+}
+
 fn build_one(
     img: &TreeImage,
     template: &BuildOptions,
@@ -547,15 +559,7 @@ fn build_one(
     parents: &Arc<BTreeMap<String, Parent>>,
 ) -> Result<(TreeLine, Parent), Error> {
     let start = Instant::now();
-    let mut opts = template.clone();
-    opts.context.args.extend(img.args.clone());
-    // As taskgraph's image builder (kaniko's rule): build arguments, the
-    // parent among them, reach FROM with no ARG (`FROM $DOCKER_IMAGE_PARENT`).
-    opts.args_in_from = true;
-    if let Some(p) = &img.parent {
-        let v = format!("{p}:{}", hashes[p.as_str()]);
-        opts.context.args.insert("DOCKER_IMAGE_PARENT".into(), v);
-    }
+    let mut opts = image_options(img, template, |p| hashes[p]);
     opts.parents = parents.clone();
     opts.tags = vec![tree_tag(img)];
     opts.output = out_dir.join(output_name(&img.name, opts.format));

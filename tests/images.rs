@@ -766,8 +766,9 @@ fn tags_follow_the_registry_file_of_taskcluster_docker() {
     );
 }
 
-#[test]
-fn keep_going_builds_what_does_not_depend_on_a_failed_image() {
+/// The Taskcluster test tree with two more images: `broken` (its
+/// Dockerfile is `broken`) and its child `brokenkid`.
+fn broken_tree(broken: &[u8]) -> tempfile::TempDir {
     let d = taskcluster_tree();
     let t = d.path();
     write(
@@ -775,17 +776,20 @@ fn keep_going_builds_what_does_not_depend_on_a_failed_image() {
         "taskcluster/kinds/docker-image/kind.yml",
         b"tasks:\n  base: {}\n  parent:\n    parent: base\n    args:\n      FLAVOR: sweet\n  child:\n    parent: parent\n  broken: {}\n  brokenkid:\n    parent: broken\n",
     );
-    write(
-        t,
-        "taskcluster/docker/broken/Dockerfile",
-        b"FROM nowhere/missing:1\nRUN true\n",
-    );
+    write(t, "taskcluster/docker/broken/Dockerfile", broken);
     write(
         t,
         "taskcluster/docker/brokenkid/Dockerfile",
         b"FROM $DOCKER_IMAGE_PARENT\nCOPY k.txt /k.txt\n",
     );
     write(t, "taskcluster/docker/brokenkid/k.txt", b"k");
+    d
+}
+
+#[test]
+fn keep_going_builds_what_does_not_depend_on_a_failed_image() {
+    let d = broken_tree(b"FROM nowhere/missing:1\nRUN true\n");
+    let t = d.path();
     let out = run(build_all_cmd(t).args(["--keep-going", "--json"]));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -822,24 +826,8 @@ fn keep_going_builds_what_does_not_depend_on_a_failed_image() {
 /// image, its Dockerfile line and every image it blocks.
 #[test]
 fn a_missing_base_fails_all_before_anything_is_built_naming_what_it_blocks() {
-    let d = taskcluster_tree();
+    let d = broken_tree(b"# a comment\nFROM nowhere/missing:1\nRUN true\n");
     let t = d.path();
-    write(
-        t,
-        "taskcluster/kinds/docker-image/kind.yml",
-        b"tasks:\n  base: {}\n  parent:\n    parent: base\n    args:\n      FLAVOR: sweet\n  child:\n    parent: parent\n  broken: {}\n  brokenkid:\n    parent: broken\n",
-    );
-    write(
-        t,
-        "taskcluster/docker/broken/Dockerfile",
-        b"# a comment\nFROM nowhere/missing:1\nRUN true\n",
-    );
-    write(
-        t,
-        "taskcluster/docker/brokenkid/Dockerfile",
-        b"FROM $DOCKER_IMAGE_PARENT\nCOPY k.txt /k.txt\n",
-    );
-    write(t, "taskcluster/docker/brokenkid/k.txt", b"k");
     let err = fails(&mut build_all_cmd(t));
     assert!(
         err.contains("nothing was built: image broken: ")

@@ -227,6 +227,32 @@ fn record(hex: &str, md: &fs::Metadata, s: &Scan) -> io::Result<()> {
     crate::sink::file::write_atomic(&dir.join(hex), &out).map_err(io::Error::other)
 }
 
+/// What an OCI whiteout member of a layer means.
+pub enum Marker {
+    /// `DIR/.wh..wh..opq`: DIR hides what lower layers hold under it.
+    Opaque(Vec<u8>),
+    /// `DIR/.wh.NAME`: DIR/NAME is deleted.
+    Whiteout(Vec<u8>),
+}
+
+/// The whiteout a member's (cleaned) path stands for, if it is one.
+pub fn marker(path: &[u8]) -> Option<Marker> {
+    let (dir, base) = match path.iter().rposition(|&c| c == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&b""[..], path),
+    };
+    if base == b".wh..wh..opq" {
+        return Some(Marker::Opaque(dir.to_vec()));
+    }
+    let name = base.strip_prefix(b".wh.")?;
+    let mut p = dir.to_vec();
+    if !p.is_empty() {
+        p.push(b'/');
+    }
+    p.extend_from_slice(name);
+    Some(Marker::Whiteout(p))
+}
+
 /// Reads a tar stream's members (applying nothing).
 pub fn scan_reader(r: impl Read) -> io::Result<Scan> {
     use crate::dockerfile::ignore::clean as norm;
@@ -239,22 +265,16 @@ pub fn scan_reader(r: impl Read) -> io::Result<Scan> {
         if path.is_empty() {
             continue;
         }
-        let (dir, base) = match path.iter().rposition(|&c| c == b'/') {
-            Some(i) => (path[..i].to_vec(), path[i + 1..].to_vec()),
-            None => (Vec::new(), path.clone()),
-        };
-        if base == b".wh..wh..opq" {
-            s.opaque.push(dir);
-            continue;
-        }
-        if let Some(name) = base.strip_prefix(b".wh.") {
-            let mut p = dir.clone();
-            if !p.is_empty() {
-                p.push(b'/');
+        match marker(&path) {
+            Some(Marker::Opaque(dir)) => {
+                s.opaque.push(dir);
+                continue;
             }
-            p.extend_from_slice(name);
-            s.whiteouts.push(p);
-            continue;
+            Some(Marker::Whiteout(p)) => {
+                s.whiteouts.push(p);
+                continue;
+            }
+            None => {}
         }
         let h = entry.header();
         let mode = h.mode()? & 0o7777;

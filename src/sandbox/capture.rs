@@ -8,11 +8,11 @@
 //! directories opaque too). Mount points the sandbox made, still empty,
 //! are left out.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -72,53 +72,67 @@ pub enum Lower {
 /// A layer tar's entries by path, for comparing without unpacking.
 pub struct TarLower {
     path: PathBuf,
-    entries: HashMap<Vec<u8>, TarEntry>,
+    /// Each entry's metadata and the offset of its bytes.
+    entries: HashMap<Vec<u8>, (Meta, u64)>,
     /// Paths a `.wh.` entry deletes, and directories marked opaque.
-    whiteouts: std::collections::HashSet<Vec<u8>>,
-    opaque: std::collections::HashSet<Vec<u8>>,
+    whiteouts: HashSet<Vec<u8>>,
+    opaque: HashSet<Vec<u8>>,
 }
 
-struct TarEntry {
-    /// The file type and permission bits, as `st_mode`.
+/// What is compared of an entry: type and mode bits (`st_mode`), owner,
+/// size (files only), link target, extended attributes.
+#[derive(Clone, PartialEq, Eq)]
+struct Meta {
     mode: u32,
     uid: u32,
     gid: u32,
     size: u64,
-    offset: u64,
     link: Vec<u8>,
     xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Meta {
+    fn of(path: &Path, md: &fs::Metadata) -> Meta {
+        let link = if md.file_type().is_symlink() {
+            fs::read_link(path).map_or_else(|_| Vec::new(), |l| l.into_os_string().into_vec())
+        } else {
+            Vec::new()
+        };
+        Meta {
+            mode: md.mode(),
+            uid: md.uid(),
+            gid: md.gid(),
+            size: if md.is_file() { md.len() } else { 0 },
+            link,
+            xattrs: xattrs(path),
+        }
+    }
 }
 
 impl TarLower {
     /// Reads the index of a layer tar kiln captured (uncompressed).
     pub fn open(path: &Path) -> io::Result<TarLower> {
+        use crate::layer::scan::{marker, Marker};
         let mut ar = ::tar::Archive::new(File::open(path)?);
         let mut t = TarLower {
             path: path.to_path_buf(),
             entries: HashMap::new(),
-            whiteouts: Default::default(),
-            opaque: Default::default(),
+            whiteouts: HashSet::new(),
+            opaque: HashSet::new(),
         };
         for e in ar.entries_with_seek()? {
             let mut e = e?;
-            let name = e.path_bytes().trim_ascii_end().to_vec();
-            let name = name.strip_suffix(b"/").unwrap_or(&name).to_vec();
-            let (dir, base) = match name.iter().rposition(|&c| c == b'/') {
-                Some(i) => (name[..i].to_vec(), name[i + 1..].to_vec()),
-                None => (Vec::new(), name.clone()),
-            };
-            if base == b".wh..wh..opq" {
-                t.opaque.insert(dir);
-                continue;
-            }
-            if let Some(gone) = base.strip_prefix(b".wh.") {
-                let mut p = dir.clone();
-                if !p.is_empty() {
-                    p.push(b'/');
+            let name = crate::dockerfile::ignore::clean(&e.path_bytes());
+            match marker(&name) {
+                Some(Marker::Opaque(dir)) => {
+                    t.opaque.insert(dir);
+                    continue;
                 }
-                p.extend_from_slice(gone);
-                t.whiteouts.insert(p);
-                continue;
+                Some(Marker::Whiteout(p)) => {
+                    t.whiteouts.insert(p);
+                    continue;
+                }
+                None => {}
             }
             let h = e.header().clone();
             let kind = match h.entry_type() {
@@ -128,132 +142,138 @@ impl TarLower {
                 // Hard links and others: never taken as unchanged.
                 _ => 0,
             };
-            let xattrs = e
+            let mut xattrs: Vec<(String, Vec<u8>)> = e
                 .pax_extensions()
                 .ok()
                 .flatten()
-                .map(|x| {
-                    let mut v: Vec<(String, Vec<u8>)> = x
-                        .filter_map(Result::ok)
-                        .filter_map(|x| {
-                            let k = x.key().ok()?;
-                            k.starts_with("SCHILY.xattr.")
-                                .then(|| (k.to_string(), x.value_bytes().to_vec()))
-                        })
-                        .collect();
-                    v.sort();
-                    v
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .filter_map(|x| {
+                    let k = x.key().ok()?;
+                    k.starts_with("SCHILY.xattr.")
+                        .then(|| (k.to_string(), x.value_bytes().to_vec()))
                 })
-                .unwrap_or_default();
-            let entry = TarEntry {
+                .collect();
+            xattrs.sort();
+            let meta = Meta {
                 mode: kind | (h.mode()? & 0o7777),
                 uid: h.uid()? as u32,
                 gid: h.gid()? as u32,
-                size: e.size(),
-                offset: e.raw_file_position(),
+                size: if kind == libc::S_IFREG { e.size() } else { 0 },
                 link: e.link_name_bytes().map(|l| l.to_vec()).unwrap_or_default(),
                 xattrs,
             };
-            t.entries.insert(name, entry);
+            t.entries.insert(name, (meta, e.raw_file_position()));
         }
         Ok(t)
     }
 }
 
-/// What the step's root held below it, to tell what a step left as it was.
-pub enum Below<'a> {
-    /// The lowers, topmost first (overlay's order): whiteouts and opaque
-    /// directories in them hide what lies deeper, as overlay does.
-    Stack(&'a [Lower]),
-    /// The lower directories, topmost first.
-    Dirs(&'a [PathBuf]),
-}
-
-/// What a lower holds at a path.
+/// Where a lower holds an entry.
 enum Held<'a> {
     Dir(PathBuf),
-    Tar(&'a TarLower, &'a TarEntry),
+    Tar(&'a TarLower, &'a (Meta, u64)),
 }
 
-impl Below<'_> {
-    /// The lower entry the step's root showed at `rel`, if any.
-    fn find(&self, rel: &[u8]) -> Option<Held<'_>> {
-        let relp = Path::new(OsStr::from_bytes(rel));
-        let ancestors: Vec<&Path> = relp
-            .ancestors()
-            .skip(1)
-            .filter(|a| !a.as_os_str().is_empty())
-            .collect();
-        let dir_lower = |l: &Path| -> Result<Option<Held<'_>>, bool> {
-            // An ancestor that is no directory here (a whiteout, a file)
-            // or is opaque hides the deeper layers.
-            let mut hidden = false;
-            for a in &ancestors {
-                match fs::symlink_metadata(l.join(a)) {
-                    Ok(m) if m.is_dir() => hidden |= is_opaque(&l.join(a)),
-                    Ok(_) => return Ok(None),
-                    Err(_) => {}
-                }
-            }
-            let p = l.join(relp);
-            match fs::symlink_metadata(&p) {
-                Ok(m) if m.file_type().is_char_device() && m.rdev() == 0 => Ok(None),
-                Ok(_) => Ok(Some(Held::Dir(p))),
-                Err(_) => Err(hidden),
-            }
-        };
-        let stack: Vec<Result<&Path, &TarLower>> = match self {
-            Below::Dirs(d) => d.iter().map(|p| Ok(p.as_path())).collect(),
-            Below::Stack(s) => s
-                .iter()
-                .map(|l| match l {
-                    Lower::Dir(p) => Ok(p.as_path()),
-                    Lower::Tar(t) => Err(t),
-                })
-                .collect(),
-        };
-        for l in stack {
-            match l {
-                Ok(dir) => match dir_lower(dir) {
-                    Ok(found) => return found,
-                    Err(true) => return None,
-                    Err(false) => continue,
-                },
-                Err(t) => {
-                    let bytes = |p: &Path| p.as_os_str().as_bytes().to_vec();
-                    if t.whiteouts.contains(rel)
-                        || ancestors.iter().any(|a| {
-                            t.whiteouts.contains(&bytes(a))
-                                || t.entries
-                                    .get(&bytes(a))
-                                    .is_some_and(|e| e.mode & libc::S_IFMT != libc::S_IFDIR)
-                        })
-                    {
-                        return None;
-                    }
-                    if let Some(e) = t.entries.get(rel) {
-                        return Some(Held::Tar(t, e));
-                    }
-                    if ancestors.iter().any(|a| t.opaque.contains(&bytes(a))) {
-                        return None;
-                    }
-                }
-            }
+impl Held<'_> {
+    fn meta(&self) -> Option<Meta> {
+        match self {
+            Held::Dir(p) => fs::symlink_metadata(p).ok().map(|m| Meta::of(p, &m)),
+            Held::Tar(_, (m, _)) => Some(m.clone()),
         }
-        None
     }
 
-    /// What the directory at `rel` was below the step: (mode, uid, gid).
-    fn dir(&self, rel: &[u8]) -> Option<(u32, u32, u32)> {
-        match self.find(rel)? {
-            Held::Dir(p) => {
-                let m = fs::symlink_metadata(p).ok()?;
-                m.is_dir().then(|| (m.mode(), m.uid(), m.gid()))
-            }
-            Held::Tar(_, e) => {
-                (e.mode & libc::S_IFMT == libc::S_IFDIR).then_some((e.mode, e.uid, e.gid))
+    fn open(&self) -> io::Result<Box<dyn Read + '_>> {
+        match self {
+            Held::Dir(p) => Ok(Box::new(File::open(p)?)),
+            Held::Tar(t, (m, offset)) => {
+                let mut f = File::open(&t.path)?;
+                io::Seek::seek(&mut f, io::SeekFrom::Start(*offset))?;
+                Ok(Box::new(f.take(m.size)))
             }
         }
+    }
+}
+
+impl Lower {
+    /// Unpacked directories as lowers.
+    pub fn dirs(dirs: &[PathBuf]) -> Vec<Lower> {
+        dirs.iter().cloned().map(Lower::Dir).collect()
+    }
+
+    /// Whether this layer has an entry or a whiteout at `rel`.
+    fn has(&self, rel: &[u8]) -> bool {
+        match self {
+            Lower::Dir(d) => fs::symlink_metadata(d.join(OsStr::from_bytes(rel))).is_ok(),
+            Lower::Tar(t) => t.entries.contains_key(rel) || t.whiteouts.contains(rel),
+        }
+    }
+
+    /// Whether this layer hides what deeper layers hold under `ancestors`:
+    /// one of them is not a directory here (a whiteout, a file) or is an
+    /// opaque directory.
+    fn hides(&self, ancestors: &[&[u8]]) -> bool {
+        ancestors.iter().any(|a| match self {
+            Lower::Dir(d) => {
+                let p = d.join(OsStr::from_bytes(a));
+                match fs::symlink_metadata(&p) {
+                    Ok(m) => !m.is_dir() || is_opaque(&p),
+                    Err(_) => false,
+                }
+            }
+            Lower::Tar(t) => {
+                t.whiteouts.contains(*a)
+                    || t.opaque.contains(*a)
+                    || t.entries
+                        .get(*a)
+                        .is_some_and(|(m, _)| m.mode & libc::S_IFMT != libc::S_IFDIR)
+            }
+        })
+    }
+
+    /// This layer's entry at `rel` (none for a whiteout).
+    fn get(&self, rel: &[u8]) -> Option<Held<'_>> {
+        match self {
+            Lower::Dir(d) => {
+                let p = d.join(OsStr::from_bytes(rel));
+                let m = fs::symlink_metadata(&p).ok()?;
+                let whiteout = m.file_type().is_char_device() && m.rdev() == 0;
+                (!whiteout).then_some(Held::Dir(p))
+            }
+            Lower::Tar(t) => t.entries.get(rel).map(|e| Held::Tar(t, e)),
+        }
+    }
+}
+
+/// What the step's root held below it (its lowers, topmost first, as
+/// overlay takes them), to tell what a step left as it was.
+pub struct Below<'a>(pub &'a [Lower]);
+
+impl Below<'_> {
+    /// The entry the step's root showed at `rel` before the step, if any:
+    /// the topmost layer's that has one, unless a layer above it hides it
+    /// (a whiteout, a file or an opaque directory on the way). Most paths
+    /// a step makes are in no layer: one lookup per layer.
+    fn find(&self, rel: &[u8]) -> Option<Held<'_>> {
+        let i = self.0.iter().position(|l| l.has(rel))?;
+        let ancestors: Vec<&[u8]> = rel
+            .iter()
+            .enumerate()
+            .filter(|&(_, &c)| c == b'/')
+            .map(|(n, _)| &rel[..n])
+            .collect();
+        if self.0[..i].iter().any(|l| l.hides(&ancestors)) {
+            return None;
+        }
+        self.0[i].get(rel)
+    }
+
+    /// Whether a directory was at `rel` below the step.
+    fn is_dir(&self, rel: &[u8]) -> bool {
+        self.find(rel)
+            .and_then(|h| h.meta())
+            .is_some_and(|m| m.mode & libc::S_IFMT == libc::S_IFDIR)
     }
 
     /// Whether the entry at `upper` is exactly what was below it at
@@ -262,51 +282,17 @@ impl Below<'_> {
     /// already has copies every file up, unchanged). Directories compare
     /// without their content.
     fn unchanged(&self, rel: &[u8], upper: &Path, md: &fs::Metadata) -> bool {
-        let (mode, uid, gid) = (md.mode(), md.uid(), md.gid());
-        match self.find(rel) {
-            None => false,
-            Some(Held::Dir(low)) => {
-                let Ok(lm) = fs::symlink_metadata(&low) else {
-                    return false;
-                };
-                if lm.mode() != mode || lm.uid() != uid || lm.gid() != gid {
-                    return false;
-                }
-                if xattrs(&low) != xattrs(upper) {
-                    return false;
-                }
-                if md.is_dir() {
-                    true
-                } else if md.file_type().is_symlink() {
-                    fs::read_link(&low).ok() == fs::read_link(upper).ok()
-                } else {
-                    md.is_file()
-                        && lm.len() == md.len()
-                        && File::open(&low)
-                            .and_then(|f| same_bytes(f, upper))
-                            .unwrap_or(false)
-                }
-            }
-            Some(Held::Tar(t, e)) => {
-                if e.mode != mode || e.uid != uid || e.gid != gid || e.xattrs != xattrs(upper) {
-                    return false;
-                }
-                if md.is_dir() {
-                    true
-                } else if md.file_type().is_symlink() {
-                    fs::read_link(upper).is_ok_and(|l| l.as_os_str().as_bytes() == e.link)
-                } else {
-                    md.is_file()
-                        && e.size == md.len()
-                        && File::open(&t.path)
-                            .and_then(|mut f| {
-                                io::Seek::seek(&mut f, io::SeekFrom::Start(e.offset))?;
-                                same_bytes(f.take(e.size), upper)
-                            })
-                            .unwrap_or(false)
-                }
-            }
+        let Some(held) = self.find(rel) else {
+            return false;
+        };
+        if held.meta() != Some(Meta::of(upper, md)) {
+            return false;
         }
+        !md.is_file()
+            || held
+                .open()
+                .and_then(|r| same_bytes(r, upper))
+                .unwrap_or(false)
     }
 }
 
@@ -335,7 +321,8 @@ pub fn capture(
     reproducible: bool,
 ) -> io::Result<()> {
     // Walk iteratively; collect (archive path, what, metadata).
-    let below = Below::Dirs(lowers);
+    let lowers = Lower::dirs(lowers);
+    let below = Below(&lowers);
     let mut found = Changes::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -350,7 +337,7 @@ pub fn capture(
             let what = if ft.is_dir() {
                 stack.push(r.clone());
                 Found::Dir {
-                    opaque: is_opaque(&p) && below.dir(&key).is_some(),
+                    opaque: is_opaque(&p) && below.is_dir(&key),
                 }
             } else if ft.is_file() {
                 Found::File

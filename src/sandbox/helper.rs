@@ -190,7 +190,7 @@ fn run_command(spec: &RunSpec, rootless: bool) -> ! {
                     &spec.upper,
                     found,
                     &mountpoints,
-                    &super::capture::Below::Dirs(&spec.lowers),
+                    &super::capture::Below(&super::capture::Lower::dirs(&spec.lowers)),
                     &spec.capture,
                     spec.timestamp,
                     spec.reproducible,
