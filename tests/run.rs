@@ -705,8 +705,8 @@ fn independent_stages_run_side_by_side_and_the_image_does_not_depend_on_jobs() {
         d.path(),
         "img/Dockerfile",
         format!(
-            "FROM t/busybox:1 AS listen\nRUN (nc -l -p {port} > /got &) ; for i in $(seq 100); do [ -s /got ] && exit 0; sleep 0.1; done; exit 1\n\n\
-             FROM t/busybox:1 AS send\nRUN for i in $(seq 300); do echo hi | nc 127.0.0.1 {port} && exit 0; sleep 0.1; done; exit 1\n\n\
+            "FROM t/busybox:1 AS listen\nARG WAIT\nRUN (nc -l -p {port} > /got &) ; for i in $(seq $WAIT); do [ -s /got ] && exit 0; sleep 0.1; done; exit 1\n\n\
+             FROM t/busybox:1 AS send\nRUN for i in $(seq 1200); do echo hi | nc 127.0.0.1 {port} && exit 0; sleep 0.1; done; exit 1\n\n\
              FROM t/busybox:1\nCOPY --from=listen /got /got\nCOPY --from=send /etc/base-file /sent\n"
         )
         .as_bytes(),
@@ -717,7 +717,15 @@ fn independent_stages_run_side_by_side_and_the_image_does_not_depend_on_jobs() {
         &store,
         &cache,
         "par.tar",
-        &["--no-index", "--no-cache", "-j", "2"],
+        // Two minutes for the other stage to start, on a loaded machine.
+        &[
+            "--no-index",
+            "--no-cache",
+            "-j",
+            "2",
+            "--build-arg",
+            "WAIT=1200",
+        ],
     ));
     let l = layers(&d.path().join("par.tar"));
     assert_eq!(find(&l[1], "got").unwrap().data, b"hi\n");
@@ -726,10 +734,17 @@ fn independent_stages_run_side_by_side_and_the_image_does_not_depend_on_jobs() {
         &store,
         &cache,
         "seq.tar",
-        &["--no-index", "--no-cache", "-j", "1"],
+        &[
+            "--no-index",
+            "--no-cache",
+            "-j",
+            "1",
+            "--build-arg",
+            "WAIT=30",
+        ],
     );
     let err = fails(&mut one);
-    assert!(err.contains("Dockerfile:2: RUN (nc -l"), "{err}");
+    assert!(err.contains("Dockerfile:3: RUN (nc -l"), "{err}");
     assert!(!d.path().join("seq.tar").exists());
 
     // Independent stages without a rendezvous: -j 1 and -j 2 agree.

@@ -547,6 +547,54 @@ fn a_forged_step_cache_entry_is_a_miss_and_never_reaches_the_layer_cache() {
     assert!(err.contains("cache registry"), "{err}");
 }
 
+/// A step cache entry whose layer descriptor claims what `--reproducible`
+/// did ("removed etc/shadow") never puts that claim into an image: not
+/// in a build without the option, and not in one with it when the layer
+/// does not bear the claim out. The step runs again.
+#[test]
+fn a_forged_reproducible_annotation_in_the_step_cache_never_reaches_an_image() {
+    let d = shared_tempdir("kiln-forged-note");
+    let store = busybox_store(d.path());
+    let note = "dev.kiln.layer.reproducible";
+    for (extra, dockerfile) in [
+        (&[][..], "FROM t/busybox:1\nRUN echo mine > /mine\n"),
+        (
+            &["--reproducible"][..],
+            "FROM t/busybox:1\nRUN echo mine > /mine\n",
+        ),
+    ] {
+        write(d.path(), "img/Dockerfile", dockerfile.as_bytes());
+        let first = build(d.path(), &store, extra);
+        assert!(first.status.success(), "{}", stderr(&first));
+        let (path, mut entry) = first_run_entry(&d.path().join("cache"));
+        entry["layer"]["annotations"][note] =
+            serde_json::Value::String("removed etc/shadow\nemptied mine".into());
+        fs::write(&path, serde_json::to_vec(&entry).unwrap()).unwrap();
+        // One more step, so the index misses and the steps are looked up.
+        write(
+            d.path(),
+            "img/Dockerfile",
+            format!("{dockerfile}RUN true\n").as_bytes(),
+        );
+        let second = build(d.path(), &store, extra);
+        let err = stderr(&second);
+        assert!(second.status.success(), "{err}");
+        assert!(
+            err.contains("warning: step cache entry") && err.contains("reproducible"),
+            "{extra:?}: {err}"
+        );
+        let m = kiln::source::ImageFile::open(&d.path().join("o.tar"))
+            .unwrap()
+            .summary()
+            .unwrap()
+            .manifest;
+        for l in &m.layers {
+            assert!(!l.annotations.contains_key(note), "{extra:?}: {l:?}");
+        }
+        fs::remove_dir_all(d.path().join("cache/kiln/steps")).unwrap();
+    }
+}
+
 fn sandbox_remove(p: &Path) {
     let _ = Command::new("rm").arg("-rf").arg(p).status();
 }

@@ -417,7 +417,7 @@ pub fn run(spec: &RunSpec, keep: &Keep, output: &mut dyn FnMut(&str)) -> Result<
         })
         .collect::<Result<_, _>>()
         .map_err(|e| Error::Setup(format!("reading an earlier step's layer: {e}")))?;
-    let below = super::capture::Below::Stack(&lowers);
+    let below = super::capture::Below(&lowers);
     super::capture::write(
         root,
         found,
@@ -435,15 +435,19 @@ pub fn run(spec: &RunSpec, keep: &Keep, output: &mut dyn FnMut(&str)) -> Result<
     })?;
     // --reproducible: the root holds what the layer does (a removed
     // cache gone, an emptied log empty), as the sandbox's next step sees.
+    // Reached beneath `/` with no link followed: what a step left behind
+    // cannot turn the edit onto another file.
     if let Ok(done) = std::fs::read_to_string(spec.capture.with_extension("normalized")) {
+        let top = crate::fsx::DirFd::open(root)
+            .map_err(|e| Error::Setup(format!("opening the root filesystem: {e}")))?;
         for line in done.lines() {
             if let Some(p) = line.strip_prefix("removed ") {
-                let _ = std::fs::remove_file(root.join(p));
+                let p = Path::new(p);
+                if let (Some(parent), Some(name)) = (p.parent(), p.file_name()) {
+                    let _ = top.dir(parent).and_then(|d| d.remove(name));
+                }
             } else if let Some(p) = line.strip_prefix("emptied ") {
-                let _ = std::fs::OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(root.join(p));
+                let _ = top.open_rw(p).and_then(|f| f.set_len(0));
             }
         }
     }

@@ -131,6 +131,39 @@ pub fn apply(found: &mut Changes, below: &dyn Fn(&[u8]) -> bool) -> Vec<String> 
     done
 }
 
+/// Checks what a layer's annotation says `--reproducible` did against
+/// the layer itself (a step cache entry is not trusted): every line is
+/// `removed PATH` or `emptied PATH` for a path whose rule says so, a
+/// removed path is not in the layer, an emptied one is an empty file.
+pub fn verify_note(note: &str, layer: &crate::layer::scan::Scan) -> Result<(), String> {
+    use crate::layer::scan::Kind;
+    for line in note.lines() {
+        let (action, path) = match line.split_once(' ') {
+            Some(("removed", p)) => (Action::Remove, p),
+            Some(("emptied", p)) => (Action::Empty, p),
+            _ => return Err(format!("its reproducible annotation has the line {line:?}")),
+        };
+        if rule(path.as_bytes()).map(|r| r.action) != Some(action) {
+            return Err(format!(
+                "its reproducible annotation says {line:?}, which no rule does"
+            ));
+        }
+        let member = layer.members.iter().find(|m| m.path == path.as_bytes());
+        let borne_out = match (action, member.map(|m| &m.kind)) {
+            (Action::Remove, None) => true,
+            (Action::Empty, Some(Kind::File { size: 0 })) => true,
+            (Action::Empty, Some(Kind::Small(b))) => b.is_empty(),
+            _ => false,
+        };
+        if !borne_out {
+            return Err(format!(
+                "its reproducible annotation says {line:?}, and the layer says otherwise"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether every path is one a rule handles (for `--check-reproducible`'s
 /// suggestion).
 pub fn handles_all<'a>(paths: impl IntoIterator<Item = &'a str>) -> bool {

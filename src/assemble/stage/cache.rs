@@ -171,6 +171,19 @@ impl State<'_> {
             })
             .and_then(|blob| {
                 let scan = crate::layer::scan::scan(&blob).map_err(|e| e.to_string())?;
+                // What --reproducible did travels on the descriptor into
+                // the image: only what this build would say, and what the
+                // layer bears out.
+                if let Some(note) = entry
+                    .layer
+                    .annotations
+                    .get(crate::image::ANNOTATION_REPRODUCIBLE)
+                {
+                    if !self.opts.reproducible {
+                        return Err("its layer claims what --reproducible did, and this build does not use --reproducible".into());
+                    }
+                    crate::sandbox::reproducible::verify_note(note, &scan)?;
+                }
                 match &scan.diff_id {
                     Some(d) if *d == entry.diff_id => Ok((blob, scan)),
                     got => Err(format!(
