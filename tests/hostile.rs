@@ -669,18 +669,30 @@ fn malformed_dockerfiles_are_errors_with_line_column_and_text() {
         ),
         (
             b"FROM scratch\nCOPY --from=nostage /a /b\n",
-            "Dockerfile:2: COPY --from=nostage /a /b: --from=nostage: no stage is named nostage, and base image nostage:",
+            "Dockerfile:2: COPY --from=nostage /a /b: --from=nostage: no stage is named nostage (the stages before this one: none named), and base image nostage:",
+        ),
+        (
+            b"FROM scratch AS builder\nFROM scratch AS test\nFROM scratch\nCOPY --from=buidler /a /b\n",
+            "Dockerfile:4: COPY --from=buidler /a /b: --from=buidler: no stage is named buidler (the stages before this one: builder, test), and base image buidler:",
+        ),
+        (
+            b"FROM scratch AS builder\nFROM scratch\nRUN --mount=type=bind,from=buidler,target=/m true\n",
+            "Dockerfile:3: RUN --mount=type=bind,from=buidler,target=/m true: --mount from=buidler: no stage is named buidler (the stages before this one: builder), and base image buidler:",
         ),
     ];
-    for (text, want) in cases {
-        write(t, "img/Dockerfile", text);
-        let err = fails(&mut build_cmd(t, "o.tar", &["--no-index"]));
-        assert!(
-            err.contains(want),
-            "for {:?}:\n{err}",
-            String::from_utf8_lossy(text)
-        );
-        assert!(!t.join("o.tar").exists());
+    // The same message whether the index is consulted (the plan finds
+    // the error) or not (the build does).
+    for extra in [&["--no-index"][..], &[][..]] {
+        for (text, want) in cases {
+            write(t, "img/Dockerfile", text);
+            let err = fails(build_cmd(t, "o.tar", extra).env("XDG_CACHE_HOME", t.join("cache")));
+            assert!(
+                err.contains(want),
+                "{extra:?} for {:?}:\n{err}",
+                String::from_utf8_lossy(text)
+            );
+            assert!(!t.join("o.tar").exists());
+        }
     }
 }
 

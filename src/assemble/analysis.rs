@@ -28,7 +28,26 @@ pub struct Earlier<'a> {
     pub done: Vec<Option<std::sync::Arc<Planned>>>,
 }
 
+/// The stages' names, for messages: `builder, test`, or `none named`.
+pub fn stage_names(defs: &[StageDef]) -> String {
+    let names: Vec<&str> = defs.iter().filter_map(|d| d.name.as_deref()).collect();
+    if names.is_empty() {
+        "none named".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
 impl Earlier<'_> {
+    /// Says that `value` names no earlier stage, listing the names it
+    /// could have meant (a typo in `--from=buidler` shows `builder`).
+    pub fn no_stage(&self, value: &str) -> String {
+        format!(
+            "no stage is named {value} (the stages before this one: {})",
+            stage_names(&self.defs[..self.done.len()])
+        )
+    }
+
     /// The earlier stage a `FROM`/`--from` value names (a name, or for
     /// `--from` an index).
     pub fn find(&self, value: &str, by_index: bool) -> Option<usize> {
@@ -154,25 +173,21 @@ pub fn analyze(df: &Dockerfile, opts: &BuildOptions) -> Result<Analysis, StageEr
             global.entry(k.clone()).or_insert_with(|| v.clone());
         }
     }
-    let target =
-        match &opts.target {
-            Some(t) => {
-                defs.iter()
-                    .position(|d| d.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(t)))
-                    .ok_or_else(|| {
-                        let names: Vec<&str> =
-                            defs.iter().filter_map(|d| d.name.as_deref()).collect();
-                        StageError::Whole(format!(
+    let target = match &opts.target {
+        Some(t) => defs
+            .iter()
+            .position(|d| d.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(t)))
+            .ok_or_else(|| {
+                StageError::Whole(format!(
                     "--target {t}: no stage is named {t} (FROM ... AS {t}); the stages are: {}",
-                    if names.is_empty() { "none named".to_string() } else { names.join(", ") }
+                    stage_names(&defs)
                 ))
-                    })?
-            }
-            None => defs
-                .len()
-                .checked_sub(1)
-                .ok_or_else(|| StageError::Whole("no FROM instruction".into()))?,
-        };
+            })?,
+        None => defs
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| StageError::Whole("no FROM instruction".into()))?,
+    };
 
     // Which stages the target needs, and which of them others copy from.
     let expand_global = |w: &str| expand_word(w, &global, escape).unwrap_or_else(|_| w.to_string());

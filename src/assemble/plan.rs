@@ -238,10 +238,30 @@ impl Plan {
             match &b.digest {
                 Some(d) => out.push(d.clone()),
                 None => {
-                    let message = match locate(&b.reference, opts) {
+                    let mut message = match locate(&b.reference, opts) {
                         Err(m) => m,
                         Ok(_) => "appeared while kiln planned".into(),
                     };
+                    // `COPY --from=` and `RUN --mount from=` name a stage
+                    // or an image: a typo of a stage's name lists them, as
+                    // the build itself says.
+                    let df = &self.dockerfile;
+                    if let Some(ix) = df.instructions.iter().position(|i| i.line == b.line) {
+                        let flag = match df.instructions[ix].kind {
+                            dockerfile::Kind::From { .. } => None,
+                            dockerfile::Kind::Run(_) => Some("--mount from="),
+                            _ => Some("--from="),
+                        };
+                        let n = self.analysis.defs.iter().rposition(|d| d.start <= ix);
+                        if let (Some(flag), Some(n)) = (flag, n) {
+                            let earlier = analysis::Earlier {
+                                defs: &self.analysis.defs,
+                                done: vec![None; n],
+                            };
+                            let r = &b.reference;
+                            message = format!("{flag}{r}: {}, and {message}", earlier.no_stage(r));
+                        }
+                    }
                     return Err(stage_error(
                         &self.context,
                         StageError::At {

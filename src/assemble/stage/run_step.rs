@@ -73,9 +73,12 @@ impl State<'_> {
                 self.opts.timestamp,
             );
         }
-        let base = self
-            .resolve_image(from, None, false)
-            .map_err(|m| format!("--mount from={from}: no stage is named {from}, and {m}"))?;
+        let base = self.resolve_image(from, None, false).map_err(|m| {
+            format!(
+                "--mount from={from}: {}, and {m}",
+                self.earlier.no_stage(from)
+            )
+        })?;
         crate::assemble::run::lowers(
             &base.layers,
             &base.config.rootfs.diff_ids,
