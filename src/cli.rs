@@ -324,6 +324,10 @@ pub struct BuildArgs {
     /// unprivileged container, the container's own root, as kaniko does), sandbox, or container.
     #[arg(long, value_name = "auto|sandbox|container", default_value = "auto", value_parser = ["auto", "sandbox", "container"])]
     pub isolation: String,
+    /// A label for the image's config, as `docker build --label`: KEY=VALUE (KEY alone: an
+    /// empty value). Repeatable; over the Dockerfile's LABELs of the same key.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
     /// Build arguments expand in FROM even where no ARG declares them (kaniko's rule, which
     /// Taskcluster image Dockerfiles rely on: `FROM $DOCKER_IMAGE_PARENT`).
     #[arg(long)]

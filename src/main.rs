@@ -645,7 +645,21 @@ fn build_options(b: &BuildArgs, progress: kiln::progress::Progress) -> Result<Bu
         },
         sources: kiln::registry::Sources::new(&b.mirrors, b.index.net.insecure),
         reproducible: b.reproducible,
+        labels: b
+            .labels
+            .iter()
+            .map(|l| match l.split_once('=') {
+                Some((k, v)) => (k.to_string(), v.to_string()),
+                None => (l.clone(), String::new()),
+            })
+            .collect(),
     };
+    if let Some(k) = opts.labels.keys().find(|k| k.is_empty()) {
+        bail!(
+            "--label ={}: a label needs a key (KEY=VALUE)",
+            opts.labels[k]
+        );
+    }
     Ok(opts)
 }
 

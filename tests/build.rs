@@ -5,6 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::symlink;
+use std::process::Command;
 
 use common::*;
 
@@ -888,4 +889,62 @@ fn docker_s_flag_habits_pull_before_the_context_and_build_arg_from_the_environme
         .unwrap_or_default();
     assert_eq!(labels.get("greeting").map(String::as_str), Some("from-env"));
     assert_eq!(labels.get("unset").map(String::as_str), Some("x"));
+}
+
+/// `--label KEY=VALUE` (KEY alone: empty) goes over the Dockerfile's LABEL
+/// of the same key, as `docker build --label` does (compared with the
+/// machine's engine); a changed label is a rebuild, the same one is up to
+/// date; a label with no key is an error.
+#[test]
+fn labels_from_the_command_line_go_over_the_dockerfile_s_as_docker_build_s() {
+    let d = tree(&[
+        (
+            "img/Dockerfile",
+            b"FROM scratch\nLABEL a=dockerfile keep=yes\nCOPY f /f\n",
+        ),
+        ("img/f", b"f"),
+    ]);
+    let t = d.path();
+    let labels = ["--label", "a=cli", "--label", "c=d e", "--label", "empty"];
+    let mut args = vec!["--no-index"];
+    args.extend(labels);
+    build(t, "o.tar", &args);
+    let got = config(&t.join("o.tar")).config.labels.unwrap();
+    let want: std::collections::BTreeMap<String, String> =
+        [("a", "cli"), ("c", "d e"), ("empty", ""), ("keep", "yes")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    assert_eq!(got, want);
+
+    let cache = t.join("cache");
+    let status = |extra: &[&str]| {
+        let v = json(&ok(build_cmd(t, "i.tar", extra)
+            .arg("--json")
+            .env("XDG_CACHE_HOME", &cache)));
+        v["status"].as_str().unwrap().to_string()
+    };
+    assert_eq!(status(&["--label", "a=1"]), "built");
+    assert_eq!(status(&["--label", "a=1"]), "up to date");
+    assert_eq!(status(&["--label", "a=2"]), "built");
+    assert_eq!(status(&[]), "built");
+
+    let err = fails(&mut build_cmd(t, "x.tar", &["--no-index", "--label", "=v"]));
+    assert!(err.contains("--label =v: a label needs a key"), "{err}");
+    assert!(!t.join("x.tar").exists());
+
+    if !docker_available() {
+        return;
+    }
+    let tag = "kiln-label-test:1";
+    ok(Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .args(labels)
+        .arg(t.join("img")));
+    let out =
+        ok(Command::new("docker").args(["inspect", "--format", "{{json .Config.Labels}}", tag]));
+    let _ = Command::new("docker").args(["rmi", "-f", tag]).output();
+    let docker: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(docker, want);
 }

@@ -85,6 +85,9 @@ pub struct BuildOptions {
     /// update-alternatives leave with the build's clock in a RUN's layer is
     /// removed or emptied (`sandbox::reproducible`), and the history says so.
     pub reproducible: bool,
+    /// `--label KEY=VALUE`: labels of the image's config, over the
+    /// Dockerfile's LABELs (the target stage's).
+    pub labels: BTreeMap<String, String>,
 }
 
 impl BuildOptions {

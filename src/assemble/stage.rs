@@ -166,6 +166,15 @@ pub fn run(plan: &Plan, opts: &BuildOptions, spool: &Path) -> Result<Planned, St
         .map(|p| p.map(|p| std::sync::Arc::try_unwrap(p).unwrap_or_else(|p| (*p).clone())))
         .collect();
     let mut target = done.pop().flatten().expect("the target stage was built");
+    // `--label`: over the Dockerfile's LABELs, on the image (BuildKit's order).
+    if !opts.labels.is_empty() {
+        target
+            .config
+            .config
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .extend(opts.labels.clone());
+    }
     // Steps of the other stages (a builder stage COPY --from reads) are
     // recorded too, and reported first; the target's own come after.
     let own: std::collections::HashSet<String> =

@@ -17,6 +17,7 @@ use crate::source::{read_json, resolve, ImageFile, Source};
 fn options(root: &Path, output: &Path) -> BuildOptions {
     BuildOptions {
         reproducible: false,
+        labels: Default::default(),
         context: ContextOptions {
             topsrcdir: root.to_path_buf(),
             ..Default::default()

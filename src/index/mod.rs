@@ -34,7 +34,7 @@ pub const DEFAULT_PREFIX: &str = "kiln";
 /// The line taskgraph gives its image builder in the digest; kiln's names
 /// the layer format: its version and every setting that changes image
 /// bytes for the same context (layer compression, timestamp, mode policy,
-/// target stage, platform).
+/// target stage, platform, and where given the RUN network and `--label`s).
 pub fn builder_line(opts: &crate::assemble::BuildOptions) -> String {
     let format = opts.layer_format();
     let p = crate::image::host_platform();
@@ -49,8 +49,14 @@ pub fn builder_line(opts: &crate::assemble::BuildOptions) -> String {
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    // `--label`s change the config, where given (other digests stay).
+    let labels = if opts.labels.is_empty() {
+        String::new()
+    } else {
+        format!(" labels={}", python_json(&opts.labels))
+    };
     format!(
-        "kiln-builder:{} {} target={} platform={}/{}{network}",
+        "kiln-builder:{} {} target={} platform={}/{}{network}{labels}",
         crate::steps::LayerFormat::VERSION,
         fields.join(" "),
         opts.target.as_deref().unwrap_or(""),
