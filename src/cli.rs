@@ -345,6 +345,10 @@ pub struct BuildArgs {
     /// layer, the history, the config or the index key.
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]
     pub secrets: Vec<String>,
+    /// Print only the image id (as `docker build -q`): no progress, no summary; errors and
+    /// warnings still go to stderr.
+    #[arg(short = 'q', long, conflicts_with = "json")]
+    pub quiet: bool,
     /// Build twice (the second time with another thread count, directory entries read in reverse
     /// order, and another temporary directory) and fail with a `kiln diff` report if anything differs.
     #[arg(long)]

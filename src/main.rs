@@ -290,6 +290,11 @@ fn write_context_archive(c: &kiln::Context, output: &Path) -> Result<String> {
 }
 
 fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCode> {
+    let progress = if b.quiet {
+        kiln::progress::Progress::new(kiln::progress::Mode::Never)
+    } else {
+        progress
+    };
     // A context archive (`-` for standard input, or a tar file), as
     // `docker build - < context.tar.gz`: unpacked, and built as it is.
     let _unpacked = if !b.all && kiln::context::archive::is_archive(&b.ctx.image_dir) {
@@ -358,7 +363,9 @@ fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCod
                 .with_context(|| format!("writing {}", f.display()))?;
         }
     }
-    if b.ctx.json {
+    if b.quiet {
+        println!("{}", r.image_id);
+    } else if b.ctx.json {
         let mut v = serde_json::to_value(&r)?;
         if let Some((digest, route)) = &indexed {
             v["index_digest"] = serde_json::json!(digest);
@@ -712,8 +719,9 @@ fn build_all(b: &BuildArgs, opts: BuildOptions) -> Result<ExitCode> {
         || b.digest_file.is_some()
         || b.iidfile.is_some()
         || b.ctx.file.is_some()
+        || b.quiet
     {
-        bail!("--all builds many images: use --out-dir DIR instead of -o, and leave out -t, -f, --target, --digest-file and --iidfile");
+        bail!("--all builds many images: use --out-dir DIR instead of -o, and leave out -t, -f, -q, --target, --digest-file and --iidfile");
     }
     if b.check_reproducible {
         bail!("--check-reproducible checks one image: build each image of the tree with it (kiln build DIR --check-reproducible), not --all");

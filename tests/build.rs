@@ -948,3 +948,33 @@ fn labels_from_the_command_line_go_over_the_dockerfile_s_as_docker_build_s() {
         serde_json::from_str(out.trim()).unwrap();
     assert_eq!(docker, want);
 }
+
+/// `-q` prints only the image id (`sha256:…`, one line, as `docker build
+/// -q` does) and nothing on stderr; it is the id `--json` reports.
+#[test]
+fn quiet_prints_only_the_image_id() {
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY f /f\n"),
+        ("img/f", b"f"),
+    ]);
+    let t = d.path();
+    let out = run(&mut build_cmd(
+        t,
+        "q.tar",
+        &["--no-index", "-q", "--progress", "plain"],
+    ));
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    let id = String::from_utf8(out.stdout).unwrap();
+    let v = build(t, "j.tar", &["--no-index"]);
+    assert_eq!(id, format!("{}\n", v["image_id"].as_str().unwrap()));
+    assert!(id.starts_with("sha256:") && id.len() == 7 + 64 + 1, "{id}");
+    // A usage error, as clap gives them (exit 2).
+    let o = run(&mut build_cmd(t, "x.tar", &["--no-index", "-q", "--json"]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("'--quiet' cannot be used with '--json'"),
+        "{err}"
+    );
+}
