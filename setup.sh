@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 
 need=()
 for tool in umoci:umoci skopeo:skopeo oci-image-tool:oci-image-tool podman:podman zstd:zstd cc:gcc \
-  docker-registry:docker-registry htpasswd:apache2-utils newuidmap:uidmap; do
+  docker-registry:docker-registry htpasswd:apache2-utils newuidmap:uidmap curl:curl; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || need+=("${tool##*:}")
 done
 # Debian's CA bundle, which the image_builder image packages.

@@ -11,6 +11,7 @@ use clap::Parser;
 
 mod cli;
 mod manage;
+mod output_arg;
 mod taskcluster_cmd;
 use cli::*;
 use manage::{cache, index, store};
@@ -308,6 +309,11 @@ fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCod
     } else {
         None
     };
+    let staged = if b.all {
+        None
+    } else {
+        output_arg::apply(&mut b)?
+    };
     let opts = build_options(&b, progress)?;
     if b.all {
         return build_all(&b, opts);
@@ -363,6 +369,16 @@ fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCod
                 .with_context(|| format!("writing {}", f.display()))?;
         }
     }
+    if let Some(s) = staged.as_ref().filter(|s| s.stdout) {
+        s.to_stdout(&r.output)?;
+    }
+    // With the image on stdout, the summary goes to stderr.
+    let to_stderr = staged.as_ref().is_some_and(|s| s.stdout);
+    macro_rules! say {
+        ($($t:tt)*) => {
+            if to_stderr { eprintln!($($t)*) } else { println!($($t)*) }
+        };
+    }
     if b.quiet {
         println!("{}", r.image_id);
     } else if b.ctx.json {
@@ -373,20 +389,24 @@ fn build(mut b: BuildArgs, progress: kiln::progress::Progress) -> Result<ExitCod
         }
         print_json(&v)?;
     } else {
-        println!("context hash:    {}", r.context_hash);
+        say!("context hash:    {}", r.context_hash);
         if let Some((digest, route)) = &indexed {
-            println!("index digest:    {digest}");
-            println!("route:           {route}");
+            say!("index digest:    {digest}");
+            say!("route:           {route}");
         }
-        println!("image id:        {}", r.image_id);
-        println!("manifest digest: {}", r.manifest_digest);
-        println!("tags:            {}", r.tags.join(", "));
+        say!("image id:        {}", r.image_id);
+        say!("manifest digest: {}", r.manifest_digest);
+        say!("tags:            {}", r.tags.join(", "));
         let size: u64 = r.layers.iter().map(|l| l.size).sum();
-        println!(
+        say!(
             "{}: {} {} ({} layers, {} bytes of layers)",
             r.status,
             r.format,
-            r.output.display(),
+            if to_stderr {
+                "(standard output)".to_string()
+            } else {
+                r.output.display().to_string()
+            },
             r.layers.len(),
             size
         );

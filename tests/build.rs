@@ -978,3 +978,72 @@ fn quiet_prints_only_the_image_id() {
         "{err}"
     );
 }
+
+/// `-o` as BuildKit takes it: `type=docker,dest=FILE` and
+/// `type=oci,dest=FILE` write those archives; `-o -` writes the
+/// docker-archive to standard output, byte for byte the file `-o FILE`
+/// gives, with the summary on stderr; `type=tar` (a filesystem export)
+/// and unknown forms are errors that create nothing, never a directory
+/// named after the value.
+#[test]
+fn output_takes_buildkit_s_type_syntax_and_standard_output() {
+    let d = tree(&[
+        ("img/Dockerfile", b"FROM scratch\nCOPY f /f\n"),
+        ("img/f", b"f"),
+    ]);
+    let t = d.path();
+    let cache = t.join("cache");
+    let kiln_o = |o: &str| {
+        let mut c = kiln();
+        c.arg("build")
+            .arg(t.join("img"))
+            .args(["--no-index", "-o", o])
+            .env("XDG_CACHE_HOME", &cache)
+            .current_dir(t);
+        c
+    };
+    ok(&mut kiln_o("plain.tar"));
+    ok(&mut kiln_o("type=docker,dest=docker.tar"));
+    assert_eq!(
+        fs::read(t.join("docker.tar")).unwrap(),
+        fs::read(t.join("plain.tar")).unwrap()
+    );
+    ok(&mut kiln_o("type=oci,dest=oci.tar"));
+    let oci = fs::read(t.join("oci.tar")).unwrap();
+    assert!(
+        oci.windows(10).any(|w| w == b"oci-layout"),
+        "an OCI archive"
+    );
+    let out = run(&mut kiln_o("-"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, fs::read(t.join("plain.tar")).unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("built: docker-archive (standard output)"),
+        "{err}"
+    );
+    // Its temporary file is gone, and was never in the context.
+    let tmp: Vec<_> = fs::read_dir(cache.join("kiln/tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+    for (bad, says) in [
+        ("type=tar,dest=fs", "type=tar exports the image's files"),
+        ("type=docker,bogus=1", "does not know the key \"bogus\""),
+        ("dest=x.tar", "BuildKit's form starts with type="),
+    ] {
+        let err = fails(&mut kiln_o(bad));
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    let mut names: Vec<String> = fs::read_dir(t)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["cache", "docker.tar", "img", "oci.tar", "plain.tar"]
+    );
+}

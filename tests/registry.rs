@@ -1670,3 +1670,38 @@ fn a_loopback_registry_speaks_plain_http_without_insecure() {
         assert_eq!(v["manifest_digest"], built["manifest_digest"], "{host}");
     }
 }
+
+/// `kiln build -o type=registry,name=REF` (BuildKit's form) pushes the
+/// image under that name (a loopback registry speaks plain HTTP) and
+/// leaves no file behind: the image went through kiln's cache.
+#[test]
+fn build_output_type_registry_pushes_the_image() {
+    let reg = Registry::start(None);
+    let d = tempfile::tempdir().unwrap();
+    let built = image(d.path());
+    let cache = d.path().join("cache");
+    let name = format!("{}/kiln/o:1", reg.addr);
+    let v = json(&ok(kiln()
+        .arg("build")
+        .arg(d.path().join("img"))
+        .args(["--no-index", "--json", "-o"])
+        .arg(format!("type=registry,name={name}"))
+        .env("XDG_CACHE_HOME", &cache)));
+    assert!(built["manifest_digest"].is_string());
+    assert!(reg.count("PUT", "kiln/o/manifests/1") >= 1, "{}", reg.log());
+    // The registry serves the manifest the build reported.
+    let head = ok(Command::new("curl").args([
+        "-sfI",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        &format!("http://{}/v2/kiln/o/manifests/1", reg.addr),
+    ]));
+    let want = v["manifest_digest"].as_str().unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("docker-content-digest: {want}")),
+        "{head}"
+    );
+    let tmp: Vec<_> = fs::read_dir(cache.join("kiln/tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+}
