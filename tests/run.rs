@@ -700,7 +700,13 @@ fn independent_stages_run_side_by_side_and_the_image_does_not_depend_on_jobs() {
     require("busybox");
     let d = tempfile::tempdir().unwrap();
     let store = busybox_store(d.path());
-    let port = common::registry::free_port();
+    // A port below the ephemeral range (32768 and up): no outgoing
+    // connection of another test (apt-get's, say) can take it between
+    // this choice and the listener's bind, as it could an ephemeral one.
+    let port = (20000 + std::process::id() % 10000..30000)
+        .chain(20000..30000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p as u16)).is_ok())
+        .expect("a free port below the ephemeral range") as u16;
     write(
         d.path(),
         "img/Dockerfile",

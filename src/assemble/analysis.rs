@@ -39,11 +39,17 @@ pub fn stage_names(defs: &[StageDef]) -> String {
 }
 
 impl Earlier<'_> {
-    /// Says that `value` names no earlier stage, listing the names it
-    /// could have meant (a typo in `--from=buidler` shows `builder`).
-    pub fn no_stage(&self, value: &str) -> String {
+    /// The message for `FLAGVALUE` (`--from=X`, `--mount from=X`) that
+    /// names neither an earlier stage nor an image a store has (`m`, the
+    /// store's message). A value that could be a stage's name (no `/`,
+    /// `:` or `@`) lists the stages it could have meant: a typo in
+    /// `--from=buidler` shows `builder`.
+    pub fn not_found(&self, flag: &str, value: &str, m: &str) -> String {
+        if value.contains(['/', ':', '@']) {
+            return m.to_string();
+        }
         format!(
-            "no stage is named {value} (the stages before this one: {})",
+            "{flag}{value}: no stage is named {value} (the stages before this one: {}), and {m}",
             stage_names(&self.defs[..self.done.len()])
         )
     }

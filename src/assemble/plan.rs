@@ -258,8 +258,7 @@ impl Plan {
                                 defs: &self.analysis.defs,
                                 done: vec![None; n],
                             };
-                            let r = &b.reference;
-                            message = format!("{flag}{r}: {}, and {message}", earlier.no_stage(r));
+                            message = earlier.not_found(flag, &b.reference, &message);
                         }
                     }
                     return Err(stage_error(

@@ -697,9 +697,9 @@ impl<'a> State<'a> {
             return Ok(format!("stage {value}"));
         }
         if !self.from_images.contains_key(value) {
-            let base = self.resolve_image(value, None, true).map_err(|m| {
-                format!("--from={value}: {}, and {m}", self.earlier.no_stage(value))
-            })?;
+            let base = self
+                .resolve_image(value, None, true)
+                .map_err(|m| self.earlier.not_found("--from=", value, &m))?;
             let mut fs = ImageFs {
                 keep_all: true,
                 ..Default::default()

@@ -73,12 +73,9 @@ impl State<'_> {
                 self.opts.timestamp,
             );
         }
-        let base = self.resolve_image(from, None, false).map_err(|m| {
-            format!(
-                "--mount from={from}: {}, and {m}",
-                self.earlier.no_stage(from)
-            )
-        })?;
+        let base = self
+            .resolve_image(from, None, false)
+            .map_err(|m| self.earlier.not_found("--mount from=", from, &m))?;
         crate::assemble::run::lowers(
             &base.layers,
             &base.config.rootfs.diff_ids,
